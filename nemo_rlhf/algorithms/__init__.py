@@ -1,0 +1,1 @@
+"""Pure tensor math for the training algorithms (no megatron / lightning imports)."""

@@ -1,0 +1,226 @@
+"""Checkpoints with megatron dist_checkpointing: model + optimizer + scheduler + loop state.
+
+Layout of a run directory's checkpoints:
+
+    checkpoints/step_0000100/      one complete checkpoint (dist_checkpointing files)
+        nemo_rlhf_meta.json        step, parallel layout, config; written last
+    checkpoints/latest             name of the newest complete checkpoint
+
+Writes are atomic: everything goes to ``step_XXXXXXX.tmp`` and is renamed into place by rank 0
+only after all ranks finished and the metadata is on disk, so a job killed mid-write leaves the
+previous checkpoint usable (``.tmp`` leftovers are ignored and cleaned up by the next save).
+Model weights reshard on load (a TP=2 checkpoint loads at TP=1 and vice versa; PP likewise);
+optimizer state reloads when the layout matches, or when the plain (non-distributed) optimizer
+was used, whose state reshards like the weights.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from nemo_rlhf.logging import get_logger
+
+log = get_logger(__name__)
+
+META_FILE = "nemo_rlhf_meta.json"
+LATEST_FILE = "latest"
+_DIST_OPT_META = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or incompatible. The message names the path."""
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def current_layout() -> Dict[str, Any]:
+    from megatron.core import parallel_state as ps
+
+    return {
+        "tensor_model_parallel_size": ps.get_tensor_model_parallel_world_size(),
+        "pipeline_model_parallel_size": ps.get_pipeline_model_parallel_world_size(),
+        "virtual_pipeline_model_parallel_size": ps.get_virtual_pipeline_model_parallel_world_size(),
+        "data_parallel_size": ps.get_data_parallel_world_size(),
+    }
+
+
+def _model_sharded_state_dict(chunks: List[torch.nn.Module]) -> Dict[str, Any]:
+    from nemo_rlhf.models.gpt import unwrap
+
+    if len(chunks) == 1:
+        return {"model": unwrap(chunks[0]).sharded_state_dict()}
+    # interleaved pipeline: one entry per virtual stage, as Megatron-LM does
+    return {f"model{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def _rng_sharded_object(layout: Dict[str, Any]):
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    shape = (layout["pipeline_model_parallel_size"], layout["tensor_model_parallel_size"],
+             layout["data_parallel_size"])
+    offset = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
+              ps.get_data_parallel_rank())
+    return ShardedObject("rng_state", state, shape, offset, replica_id=0)
+
+
+def _restore_rng(state: Dict[str, Any]) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _step_dir(root: Path, step: int) -> Path:
+    return root / f"step_{step:07d}"
+
+
+def save_checkpoint(root: str | os.PathLike, step: int, chunks: List[torch.nn.Module], optimizer=None,
+                    scheduler=None, loop_state: Optional[Dict[str, Any]] = None,
+                    config_yaml: Optional[str] = None, keep_last: Optional[int] = None) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint directory."""
+    from megatron.core import dist_checkpointing
+
+    root = Path(root)
+    final = _step_dir(root, step)
+    tmp = final.with_name(final.name + ".tmp")
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    _barrier()
+    layout = current_layout()
+    state = _model_sharded_state_dict(chunks)
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(
+            {k: v for k, v in state.items()}, metadata=_DIST_OPT_META)
+    if scheduler is not None:
+        state["scheduler"] = scheduler.state_dict()
+    state["loop_state"] = dict(loop_state or {}, step=step)
+    state["rng_state"] = _rng_sharded_object(layout)
+    dist_checkpointing.save(state, str(tmp))
+    _barrier()
+    if _rank() == 0:
+        meta = {"step": step, "layout": layout, "has_optimizer": optimizer is not None,
+                "use_distributed_optimizer": bool(getattr(getattr(optimizer, "config", None),
+                                                          "use_distributed_optimizer", False)),
+                "loop_state": state["loop_state"], "config": config_yaml}
+        with open(tmp / META_FILE, "w") as f:
+            json.dump(meta, f, indent=2, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():  # re-saving the same step (e.g. final save right after a periodic one)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_latest(root, final.name)
+        if keep_last:
+            for old in list_checkpoints(root)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    log.info("saved checkpoint %s", final)
+    return final
+
+
+def _write_latest(root: Path, name: str) -> None:
+    tmp = root / (LATEST_FILE + ".tmp")
+    tmp.write_text(name + "\n")
+    os.replace(tmp, root / LATEST_FILE)
+
+
+def list_checkpoints(root: str | os.PathLike) -> List[Path]:
+    """Complete checkpoints under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")
+             and not p.name.endswith(".tmp") and (p / META_FILE).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Optional[Path]:
+    ckpts = list_checkpoints(root)
+    return ckpts[-1] if ckpts else None
+
+
+def read_meta(path: str | os.PathLike) -> Dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if not (path / META_FILE).is_file():
+        raise CheckpointError(f"{path} is not a complete nemo_rlhf checkpoint (no {META_FILE}; "
+                              f"an interrupted write leaves a .tmp directory, which is never loaded)")
+    with open(path / META_FILE) as f:
+        return json.load(f)
+
+
+def load_checkpoint(path: str | os.PathLike, chunks: List[torch.nn.Module], optimizer=None, scheduler=None,
+                    load_rng: bool = True) -> Dict[str, Any]:
+    """Collective. Loads weights (resharding to the current layout), and optimizer, scheduler and
+    RNG state when given and compatible. Returns the saved loop state (``step`` included)."""
+    from megatron.core import dist_checkpointing
+
+    from nemo_rlhf.models.gpt import unwrap
+
+    path = Path(path)
+    meta = read_meta(path)
+    layout = current_layout()
+    same_layout = meta["layout"] == layout
+    saved_vpp = meta["layout"].get("virtual_pipeline_model_parallel_size")
+    if (saved_vpp or None) != (layout["virtual_pipeline_model_parallel_size"] or None):
+        raise CheckpointError(
+            f"checkpoint {path} was saved with virtual_pipeline_model_parallel_size={saved_vpp}; "
+            f"load it with the same value (now {layout['virtual_pipeline_model_parallel_size']})")
+    state = _model_sharded_state_dict(chunks)
+    load_opt = optimizer is not None and meta.get("has_optimizer")
+    if load_opt and meta.get("use_distributed_optimizer") and not same_layout:
+        log.warning("checkpoint %s has distributed-optimizer state for layout %s; the layout is now %s: "
+                    "loading weights only (optimizer state starts fresh)", path, meta["layout"], layout)
+        load_opt = False
+    if load_opt:
+        state["optimizer"] = optimizer.sharded_state_dict(
+            {k: v for k, v in state.items()}, is_loading=True, metadata=_DIST_OPT_META)
+    rng = load_rng and same_layout
+    if rng:
+        state["rng_state"] = _rng_sharded_object(layout)
+    loaded = dist_checkpointing.load(state, str(path))
+    for i, chunk in enumerate(chunks):
+        key = "model" if len(chunks) == 1 else f"model{i}"
+        unwrap(chunk).load_state_dict(loaded[key], strict=True)
+    if load_opt:
+        with torch.no_grad():  # the fp32 distributed optimizer copies into leaf params
+            optimizer.load_state_dict(loaded["optimizer"])
+    if scheduler is not None and "scheduler" in loaded:
+        scheduler.load_state_dict(loaded["scheduler"])
+    if rng:
+        _restore_rng(loaded["rng_state"])
+    log.info("loaded checkpoint %s (step %d%s)", path, meta["step"],
+             "" if same_layout else f", resharded from {meta['layout']}")
+    return dict(loaded.get("loop_state", meta.get("loop_state", {})))

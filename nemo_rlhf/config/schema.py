@@ -1,0 +1,279 @@
+"""Typed configuration schemas.
+
+Every YAML under ``conf/`` is merged into these dataclasses (registered in Hydra's ConfigStore),
+so an unknown key or a value of the wrong type fails at start with Hydra's message naming the
+key. ``__post_init__`` checks values and cross-field constraints (run when the config is turned
+into objects with :func:`nemo_rlhf.config.to_run_config`); errors raise :class:`ConfigError` with
+the dotted key in the message. Layout checks that need the world size live in
+:func:`nemo_rlhf.parallel.validate_layout`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid. The message names the offending key."""
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def _positive(value, key: str) -> None:
+    _require(value is not None and value > 0, f"{key} must be > 0, got {value!r}")
+
+
+@dataclass
+class ModelConfig:
+    """A megatron-core GPT model (``megatron.core.models.gpt.GPTModel``)."""
+
+    num_layers: int = 2
+    """Transformer layers (split evenly over pipeline stages)."""
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    """Must be divisible by parallel.tensor_model_parallel_size."""
+    ffn_hidden_size: Optional[int] = None
+    """MLP width; null means 4 * hidden_size."""
+    seq_length: int = 16
+    """Maximum sequence length (prompt + completion)."""
+    position_embedding_type: str = "learned_absolute"
+    """learned_absolute | rope | none"""
+    normalization: str = "LayerNorm"
+    """LayerNorm | RMSNorm"""
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    init_method_std: float = 0.02
+    share_embeddings_and_output_weights: bool = True
+    make_vocab_size_divisible_by: int = 64
+    """Vocabulary is padded to a multiple of this (independent of TP, so checkpoints reshard);
+    must be divisible by parallel.tensor_model_parallel_size."""
+    precision: str = "fp32"
+    """fp32 | bf16 | fp16. bf16/fp16 are GPU paths."""
+    transformer_impl: str = "auto"
+    """auto (Transformer Engine when it imports and CUDA is present, else local) | local |
+    transformer_engine"""
+    recompute_granularity: Optional[str] = None
+    """null | selective | full (activation recompute)"""
+    path: Optional[str] = None
+    """Initial weights: a nemo_rlhf checkpoint directory (dist_checkpointing). null = random init."""
+
+    def __post_init__(self):
+        for key in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
+            _positive(getattr(self, key), f"model.{key}")
+        _require(self.hidden_size % self.num_attention_heads == 0,
+                 f"model.hidden_size={self.hidden_size} is not divisible by "
+                 f"model.num_attention_heads={self.num_attention_heads}")
+        _require(self.position_embedding_type in ("learned_absolute", "rope", "none"),
+                 f"model.position_embedding_type must be learned_absolute|rope|none, "
+                 f"got {self.position_embedding_type!r}")
+        _require(self.normalization in ("LayerNorm", "RMSNorm"),
+                 f"model.normalization must be LayerNorm|RMSNorm, got {self.normalization!r}")
+        _require(self.precision in ("fp32", "bf16", "fp16"),
+                 f"model.precision must be fp32|bf16|fp16, got {self.precision!r}")
+        _require(self.transformer_impl in ("auto", "local", "transformer_engine"),
+                 f"model.transformer_impl must be auto|local|transformer_engine, "
+                 f"got {self.transformer_impl!r}")
+        _require(self.recompute_granularity in (None, "selective", "full"),
+                 f"model.recompute_granularity must be null|selective|full, "
+                 f"got {self.recompute_granularity!r}")
+        _positive(self.make_vocab_size_divisible_by, "model.make_vocab_size_divisible_by")
+
+
+@dataclass
+class ParallelConfig:
+    """Megatron parallel layout. world size = TP * PP * DP (DP is derived)."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    """Model chunks per pipeline stage (interleaved 1F1B). null = no interleaving."""
+    sequence_parallel: bool = False
+    """Shard layernorm/dropout activations along the sequence over the TP group (needs TP > 1)."""
+    use_distributed_optimizer: bool = False
+    """Shard optimizer states over data-parallel ranks (ZeRO-1)."""
+    overlap_grad_reduce: bool = False
+    backend: str = "auto"
+    """torch.distributed backend: auto (nccl with CUDA, else gloo) | nccl | gloo"""
+
+    def __post_init__(self):
+        for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+            _positive(getattr(self, key), f"parallel.{key}")
+        if self.virtual_pipeline_model_parallel_size is not None:
+            _positive(self.virtual_pipeline_model_parallel_size,
+                      "parallel.virtual_pipeline_model_parallel_size")
+            _require(self.pipeline_model_parallel_size > 1,
+                     "parallel.virtual_pipeline_model_parallel_size needs "
+                     "parallel.pipeline_model_parallel_size > 1")
+        _require(not self.sequence_parallel or self.tensor_model_parallel_size > 1,
+                 "parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1")
+        _require(self.backend in ("auto", "nccl", "gloo"),
+                 f"parallel.backend must be auto|nccl|gloo, got {self.backend!r}")
+
+
+@dataclass
+class TaskConfig:
+    """The built-in randomwalks task (after trlX examples/randomwalks)."""
+
+    name: str = "randomwalks"
+    num_nodes: int = 21
+    """Graph nodes, named a, b, c, ...; node 'a' is the absorbing goal."""
+    edge_prob: float = 0.1
+    """Probability of each directed edge (graphs are redrawn until every node has an out-edge)."""
+    max_length: int = 10
+    """Maximum walk length in nodes (prompt node included)."""
+    num_walks: int = 1000
+    """Random walks generated as training data."""
+    seed: int = 1000
+    """Seed of the graph and of the walks."""
+    eval_samples_per_start: int = 8
+    """Temperature-1 samples drawn per evaluation start node."""
+
+    def __post_init__(self):
+        _require(self.name == "randomwalks", f"task.name: unknown task {self.name!r} (known: randomwalks)")
+        _require(2 <= self.num_nodes <= 26, f"task.num_nodes must be in [2, 26], got {self.num_nodes}")
+        _require(0.0 < self.edge_prob <= 1.0, f"task.edge_prob must be in (0, 1], got {self.edge_prob}")
+        _require(self.max_length >= 2, f"task.max_length must be >= 2, got {self.max_length}")
+        _positive(self.num_walks, "task.num_walks")
+        _positive(self.eval_samples_per_start, "task.eval_samples_per_start")
+
+
+@dataclass
+class OptimConfig:
+    """megatron-core optimizer (``get_megatron_optimizer``)."""
+
+    name: str = "adam"
+    """adam (AdamW-style decoupled weight decay) | sgd"""
+    lr: float = 1e-3
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+    warmup_steps: int = 0
+    scheduler: str = "constant"
+    """constant | cosine (from lr to min_lr over trainer.max_steps, after warmup)"""
+
+    def __post_init__(self):
+        _require(self.name in ("adam", "sgd"), f"optim.name must be adam|sgd, got {self.name!r}")
+        _positive(self.lr, "optim.lr")
+        _require(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _require(self.scheduler in ("constant", "cosine"),
+                 f"optim.scheduler must be constant|cosine, got {self.scheduler!r}")
+        _require(self.clip_grad >= 0, f"optim.clip_grad must be >= 0, got {self.clip_grad}")
+
+
+@dataclass
+class TrainerConfig:
+    """The training loop (a Lightning Trainer with the Megatron strategy)."""
+
+    max_steps: int = 300
+    """Optimizer steps (each one global batch)."""
+    micro_batch_size: int = 16
+    """Samples per forward/backward on one data-parallel rank."""
+    global_batch_size: int = 32
+    """Samples per optimizer step over all data-parallel ranks and micro-batches."""
+    log_every_n_steps: int = 10
+    eval_every_n_steps: int = 100
+    """Sampling evaluation interval (also run before the first and after the last step). 0 = only those two."""
+    checkpoint_every_n_steps: int = 100
+    """0 = only at the end of training."""
+    keep_last_n_checkpoints: int = 2
+    seed: int = 1234
+    num_nodes: int = 1
+    """Nodes in the job; must match the launcher's (torchrun --nnodes / Slurm --nodes)."""
+    devices: Optional[int] = None
+    """Processes per node; null = taken from the launcher (LOCAL_WORLD_SIZE / SLURM_NTASKS_PER_NODE)."""
+    progress_bar: bool = True
+
+    def __post_init__(self):
+        for key in ("max_steps", "micro_batch_size", "global_batch_size", "log_every_n_steps",
+                    "num_nodes", "keep_last_n_checkpoints"):
+            _positive(getattr(self, key), f"trainer.{key}")
+        for key in ("eval_every_n_steps", "checkpoint_every_n_steps"):
+            _require(getattr(self, key) >= 0, f"trainer.{key} must be >= 0, got {getattr(self, key)}")
+
+
+@dataclass
+class LoggerConfig:
+    tensorboard: bool = True
+    """TensorBoard event files under <run dir>/tensorboard."""
+    csv: bool = True
+    """metrics.csv under <run dir>/csv (metrics.jsonl is always written)."""
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = "sft"
+    """sft (more algorithms register here as they land)"""
+
+    def __post_init__(self):
+        _require(self.name in ("sft",), f"algorithm.name: unknown algorithm {self.name!r} (known: sft)")
+
+
+@dataclass
+class GenerationConfig:
+    """Sampling used for evaluation."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    max_new_tokens: Optional[int] = None
+    """null = task.max_length (max_length - 1 nodes + EOS)."""
+
+    def __post_init__(self):
+        _require(self.temperature > 0, f"generation.temperature must be > 0, got {self.temperature}")
+        _require(self.top_k >= 0, f"generation.top_k must be >= 0, got {self.top_k}")
+        _require(0 < self.top_p <= 1, f"generation.top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class RunConfig:
+    """Top-level configuration of one run (``python -m nemo_rlhf.train --config-name ...``)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    resume: Optional[str] = None
+    """null (fresh run) | auto (latest complete checkpoint in this run dir, fresh if none) |
+    a checkpoint directory path."""
+    verbosity: str = "INFO"
+    """Python logging level of nemo_rlhf (the NEMO_RLHF_VERBOSITY env var overrides it)."""
+    tags: List[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        tp = self.parallel.tensor_model_parallel_size
+        pp = self.parallel.pipeline_model_parallel_size
+        _require(self.model.num_attention_heads % tp == 0,
+                 f"model.num_attention_heads={self.model.num_attention_heads} is not divisible by "
+                 f"parallel.tensor_model_parallel_size={tp}")
+        _require(self.model.make_vocab_size_divisible_by % tp == 0,
+                 f"model.make_vocab_size_divisible_by={self.model.make_vocab_size_divisible_by} is not "
+                 f"divisible by parallel.tensor_model_parallel_size={tp}")
+        chunks = pp * (self.parallel.virtual_pipeline_model_parallel_size or 1)
+        _require(self.model.num_layers % chunks == 0,
+                 f"model.num_layers={self.model.num_layers} is not divisible by "
+                 f"parallel.pipeline_model_parallel_size * virtual_pipeline_model_parallel_size={chunks}")
+        _require(self.model.seq_length >= self.task.max_length + 1,
+                 f"model.seq_length={self.model.seq_length} is shorter than a walk plus EOS "
+                 f"(task.max_length + 1 = {self.task.max_length + 1})")
+        if self.parallel.sequence_parallel:
+            _require(self.model.seq_length % tp == 0,
+                     f"model.seq_length={self.model.seq_length} is not divisible by "
+                     f"parallel.tensor_model_parallel_size={tp} (needed with sequence_parallel)")
+        _require(self.trainer.global_batch_size % self.trainer.micro_batch_size == 0,
+                 f"trainer.global_batch_size={self.trainer.global_batch_size} is not divisible by "
+                 f"trainer.micro_batch_size={self.trainer.micro_batch_size}")
+        _require(self.verbosity.upper() in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+                 f"verbosity must be DEBUG|INFO|WARNING|ERROR|CRITICAL, got {self.verbosity!r}")
+        if self.resume not in (None, "auto"):
+            _require(isinstance(self.resume, str) and len(self.resume) > 0, "resume must be null, auto or a path")

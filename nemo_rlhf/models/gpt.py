@@ -1,0 +1,142 @@
+"""megatron-core GPT builders: TransformerConfig from our config, layer specs (Transformer Engine
+when usable, local otherwise), model chunks per (virtual) pipeline stage, megatron DDP wrapping."""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+from nemo_rlhf.config.schema import ConfigError, ModelConfig, ParallelConfig
+from nemo_rlhf.logging import get_logger
+
+log = get_logger(__name__)
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def transformer_engine_available() -> bool:
+    """TE layer specs need both the package and a CUDA device."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:  # ImportError, or a broken install raising at import time
+        return False
+    return True
+
+
+def padded_vocab_size(vocab_size: int, model: ModelConfig) -> int:
+    multiple = model.make_vocab_size_divisible_by
+    return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+def transformer_config(model: ModelConfig, parallel: ParallelConfig):
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    dtype = _DTYPES[model.precision]
+    if dtype != torch.float32 and not torch.cuda.is_available():
+        raise ConfigError(f"model.precision={model.precision} is a GPU path; use model.precision=fp32 on CPU")
+    pp = parallel.pipeline_model_parallel_size
+    config = TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        ffn_hidden_size=model.ffn_hidden_size,
+        normalization=model.normalization,
+        hidden_dropout=model.hidden_dropout,
+        attention_dropout=model.attention_dropout,
+        init_method_std=model.init_method_std,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        sequence_parallel=parallel.sequence_parallel,
+        pipeline_dtype=dtype,
+        params_dtype=dtype,
+        bf16=model.precision == "bf16",
+        fp16=model.precision == "fp16",
+        use_cpu_initialization=not torch.cuda.is_available(),
+        recompute_granularity=model.recompute_granularity,
+        recompute_method="uniform" if model.recompute_granularity == "full" else None,
+        recompute_num_layers=1 if model.recompute_granularity == "full" else None,
+        # Loss = sum over tokens / global token count: the schedule leaves the loss unscaled and
+        # finalize_model_grads divides the grads by the tokens of the whole global batch, so the
+        # result is the same for any micro-batch / DP / PP split.
+        calculate_per_token_loss=True,
+        # PP with variable sequence lengths needs the alltoall dispatcher even for dense models.
+        moe_token_dispatcher_type="alltoall",
+        variable_seq_lengths=pp > 1,
+    )
+    config.finalize_model_grads_func = finalize_model_grads
+    return config
+
+
+def layer_spec(model: ModelConfig):
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    impl = model.transformer_impl
+    if impl == "auto":
+        impl = "transformer_engine" if transformer_engine_available() else "local"
+    if impl == "transformer_engine":
+        if not transformer_engine_available():
+            raise ConfigError("model.transformer_impl=transformer_engine needs transformer_engine and CUDA; "
+                              "use model.transformer_impl=local (or auto)")
+        return get_gpt_layer_with_transformer_engine_spec()
+    return get_gpt_layer_local_spec(normalization=model.normalization)
+
+
+def build_gpt_chunks(model: ModelConfig, parallel: ParallelConfig, vocab_size: int) -> List[torch.nn.Module]:
+    """GPTModel chunks owned by this rank (one, or virtual_pipeline_model_parallel_size with
+    interleaving), in fp32/bf16 on the current device. Call after parallel_state is initialised."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    config = transformer_config(model, parallel)
+    spec = layer_spec(model)
+    vpp = parallel.virtual_pipeline_model_parallel_size or 1
+    chunks = []
+    for vp_stage in range(vpp):
+        vp = vp_stage if vpp > 1 else None
+        chunk = GPTModel(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=padded_vocab_size(vocab_size, model),
+            max_sequence_length=model.seq_length,
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
+            share_embeddings_and_output_weights=model.share_embeddings_and_output_weights,
+            position_embedding_type=model.position_embedding_type,
+            vp_stage=vp,
+        )
+        if torch.cuda.is_available():
+            chunk.cuda(torch.cuda.current_device())
+        chunks.append(chunk)
+    return chunks
+
+
+def wrap_ddp(chunks: List[torch.nn.Module], parallel: ParallelConfig) -> List[torch.nn.Module]:
+    """Wrap each chunk in megatron's DistributedDataParallel (grad buffers, DP reduce)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=parallel.overlap_grad_reduce,
+        use_distributed_optimizer=parallel.use_distributed_optimizer,
+    )
+    wrapped = []
+    for i, chunk in enumerate(chunks):
+        wrapped.append(DistributedDataParallel(
+            chunk.config, ddp_config, chunk,
+            # only the first chunk's buckets can be overlapped with compute of the others
+            disable_bucketing=i > 0,
+        ))
+    return wrapped
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(module, "module"):
+        module = module.module
+    return module

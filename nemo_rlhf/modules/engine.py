@@ -1,0 +1,139 @@
+"""Megatron training engine shared by the LightningModules: model chunks in megatron DDP, the
+megatron optimizer and LR scheduler, and one optimizer step over a DP-local batch using
+megatron's forward/backward schedule (no pipelining, 1F1B, or interleaved 1F1B by layout)."""
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Dict, List, Tuple
+
+import torch
+import torch.distributed as dist
+
+from nemo_rlhf.config.schema import ModelConfig, OptimConfig, ParallelConfig
+from nemo_rlhf.models.gpt import build_gpt_chunks, unwrap, wrap_ddp
+
+# forward_step(batch, model) -> (output_tensor, loss_func); loss_func(output) -> (loss_sum, num_tokens, stats)
+ForwardStep = Callable[[Dict[str, torch.Tensor], torch.nn.Module], Tuple[torch.Tensor, Callable]]
+
+
+def build_optimizer(optim: OptimConfig, parallel: ParallelConfig, model: ModelConfig, chunks, max_steps: int):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[model.precision]
+    config = OptimizerConfig(
+        optimizer=optim.name, lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
+        adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
+        clip_grad=optim.clip_grad, bf16=model.precision == "bf16", fp16=model.precision == "fp16",
+        params_dtype=dtype, use_distributed_optimizer=parallel.use_distributed_optimizer,
+    )
+    optimizer = get_megatron_optimizer(config, chunks)
+    decay_steps = max(1, max_steps - optim.warmup_steps) if optim.scheduler == "cosine" else max(1, max_steps)
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if optim.warmup_steps else optim.lr, max_lr=optim.lr,
+        min_lr=optim.min_lr if optim.scheduler == "cosine" else optim.lr,
+        lr_warmup_steps=optim.warmup_steps, lr_decay_steps=decay_steps + optim.warmup_steps,
+        lr_decay_style="cosine" if optim.scheduler == "cosine" else "constant",
+        start_wd=optim.weight_decay, end_wd=optim.weight_decay, wd_incr_steps=max(1, max_steps),
+        wd_incr_style="constant",
+    )
+    return optimizer, scheduler
+
+
+class MegatronEngine:
+    """Owns the model chunks (megatron DDP), optimizer and scheduler of one policy."""
+
+    def __init__(self, model: ModelConfig, parallel: ParallelConfig, optim: OptimConfig, vocab_size: int,
+                 max_steps: int):
+        self.model_cfg, self.parallel = model, parallel
+        self.chunks: List[torch.nn.Module] = wrap_ddp(build_gpt_chunks(model, parallel, vocab_size), parallel)
+        self.optimizer, self.scheduler = build_optimizer(optim, parallel, model, self.chunks, max_steps)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The unwrapped first chunk (the whole GPTModel when PP=1)."""
+        return unwrap(self.chunks[0])
+
+    def train_step(self, batch: Dict[str, torch.Tensor], micro_batch_size: int,
+                   forward_step: ForwardStep) -> Dict[str, float]:
+        """Forward/backward over ``batch`` (the DP-local part of one global batch, split into
+        micro-batches) and one optimizer step. Returns the global-batch stats (identical on all
+        ranks): ``loss`` (sum / tokens over the global batch), ``grad_norm``, ``lr`` and the
+        per-token means of any extra stats the loss function reports."""
+        from megatron.core import parallel_state as ps
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        n = next(iter(batch.values())).shape[0]
+        if n % micro_batch_size:
+            raise ValueError(f"DP-local batch of {n} is not divisible by micro_batch_size={micro_batch_size}")
+        num_micro = n // micro_batch_size
+        micro = [{k: v[i * micro_batch_size:(i + 1) * micro_batch_size] for k, v in batch.items()}
+                 for i in range(num_micro)]
+        seq_length = micro[0]["tokens"].shape[1]
+        for chunk in self.chunks:
+            chunk.train()
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
+        def step_fn(data_iterator, model):
+            return forward_step(next(data_iterator), model)
+
+        iters = [iter(micro) for _ in self.chunks]
+        outputs = get_forward_backward_func()(
+            forward_step_func=step_fn,
+            data_iterator=iters if len(self.chunks) > 1 else iters[0],
+            model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
+            num_microbatches=num_micro, seq_length=seq_length, micro_batch_size=micro_batch_size,
+            forward_only=False,
+        )
+        ok, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        stats = self._reduce_stats(outputs)
+        stats["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        stats["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        stats["update_skipped"] = float(not ok)
+        return stats
+
+    @staticmethod
+    def _reduce_stats(outputs: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
+        """Loss functions report {"loss": [sum, tokens], name: [sum, tokens], ...} per
+        micro-batch on the last pipeline stage. Sum over micro-batches and DP ranks, then
+        broadcast from the last stage so every rank returns the same numbers."""
+        from megatron.core import parallel_state as ps
+
+        keys = sorted(outputs[0].keys()) if outputs else []
+        keys = ps_broadcast_keys(keys)
+        totals = torch.zeros(len(keys), 2, dtype=torch.float64)
+        for out in outputs:
+            for i, k in enumerate(keys):
+                totals[i] += out[k].detach().to(torch.float64).view(2)
+        if ps.get_data_parallel_world_size() > 1:
+            dist.all_reduce(totals, group=ps.get_data_parallel_group())
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            last = ps.get_pipeline_model_parallel_last_rank()
+            dist.broadcast(totals, src=last, group=ps.get_pipeline_model_parallel_group())
+        result = {k: float(totals[i, 0] / max(totals[i, 1], 1.0)) for i, k in enumerate(keys)}
+        if "loss" in keys:
+            result["num_tokens"] = float(totals[keys.index("loss"), 1])
+        return result
+
+
+def ps_broadcast_keys(keys: List[str]) -> List[str]:
+    """Stat names exist only on the last pipeline stage; share them with the other stages."""
+    from megatron.core import parallel_state as ps
+
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return keys
+    box = [keys]
+    last = ps.get_pipeline_model_parallel_last_rank()
+    dist.broadcast_object_list(box, src=last, group=ps.get_pipeline_model_parallel_group())
+    return box[0]
+
+
+def lm_forward_step(batch: Dict[str, torch.Tensor], model: torch.nn.Module, loss_fn: Callable):
+    """Megatron forward step for a causal LM whose loss needs the per-token NLL:
+    returns the model output (per-token NLL on the last stage) and a loss closure."""
+    tokens = batch["tokens"]
+    position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+    output = model(tokens, position_ids, None, labels=batch["labels"])
+    return output, partial(loss_fn, batch)
