@@ -56,11 +56,19 @@ class MegatronEngine:
 
     def train_step(self, batch: Dict[str, torch.Tensor], micro_batch_size: int,
                    forward_step: ForwardStep) -> Dict[str, float]:
-        """Forward/backward over ``batch`` (the DP-local part of one global batch, split into
-        micro-batches) and one optimizer step. Returns the global-batch stats (identical on all
-        ranks): ``loss`` (sum / tokens over the global batch), ``grad_norm``, ``lr`` and the
-        per-token means of any extra stats the loss function reports."""
-        from megatron.core import parallel_state as ps
+        """Forward/backward over ``batch`` (the DP-local part of one global batch) and one
+        optimizer step. Returns the global-batch stats, identical on all ranks: ``loss`` (sum /
+        tokens over the global batch), ``grad_norm``, ``lr``, and the per-token means of any
+        extra stats the loss function reports."""
+        stats = self.forward_backward(batch, micro_batch_size, forward_step)
+        stats.update(self.optimizer_step())
+        return stats
+
+    def forward_backward(self, batch: Dict[str, torch.Tensor], micro_batch_size: int,
+                         forward_step: ForwardStep, forward_only: bool = False) -> Dict[str, float]:
+        """Run megatron's schedule over ``batch`` split into micro-batches. Afterwards each
+        parameter's ``main_grad`` holds d(global loss)/d(param), reduced over DP (and over TP for
+        sequence-parallel norms, over first/last stage for tied embeddings)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         n = next(iter(batch.values())).shape[0]
@@ -71,28 +79,32 @@ class MegatronEngine:
                  for i in range(num_micro)]
         seq_length = micro[0]["tokens"].shape[1]
         for chunk in self.chunks:
-            chunk.train()
-            chunk.zero_grad_buffer()
-        self.optimizer.zero_grad()
+            chunk.train(not forward_only)
+            if not forward_only:
+                chunk.zero_grad_buffer()
+        if not forward_only:
+            self.optimizer.zero_grad()
 
         def step_fn(data_iterator, model):
             return forward_step(next(data_iterator), model)
 
         iters = [iter(micro) for _ in self.chunks]
-        outputs = get_forward_backward_func()(
-            forward_step_func=step_fn,
-            data_iterator=iters if len(self.chunks) > 1 else iters[0],
-            model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
-            num_microbatches=num_micro, seq_length=seq_length, micro_batch_size=micro_batch_size,
-            forward_only=False,
-        )
+        with torch.no_grad() if forward_only else torch.enable_grad():
+            outputs = get_forward_backward_func()(
+                forward_step_func=step_fn,
+                data_iterator=iters if len(self.chunks) > 1 else iters[0],
+                model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
+                num_microbatches=num_micro, seq_length=seq_length, micro_batch_size=micro_batch_size,
+                forward_only=forward_only,
+            )
+        return self._reduce_stats(outputs)
+
+    def optimizer_step(self) -> Dict[str, float]:
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
-        stats = self._reduce_stats(outputs)
-        stats["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
-        stats["lr"] = float(self.optimizer.param_groups[0]["lr"])
-        stats["update_skipped"] = float(not ok)
-        return stats
+        return {"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "lr": float(self.optimizer.param_groups[0]["lr"]),
+                "update_skipped": float(not ok)}
 
     @staticmethod
     def _reduce_stats(outputs: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:

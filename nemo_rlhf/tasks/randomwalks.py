@@ -11,7 +11,8 @@ Metrics of a generated walk from start s (see shared/DESIGN.md):
                not reaching the goal within max_length count as max_length.
   optimality = (max_length - length) / (max_length - shortest_length(s)), in [0, 1].
   valid      = every transition is an edge and the walk ends (EOS) right at the goal, or runs to
-               max_length nodes without reaching it. Tokens after the goal make it invalid.
+               max_length nodes without reaching it (anything after the max_length-th node is
+               past the generation cap and ignored). Tokens after the goal make it invalid.
 """
 from __future__ import annotations
 
@@ -106,7 +107,8 @@ class RandomWalks:
         walk = [node_name(start)] + list(completion)
         length, valid, prev = self.max_length, True, None
         reached_at = None
-        for pos, tok in enumerate(walk):
+        # Only the first max_length nodes count: generation is capped there (trlX truncates too).
+        for pos, tok in enumerate(walk[:self.max_length]):
             node = names.get(tok)
             if node is None or (prev is not None and not self.adj[prev, node]):
                 valid = False
@@ -121,8 +123,8 @@ class RandomWalks:
                 # must stop (EOS) right at the goal: nothing after it
                 valid = ended_with_eos and reached_at == len(walk) - 1
             else:
-                # never reached the goal: only valid if it ran the full max_length nodes
-                valid = len(walk) == self.max_length
+                # never reached the goal: valid only if it ran the full max_length nodes
+                valid = len(walk) >= self.max_length
         length = min(length, self.max_length)
         best = self.shortest[start]
         denom = self.max_length - best
