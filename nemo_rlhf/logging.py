@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 _ROOT = "nemo_rlhf"
 _configured = False
@@ -19,6 +20,19 @@ class _RankFilter(logging.Filter):
         return record.levelno >= logging.WARNING or _rank() == 0
 
 
+def _quiet_dependencies(level: int) -> None:
+    """megatron-core and Lightning log every bucket, optimizer field and hook at INFO; keep them
+    at WARNING unless nemo_rlhf itself is at DEBUG."""
+    dep_level = logging.DEBUG if level <= logging.DEBUG else logging.WARNING
+    for name in ("megatron", "megatron.core", "pytorch_lightning", "lightning", "lightning.pytorch",
+                 "lightning_fabric"):
+        logging.getLogger(name).setLevel(dep_level)
+    if level > logging.DEBUG:
+        warnings.filterwarnings("ignore", message=".*(Transformer Engine and )?Apex (is|are) not installed.*")
+        warnings.filterwarnings("ignore", message=".*configure_optimizers.* returned `None`.*")
+        warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+
+
 def _configure() -> logging.Logger:
     global _configured
     logger = logging.getLogger(_ROOT)
@@ -29,6 +43,7 @@ def _configure() -> logging.Logger:
         logger.addHandler(handler)
         logger.propagate = False
         logger.setLevel(os.environ.get("NEMO_RLHF_VERBOSITY", "INFO").upper())
+        _quiet_dependencies(logger.level)
         _configured = True
     return logger
 
@@ -40,7 +55,9 @@ def get_logger(name: str) -> logging.Logger:
 
 def set_verbosity(level) -> None:
     """Set nemo_rlhf's log level: a logging constant or a name ('WARNING', 'info', ...)."""
-    _configure().setLevel(level.upper() if isinstance(level, str) else level)
+    logger = _configure()
+    logger.setLevel(level.upper() if isinstance(level, str) else level)
+    _quiet_dependencies(logger.level)
 
 
 def get_verbosity() -> int:
