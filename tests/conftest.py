@@ -15,19 +15,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                "SLURM_PROCID", "SLURM_NTASKS", "SLURM_JOB_ID")
+
+
+def _clean_env(extra):
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS}
+    return dict(env, PYTHONPATH=str(ROOT), **(extra or {}))
+
+
 def torchrun(args, nproc=2, timeout=600, env=None):
     """Launch ``args`` (a script path or ['-m', module, ...]) under torchrun on CPU/gloo."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
            f"--master-port={free_port()}", *args]
-    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **(env or {}))
-    return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    # 2 ranks on 2 cores: one thread each, or they oversubscribe the cores
+    return subprocess.run(cmd, cwd=ROOT, env=_clean_env(dict(env or {}, OMP_NUM_THREADS="1")),
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def train(overrides, config="sft_tiny", timeout=600, env=None):
     """``python -m nemo_rlhf.train --config-name CONFIG overrides...`` in a subprocess."""
     cmd = [sys.executable, "-m", "nemo_rlhf.train", "--config-name", config, *overrides]
-    full_env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
-    return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=ROOT, env=_clean_env(env), capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture

@@ -33,8 +33,8 @@ class LaunchEnv:
         return max(1, self.world_size // max(1, self.local_world_size))
 
 
-def _slurm_master_addr() -> str:
-    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST", "127.0.0.1")
+def _slurm_master_addr(env) -> str:
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", "127.0.0.1")
     # "node[01-04,07]" -> "node01"; "a,b" -> "a". (scontrol show hostnames is not always present.)
     head = nodelist.split(",")[0]
     if "[" in head:
@@ -60,7 +60,7 @@ def detect_launch_env(environ=None) -> LaunchEnv:
         job_id = int(env.get("SLURM_JOB_ID", "0"))
         return LaunchEnv(rank=int(env["SLURM_PROCID"]), world_size=world,
                          local_rank=int(env.get("SLURM_LOCALID", 0)), local_world_size=int(per_node),
-                         master_addr=env.get("MASTER_ADDR", _slurm_master_addr()),
+                         master_addr=env.get("MASTER_ADDR") or _slurm_master_addr(env),
                          master_port=int(env.get("MASTER_PORT", 20000 + job_id % 20000)), launcher="slurm")
     return LaunchEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, master_addr="127.0.0.1",
                      master_port=int(env.get("MASTER_PORT", 0)) or _free_port(), launcher="single")
@@ -95,12 +95,10 @@ def init_distributed(backend: str = "auto", timeout_minutes: int = 30) -> Launch
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(env.local_rank)
-    os.environ["MASTER_ADDR"] = env.master_addr
-    os.environ["MASTER_PORT"] = str(env.master_port)
-    os.environ.setdefault("RANK", str(env.rank))
-    os.environ.setdefault("WORLD_SIZE", str(env.world_size))
-    os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
-    dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
+    # An explicit tcp:// address instead of MASTER_ADDR/PORT env vars: a single process must not
+    # leak its rendezvous port into subprocesses it starts (they would try to bind it too).
+    dist.init_process_group(backend=backend, init_method=f"tcp://{env.master_addr}:{env.master_port}",
+                            rank=env.rank, world_size=env.world_size,
                             timeout=timedelta(minutes=timeout_minutes))
     log.debug("torch.distributed up: %s rank %d/%d backend %s", env.launcher, env.rank, env.world_size, backend)
     return env

@@ -1,0 +1,51 @@
+import json
+
+import pytest
+import torch
+
+from nemo_rlhf.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, read_meta
+from nemo_rlhf.checkpoint import save_checkpoint
+from nemo_rlhf.config.schema import ModelConfig, OptimConfig, ParallelConfig
+from nemo_rlhf.modules.engine import MegatronEngine
+
+
+@pytest.fixture
+def engine(mp):
+    torch.manual_seed(0)
+    return MegatronEngine(ModelConfig(), ParallelConfig(), OptimConfig(), vocab_size=20, max_steps=10)
+
+
+def test_save_load_roundtrip_keep_last_and_latest(engine, tmp_path):
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, engine.chunks, None, engine.scheduler, {"k": step}, keep_last=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000002", "step_0000003"]
+    assert (tmp_path / "latest").read_text().strip() == "step_0000003"
+    meta = read_meta(tmp_path / "step_0000003")
+    assert meta["step"] == 3 and meta["layout"]["tensor_model_parallel_size"] == 1
+    saved = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    with torch.no_grad():
+        for p in engine.module.parameters():
+            p.add_(1.0)
+    loop = load_checkpoint(tmp_path / "step_0000003", engine.chunks, scheduler=engine.scheduler)
+    assert loop["k"] == 3 and loop["step"] == 3
+    for n, p in engine.module.named_parameters():
+        assert torch.equal(p, saved[n])
+
+
+def test_interrupted_write_is_never_loaded(engine, tmp_path):
+    save_checkpoint(tmp_path, 5, engine.chunks)
+    # a save killed mid-write leaves step_X.tmp without metadata: ignored, previous one still latest
+    partial = tmp_path / "step_0000010.tmp"
+    partial.mkdir()
+    (partial / "garbage").write_text("half")
+    assert latest_checkpoint(tmp_path).name == "step_0000005"
+    with pytest.raises(CheckpointError, match="not a complete nemo_rlhf checkpoint"):
+        read_meta(partial)
+    # the next save of that step cleans the leftover and lands atomically
+    save_checkpoint(tmp_path, 10, engine.chunks)
+    assert latest_checkpoint(tmp_path).name == "step_0000010" and not partial.exists()
+
+
+def test_missing_checkpoint_named(engine, tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nowhere", engine.chunks)
