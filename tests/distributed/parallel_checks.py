@@ -60,13 +60,14 @@ def named_params(engine: MegatronEngine):
 
     from nemo_rlhf.models.gpt import unwrap
 
-    pp_rank = ps.get_pipeline_model_parallel_rank()
-    per_stage = MODEL.num_layers // ps.get_pipeline_model_parallel_world_size()
-    for chunk in engine.chunks:
+    pp_rank, pp = ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size()
+    per_chunk = MODEL.num_layers // (pp * len(engine.chunks))
+    for v, chunk in enumerate(engine.chunks):
         for name, p in unwrap(chunk).named_parameters():
             if name.startswith("decoder.layers."):
+                # interleaved: virtual chunk v of stage r holds layers (v * pp + r) * per_chunk + i
                 parts = name.split(".")
-                parts[2] = str(int(parts[2]) + pp_rank * per_stage)
+                parts[2] = str(int(parts[2]) + (v * pp + pp_rank) * per_chunk)
                 name = ".".join(parts)
             if name == "output_layer.weight":  # tied: the last stage's copy of the embedding
                 name = "embedding.word_embeddings.weight"
