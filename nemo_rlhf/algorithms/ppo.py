@@ -1,0 +1,143 @@
+"""PPO for language models (Schulman et al. 2017; Ziegler et al. 2019, "Fine-Tuning Language
+Models from Human Preferences"; trlX's ``modeling_ppo.py``).
+
+All tensors are ``[B, T]`` over response tokens: position t is the t-th generated token, ``mask``
+is 1 for real tokens (through EOS) and 0 for padding. Means are masked means; where trlX averages
+over padding too (advantage whitening), we mask it.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from nemo_rlhf.algorithms.reductions import masked_mean, masked_var
+
+Stats = Dict[str, torch.Tensor]
+
+
+def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the valid entries (mean kept when ``shift_mean`` is False); padding
+    stays 0."""
+    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    out = (values - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def gae(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+        lam: float = 0.95) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016), without whitening.
+
+        delta_t = r_t + gamma * V(s_{t+1}) - V(s_t)          (V = 0 after the last valid token)
+        A_t     = delta_t + gamma * lam * A_{t+1}
+        returns = A + V
+
+    ``values``, ``rewards``, ``mask``: [B, T]; padding positions get 0 advantage. Returns
+    ``(advantages, returns)``."""
+    values, rewards = values * mask, rewards * mask
+    b, t = values.shape
+    advantages = torch.zeros_like(values)
+    next_adv = torch.zeros(b, dtype=values.dtype, device=values.device)
+    next_value = torch.zeros_like(next_adv)
+    for i in reversed(range(t)):
+        m = mask[:, i]
+        # delta_t = r_t + gamma * V(s_{t+1}) - V(s_t)
+        delta = rewards[:, i] + gamma * next_value - values[:, i]
+        # A_t = delta_t + gamma * lam * A_{t+1}
+        adv = delta + gamma * lam * next_adv
+        advantages[:, i] = adv * m
+        # a padded step passes nothing back: the episode ended before it
+        next_adv = torch.where(m.bool(), adv, torch.zeros_like(adv))
+        next_value = torch.where(m.bool(), values[:, i], torch.zeros_like(adv))
+    return advantages, advantages + values
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                mask: torch.Tensor, clip_range: float) -> Tuple[torch.Tensor, Stats]:
+    """Clipped surrogate objective (Schulman et al. 2017, Eq. 7), negated to a loss:
+
+        ratio = exp(logp - logp_old)
+        L     = masked_mean( max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)) )
+    """
+    log_ratio = (logprobs - old_logprobs) * mask
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    with torch.no_grad():
+        # k3 estimator of KL(old || new), http://joschu.net/blog/kl-approx.html
+        approx_kl = masked_mean((ratio - 1) - log_ratio, mask)
+        clipfrac = masked_mean((clipped > unclipped).float(), mask)
+    return loss, {"policy_loss": loss.detach(), "approx_kl": approx_kl, "policy_clipfrac": clipfrac,
+                  "ratio_mean": masked_mean(ratio.detach(), mask)}
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               clip_range_value: float) -> Tuple[torch.Tensor, Stats]:
+    """Clipped value loss as in trlX / OpenAI baselines, with the 0.5 factor:
+
+        V_clip = old_V + clip(V - old_V, -eps_v, eps_v)
+        L      = 0.5 * masked_mean( max((V - R)^2, (V_clip - R)^2) )
+    """
+    clipped_values = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
+    unclipped_err = (values - returns) ** 2
+    clipped_err = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(unclipped_err, clipped_err), mask)
+    with torch.no_grad():
+        clipfrac = masked_mean((clipped_err > unclipped_err).float(), mask)
+    return loss, {"value_loss": loss.detach(), "value_clipfrac": clipfrac,
+                  "values_mean": masked_mean(values.detach(), mask)}
+
+
+def kl_penalized_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                         mask: torch.Tensor, kl_coef: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards (Ziegler et al. 2019, Eq. 2): r_t = -beta * (logp_t - logp_ref_t), plus the
+    sequence score on the last valid token. ``scores`` [B]. Returns (rewards [B, T], kl [B, T])."""
+    kl = (logprobs - ref_logprobs) * mask
+    rewards = -kl_coef * kl
+    last = (mask.cumsum(-1) == mask.sum(-1, keepdim=True)) & mask.bool()   # one-hot last valid token
+    rewards = rewards + last.float() * scores[:, None]
+    return rewards * mask, kl
+
+
+class FixedKLController:
+    """Constant KL coefficient."""
+
+    def __init__(self, kl_coef: float):
+        self.value = kl_coef
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        pass
+
+    def state_dict(self):
+        return {"value": self.value}
+
+    def load_state_dict(self, state):
+        self.value = state["value"]
+
+
+class AdaptiveKLController:
+    """Adaptive KL coefficient (Ziegler et al. 2019, Sec. 2.2):
+
+        e_t       = clip(KL_t / KL_target - 1, -0.2, 0.2)
+        beta_t+1  = beta_t * (1 + K_beta * e_t),   K_beta = n_steps / horizon
+    """
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int):
+        self.value, self.target, self.horizon = init_kl_coef, target, horizon
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        proportional_error = max(-0.2, min(0.2, current_kl / self.target - 1))
+        self.value *= 1 + proportional_error * n_steps / self.horizon
+
+    def state_dict(self):
+        return {"value": self.value}
+
+    def load_state_dict(self, state):
+        self.value = state["value"]
+
+
+def make_kl_controller(init_kl_coef: float, target: Optional[float], horizon: int):
+    return FixedKLController(init_kl_coef) if target is None else AdaptiveKLController(init_kl_coef, target, horizon)
