@@ -25,11 +25,16 @@ def _quiet_dependencies(level: int) -> None:
     at WARNING unless nemo_rlhf itself is at DEBUG."""
     dep_level = logging.DEBUG if level <= logging.DEBUG else logging.WARNING
     for name in ("megatron", "megatron.core", "pytorch_lightning", "lightning", "lightning.pytorch",
-                 "lightning_fabric"):
+                 "lightning_fabric", "pytorch_lightning.utilities.rank_zero",
+                 "lightning.pytorch.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
         logging.getLogger(name).setLevel(dep_level)
     if level > logging.DEBUG:
         warnings.filterwarnings("ignore", message=".*(Transformer Engine and )?Apex (is|are) not installed.*")
         warnings.filterwarnings("ignore", message=".*configure_optimizers.* returned `None`.*")
+        warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")
+        warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed.checkpoint")
+        warnings.filterwarnings("ignore", category=FutureWarning, module="megatron.core.dist_checkpointing")
+        warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
         warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
 
 

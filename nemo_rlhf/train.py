@@ -6,11 +6,12 @@ validate config -> init torch.distributed / megatron parallel state -> build tas
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -57,86 +58,179 @@ def _lightning_trainer(cfg: RunConfig, env, run_dir: Path):
     return trainer, loggers
 
 
-def run(cfg: DictConfig | RunConfig, run_dir: str | os.PathLike) -> Dict[str, Any]:
-    """Run one training job described by ``cfg``; returns the summary (also in summary.json)."""
-    import torch
-    from megatron.core import parallel_state as ps
+class _Context:
+    """What every algorithm's run needs: validated config, process layout, task, tokenizer."""
 
-    from nemo_rlhf.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
-    from nemo_rlhf.data.sft import SFTDataset
-    from nemo_rlhf.data.tokenizers import CharTokenizer
-    from nemo_rlhf.evaluation import evaluate_randomwalks
-    from nemo_rlhf.modules.run_dir import RunDirectory
-    from nemo_rlhf.modules.sft import SFTModule
-    from nemo_rlhf.parallel import broadcast_object, init_distributed, initialize_model_parallel
-    from nemo_rlhf.tasks.randomwalks import RandomWalks
+    def __init__(self, rcfg: RunConfig, run_dir: Path):
+        import torch
+        from megatron.core import parallel_state as ps
 
-    rcfg = to_run_config(cfg)
-    set_verbosity(os.environ.get("NEMO_RLHF_VERBOSITY", rcfg.verbosity))
-    config_yaml = OmegaConf.to_yaml(OmegaConf.structured(rcfg))
-    env = init_distributed(rcfg.parallel.backend)
-    dp_size = initialize_model_parallel(rcfg.parallel, seed=rcfg.trainer.seed)
-    run_dir = Path(broadcast_object(str(Path(run_dir).resolve())))
-    t_start = time.perf_counter()
+        from nemo_rlhf.data.tokenizers import CharTokenizer
+        from nemo_rlhf.parallel import broadcast_object, init_distributed, initialize_model_parallel
+        from nemo_rlhf.tasks.randomwalks import RandomWalks
 
-    torch.manual_seed(rcfg.trainer.seed)
-    tc = rcfg.task
-    task = RandomWalks(tc.num_nodes, tc.edge_prob, tc.max_length, tc.num_walks, tc.seed)
-    tokenizer = CharTokenizer(task.vocab)
-    pairs = [([tokenizer.ids[w] for w in task.walk_text(walk[:1])],
-              tokenizer.encode(task.walk_text(walk[1:]))) for walk in task.walks]
-    dataset = SFTDataset.from_pairs(pairs, rcfg.model.seq_length, tokenizer.pad_id, tokenizer.eos_id)
+        self.rcfg = rcfg
+        self.config_yaml = OmegaConf.to_yaml(OmegaConf.structured(rcfg))
+        self.env = init_distributed(rcfg.parallel.backend)
+        self.dp_size = initialize_model_parallel(rcfg.parallel, seed=rcfg.trainer.seed)
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.run_dir = Path(broadcast_object(str(Path(run_dir).resolve())))
+        torch.manual_seed(rcfg.trainer.seed)
+        tc = rcfg.task
+        self.task = RandomWalks(tc.num_nodes, tc.edge_prob, tc.max_length, tc.num_walks, tc.seed)
+        self.tokenizer = CharTokenizer(self.task.vocab)
 
-    trainer, loggers = _lightning_trainer(rcfg, env, run_dir)
-    rd = RunDirectory(run_dir, loggers)
-    rd.write_config(config_yaml)
-    pp = rcfg.parallel.pipeline_model_parallel_size
-    gen = rcfg.generation
+    def evaluate_fn(self, engine, step):
+        from nemo_rlhf.evaluation import evaluate_randomwalks
 
-    def evaluate_fn(engine, step):
-        if pp > 1:
+        rcfg, gen = self.rcfg, self.rcfg.generation
+        if rcfg.parallel.pipeline_model_parallel_size > 1:
             return {}  # sampling needs PP=1 (see nemo_rlhf.generation)
-        return evaluate_randomwalks(engine.module, task, tokenizer, tc.eval_samples_per_start,
+        return evaluate_randomwalks(engine.module, self.task, self.tokenizer, rcfg.task.eval_samples_per_start,
                                     seed=rcfg.trainer.seed + step, temperature=gen.temperature,
                                     top_k=gen.top_k, top_p=gen.top_p, max_new_tokens=gen.max_new_tokens)
 
-    module = SFTModule(rcfg, dataset, tokenizer.vocab_size, rd, evaluate_fn,
-                       dp_rank=ps.get_data_parallel_rank(), dp_size=dp_size, config_yaml=config_yaml)
-    resume_from = None
-    if rcfg.resume == "auto":
-        resume_from = latest_checkpoint(rd.checkpoint_dir)
-        if resume_from is None:
-            log.info("resume=auto: no complete checkpoint in %s, starting fresh", rd.checkpoint_dir)
-    elif rcfg.resume:
-        resume_from = Path(rcfg.resume)
-        if not resume_from.exists():
-            raise CheckpointError(f"resume={rcfg.resume}: no such checkpoint directory")
-    elif rcfg.model.path:
-        load_checkpoint(rcfg.model.path, module.engine.chunks, load_rng=False)
-    if resume_from is not None:
-        loop = load_checkpoint(resume_from, module.engine.chunks, module.engine.optimizer,
-                               module.engine.scheduler)
-        module.step = int(loop["step"])
-        module.initial_eval = loop.get("initial_eval")
-        module._last_ckpt_step = module.step
-        rd.truncate_metrics_after(module.step)
-        log.info("resumed from %s at step %d", resume_from, module.step)
 
+def _resume_path(rcfg: RunConfig, checkpoint_dir: Path) -> Optional[Path]:
+    from nemo_rlhf.checkpoint import CheckpointError, latest_checkpoint
+
+    if rcfg.resume == "auto":
+        found = latest_checkpoint(checkpoint_dir)
+        if found is None:
+            log.info("resume=auto: no complete checkpoint in %s, starting fresh", checkpoint_dir)
+        return found
+    if rcfg.resume:
+        path = Path(rcfg.resume)
+        if not path.exists():
+            raise CheckpointError(f"resume={rcfg.resume}: no such checkpoint directory")
+        return path
+    return None
+
+
+def _finish(module, rd, ctx: _Context, rcfg: RunConfig, t_start: float,
+            extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Final evaluation (unless the last step just ran one), final checkpoint, summary.json."""
+    final = module.last_eval if module.last_eval and module.last_eval.get("step") == module.step \
+        else module.evaluate()
+    module.save()
+    summary_extra = {"algorithm": rcfg.algorithm.name, "steps": module.step,
+                     "wall_time_s": time.perf_counter() - t_start, "world_size": ctx.env.world_size,
+                     "layout": {"tp": rcfg.parallel.tensor_model_parallel_size,
+                                "pp": rcfg.parallel.pipeline_model_parallel_size, "dp": ctx.dp_size},
+                     "checkpoint": str(rd.checkpoint_dir / f"step_{module.step:07d}"), **(extra or {})}
+    rd.write_summary(module.initial_eval or {}, final, summary_extra)
+    return {"initial": module.initial_eval or {}, "final": final, **summary_extra}
+
+
+def _fit(module, ctx: _Context, rcfg: RunConfig, rd) -> None:
+    trainer, loggers = _lightning_trainer(rcfg, ctx.env, rd.path)
+    rd.loggers = loggers
     if module.step < rcfg.trainer.max_steps:
         trainer.fit(module)
     else:
         log.info("already at trainer.max_steps=%d; evaluating only", rcfg.trainer.max_steps)
         module.initial_eval = module.initial_eval or module.evaluate()
-    final = module.last_eval if module.last_eval and module.last_eval.get("step") == module.step \
-        else module.evaluate()
-    module.save()
-    summary_extra = {"steps": module.step, "wall_time_s": time.perf_counter() - t_start,
-                     "world_size": env.world_size,
-                     "layout": {"tp": rcfg.parallel.tensor_model_parallel_size, "pp": pp, "dp": dp_size},
-                     "checkpoint": str(rd.checkpoint_dir / f"step_{module.step:07d}")}
-    rd.write_summary(module.initial_eval or {}, final, summary_extra)
-    summary = {"initial": module.initial_eval or {}, "final": final, **summary_extra}
-    _print_summary(summary, run_dir, env.rank)
+
+
+def run_sft(ctx: _Context, rcfg: RunConfig, run_dir: Path) -> Dict[str, Any]:
+    from nemo_rlhf.checkpoint import load_checkpoint, load_weights
+    from nemo_rlhf.data.sft import SFTDataset
+    from nemo_rlhf.modules.run_dir import RunDirectory
+    from nemo_rlhf.modules.sft import SFTModule
+
+    t_start = time.perf_counter()
+    task, tok = ctx.task, ctx.tokenizer
+    pairs = [([tok.ids[w] for w in task.walk_text(walk[:1])], tok.encode(task.walk_text(walk[1:])))
+             for walk in task.walks]
+    dataset = SFTDataset.from_pairs(pairs, rcfg.model.seq_length, tok.pad_id, tok.eos_id)
+    rd = RunDirectory(run_dir)
+    config_yaml = OmegaConf.to_yaml(OmegaConf.structured(rcfg))
+    rd.write_config(config_yaml)
+    module = SFTModule(rcfg, dataset, tok.vocab_size, rd, ctx.evaluate_fn, dp_rank=ctx.dp_rank,
+                       dp_size=ctx.dp_size, config_yaml=config_yaml)
+    resume_from = _resume_path(rcfg, rd.checkpoint_dir)
+    if resume_from is not None:
+        loop = load_checkpoint(resume_from, module.engine.chunks, module.engine.optimizer, module.engine.scheduler)
+        module.step = int(loop["step"])
+        module.initial_eval = loop.get("initial_eval")
+        module._last_ckpt_step = module.step
+        rd.truncate_metrics_after(module.step)
+        log.info("resumed from %s at step %d", resume_from, module.step)
+    elif rcfg.model.path:
+        load_weights(rcfg.model.path, module.engine.chunks)
+        module.engine.optimizer.reload_model_params()
+    _fit(module, ctx, rcfg, rd)
+    return _finish(module, rd, ctx, rcfg, t_start)
+
+
+def _sft_warmup_config(rcfg: RunConfig) -> RunConfig:
+    ppo = rcfg.ppo
+    return dataclasses.replace(
+        rcfg, algorithm=dataclasses.replace(rcfg.algorithm, name="sft"), resume="auto",
+        trainer=dataclasses.replace(rcfg.trainer, max_steps=ppo.sft_steps, global_batch_size=ppo.sft_global_batch_size,
+                                    micro_batch_size=ppo.sft_micro_batch_size, eval_every_n_steps=0,
+                                    checkpoint_every_n_steps=0, keep_last_n_checkpoints=1),
+        optim=dataclasses.replace(rcfg.optim, lr=ppo.sft_lr, min_lr=ppo.sft_lr / 30, scheduler="cosine",
+                                  warmup_steps=0))
+
+
+def run_ppo(ctx: _Context, rcfg: RunConfig, run_dir: Path, reward_fn=None) -> Dict[str, Any]:
+    import torch
+
+    from nemo_rlhf.checkpoint import latest_checkpoint, load_checkpoint
+    from nemo_rlhf.modules.ppo import PPOModule
+    from nemo_rlhf.modules.run_dir import RunDirectory
+    from nemo_rlhf.rewards import resolve_reward_fn
+
+    t_start = time.perf_counter()
+    rd = RunDirectory(run_dir)
+    rd.write_config(ctx.config_yaml)
+    reward_fn = resolve_reward_fn(reward_fn if reward_fn is not None else rcfg.ppo.reward_fn, ctx.task)
+    init_path, sft_summary = rcfg.model.path, None
+    resume_from = _resume_path(rcfg, rd.checkpoint_dir)
+    if init_path is None and rcfg.ppo.sft_steps > 0 and resume_from is None:
+        # SFT warm-up in the same command, into <run dir>/sft (skipped when already complete)
+        sft_dir = run_dir / "sft"
+        done = latest_checkpoint(sft_dir / "checkpoints")
+        if done is None or int(done.name.split("_")[1]) < rcfg.ppo.sft_steps:
+            log.info("no SFT checkpoint given (model.path=null): SFT warm-up for %d steps into %s",
+                     rcfg.ppo.sft_steps, sft_dir)
+            sft_summary = run_sft(ctx, _sft_warmup_config(rcfg), sft_dir)
+            initialize_model_parallel_again(ctx)
+        init_path = latest_checkpoint(sft_dir / "checkpoints")
+    prompts = torch.tensor([[ctx.tokenizer.ids[ctx.task.walk_text(w[:1])]] for w in ctx.task.walks])
+    module = PPOModule(rcfg, prompts, ctx.tokenizer, reward_fn, rd, ctx.evaluate_fn, ctx.dp_rank, ctx.dp_size,
+                       config_yaml=ctx.config_yaml)
+    if resume_from is not None:
+        loop = load_checkpoint(resume_from, module.actor.chunks, module.actor.optimizer, module.actor.scheduler,
+                               extra=module.engines_for_checkpoint())
+        module.load_loop_state(loop)
+        rd.truncate_metrics_after(module.step)
+        log.info("resumed from %s at step %d", resume_from, module.step)
+    elif init_path is not None:
+        module.init_from(init_path)
+    _fit(module, ctx, rcfg, rd)
+    extra = {"sft": {k: sft_summary[k] for k in ("initial", "final", "steps", "wall_time_s")}} if sft_summary else {}
+    return _finish(module, rd, ctx, rcfg, t_start, extra)
+
+
+def initialize_model_parallel_again(ctx: _Context) -> None:
+    """Fresh megatron parallel state and seeds before building the next stage's models."""
+    from nemo_rlhf.parallel import initialize_model_parallel
+
+    initialize_model_parallel(ctx.rcfg.parallel, seed=ctx.rcfg.trainer.seed)
+
+
+def run(cfg: DictConfig | RunConfig, run_dir: str | os.PathLike, reward_fn=None) -> Dict[str, Any]:
+    """Run one job described by ``cfg`` into ``run_dir``; returns the summary (also in summary.json)."""
+    rcfg = to_run_config(cfg)
+    set_verbosity(os.environ.get("NEMO_RLHF_VERBOSITY", rcfg.verbosity))
+    ctx = _Context(rcfg, Path(run_dir))
+    if rcfg.algorithm.name == "ppo":
+        summary = run_ppo(ctx, rcfg, ctx.run_dir, reward_fn)
+    else:
+        summary = run_sft(ctx, rcfg, ctx.run_dir)
+    _print_summary(summary, ctx.run_dir, ctx.env.rank)
     return summary
 
 
@@ -160,10 +254,11 @@ def _hydra_main(cfg: DictConfig) -> None:
 
     from nemo_rlhf.checkpoint import CheckpointError
     from nemo_rlhf.parallel import destroy
+    from nemo_rlhf.rewards import RewardFunctionError
 
     try:
         run(cfg, HydraConfig.get().runtime.output_dir)
-    except (ConfigError, CheckpointError) as e:
+    except (ConfigError, CheckpointError, RewardFunctionError) as e:
         log.error("%s: %s", type(e).__name__, e)
         sys.exit(2)
     finally:

@@ -59,13 +59,15 @@ def current_layout() -> Dict[str, Any]:
     }
 
 
-def _model_sharded_state_dict(chunks: List[torch.nn.Module]) -> Dict[str, Any]:
+def _model_sharded_state_dict(chunks: List[torch.nn.Module], name: str = "model") -> Dict[str, Any]:
+    """``name`` prefixes the sharded keys too, so two models (policy, critic) can share a checkpoint."""
     from nemo_rlhf.models.gpt import unwrap
 
+    prefix = "" if name == "model" else f"{name}."
     if len(chunks) == 1:
-        return {"model": unwrap(chunks[0]).sharded_state_dict()}
+        return {name: unwrap(chunks[0]).sharded_state_dict(prefix=prefix)}
     # interleaved pipeline: one entry per virtual stage, as Megatron-LM does
-    return {f"model{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
+    return {f"{name}{i}": unwrap(c).sharded_state_dict(prefix=prefix) for i, c in enumerate(chunks)}
 
 
 def _rng_sharded_object(layout: Dict[str, Any]):
@@ -104,8 +106,10 @@ def _step_dir(root: Path, step: int) -> Path:
 
 def save_checkpoint(root: str | os.PathLike, step: int, chunks: List[torch.nn.Module], optimizer=None,
                     scheduler=None, loop_state: Optional[Dict[str, Any]] = None,
-                    config_yaml: Optional[str] = None, keep_last: Optional[int] = None) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint directory."""
+                    config_yaml: Optional[str] = None, keep_last: Optional[int] = None,
+                    extra: Optional[Dict[str, tuple]] = None) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint directory. ``extra`` maps a
+    name (e.g. "critic") to (chunks, optimizer, scheduler) of another model saved alongside."""
     from megatron.core import dist_checkpointing
 
     root = Path(root)
@@ -124,6 +128,13 @@ def save_checkpoint(root: str | os.PathLike, step: int, chunks: List[torch.nn.Mo
             {k: v for k, v in state.items()}, metadata=_DIST_OPT_META)
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
+    for name, (x_chunks, x_opt, x_sched) in (extra or {}).items():
+        x_state = _model_sharded_state_dict(x_chunks, name)
+        state.update(x_state)
+        if x_opt is not None:
+            state[f"{name}_optimizer"] = x_opt.sharded_state_dict(dict(x_state), metadata=_DIST_OPT_META)
+        if x_sched is not None:
+            state[f"{name}_scheduler"] = x_sched.state_dict()
     state["loop_state"] = dict(loop_state or {}, step=step)
     state["rng_state"] = _rng_sharded_object(layout)
     dist_checkpointing.save(state, str(tmp))
@@ -132,6 +143,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, chunks: List[torch.nn.Mo
         meta = {"step": step, "layout": layout, "has_optimizer": optimizer is not None,
                 "use_distributed_optimizer": bool(getattr(getattr(optimizer, "config", None),
                                                           "use_distributed_optimizer", False)),
+                "models": ["model", *(extra or {})],
                 "loop_state": state["loop_state"], "config": config_yaml}
         with open(tmp / META_FILE, "w") as f:
             json.dump(meta, f, indent=2, default=str)
@@ -182,7 +194,7 @@ def read_meta(path: str | os.PathLike) -> Dict[str, Any]:
 
 
 def load_checkpoint(path: str | os.PathLike, chunks: List[torch.nn.Module], optimizer=None, scheduler=None,
-                    load_rng: bool = True) -> Dict[str, Any]:
+                    load_rng: bool = True, extra: Optional[Dict[str, tuple]] = None) -> Dict[str, Any]:
     """Collective. Loads weights (resharding to the current layout), and optimizer, scheduler and
     RNG state when given and compatible. Returns the saved loop state (``step`` included)."""
     from megatron.core import dist_checkpointing
@@ -207,20 +219,61 @@ def load_checkpoint(path: str | os.PathLike, chunks: List[torch.nn.Module], opti
     if load_opt:
         state["optimizer"] = optimizer.sharded_state_dict(
             {k: v for k, v in state.items()}, is_loading=True, metadata=_DIST_OPT_META)
+    extra = extra or {}
+    missing = [name for name in extra if name not in meta.get("models", ["model"])]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} has no {', '.join(missing)} model (it holds {meta.get('models')})")
+    for name, (x_chunks, x_opt, _) in extra.items():
+        x_state = _model_sharded_state_dict(x_chunks, name)
+        state.update(x_state)
+        if load_opt and x_opt is not None:
+            state[f"{name}_optimizer"] = x_opt.sharded_state_dict(dict(x_state), is_loading=True,
+                                                                 metadata=_DIST_OPT_META)
     rng = load_rng and same_layout
     if rng:
         state["rng_state"] = _rng_sharded_object(layout)
     loaded = dist_checkpointing.load(state, str(path))
-    for i, chunk in enumerate(chunks):
-        key = "model" if len(chunks) == 1 else f"model{i}"
-        unwrap(chunk).load_state_dict(loaded[key], strict=True)
-    if load_opt:
-        with torch.no_grad():  # the fp32 distributed optimizer copies into leaf params
-            optimizer.load_state_dict(loaded["optimizer"])
-    if scheduler is not None and "scheduler" in loaded:
-        scheduler.load_state_dict(loaded["scheduler"])
+    models = [("model", chunks, optimizer, scheduler), *((n, *v) for n, v in extra.items())]
+    for name, m_chunks, m_opt, m_sched in models:
+        for i, chunk in enumerate(m_chunks):
+            key = name if len(m_chunks) == 1 else f"{name}{i}"
+            sd = loaded[key]
+            if name != "model":
+                sd = {k[len(name) + 1:] if k.startswith(name + ".") else k: v for k, v in sd.items()}
+            unwrap(chunk).load_state_dict(sd, strict=True)
+        opt_key = "optimizer" if name == "model" else f"{name}_optimizer"
+        if load_opt and m_opt is not None and opt_key in loaded:
+            with torch.no_grad():  # the fp32 distributed optimizer copies into leaf params
+                m_opt.load_state_dict(loaded[opt_key])
+        sched_key = "scheduler" if name == "model" else f"{name}_scheduler"
+        if m_sched is not None and sched_key in loaded:
+            m_sched.load_state_dict(loaded[sched_key])
     if rng:
         _restore_rng(loaded["rng_state"])
     log.info("loaded checkpoint %s (step %d%s)", path, meta["step"],
              "" if same_layout else f", resharded from {meta['layout']}")
     return dict(loaded.get("loop_state", meta.get("loop_state", {})))
+
+
+def load_weights(path: str | os.PathLike, chunks: List[torch.nn.Module], skip_prefixes=("value_head.",)) -> None:
+    """Initialise ``chunks`` from the policy weights of a checkpoint (any layout). Parameters
+    under ``skip_prefixes`` (heads the checkpoint does not have, e.g. a fresh value head) keep
+    their initialisation; anything else missing is an error."""
+    from megatron.core import dist_checkpointing
+
+    from nemo_rlhf.models.gpt import unwrap
+
+    path = Path(path)
+    read_meta(path)
+    state = _model_sharded_state_dict(chunks)
+    for key in list(state):
+        state[key] = {k: v for k, v in state[key].items() if not k.startswith(skip_prefixes)}
+    loaded = dist_checkpointing.load(state, str(path))
+    for i, chunk in enumerate(chunks):
+        key = "model" if len(chunks) == 1 else f"model{i}"
+        result = unwrap(chunk).load_state_dict(loaded[key], strict=False)
+        bad = [k for k in result.missing_keys if not k.startswith(skip_prefixes) and not k.endswith("_extra_state")]
+        if bad or result.unexpected_keys:
+            raise CheckpointError(f"checkpoint {path} does not match the model: missing {bad}, "
+                                  f"unexpected {result.unexpected_keys}")
+    log.info("initialised weights from %s", path)

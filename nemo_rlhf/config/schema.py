@@ -212,13 +212,72 @@ class LoggerConfig:
     """metrics.csv under <run dir>/csv (metrics.jsonl is always written)."""
 
 
+ALGORITHMS = ("sft", "ppo")
+
+
 @dataclass
 class AlgorithmConfig:
     name: str = "sft"
-    """sft (more algorithms register here as they land)"""
+    """sft | ppo"""
 
     def __post_init__(self):
-        _require(self.name in ("sft",), f"algorithm.name: unknown algorithm {self.name!r} (known: sft)")
+        _require(self.name in ALGORITHMS,
+                 f"algorithm.name: unknown algorithm {self.name!r} (known: {', '.join(ALGORITHMS)})")
+
+
+@dataclass
+class PPOConfig:
+    """PPO (used when algorithm.name=ppo). One trainer step = one PPO iteration:
+    generate num_rollouts samples -> score -> logprobs/values/ref -> advantages -> ppo_epochs of
+    num_minibatches updates."""
+
+    num_rollouts: int = 64
+    """Prompts (= samples) per iteration, over all data-parallel ranks."""
+    ppo_epochs: int = 4
+    num_minibatches: int = 4
+    """Minibatches per epoch; minibatch size = num_rollouts / num_minibatches."""
+    init_kl_coef: float = 0.05
+    """beta of the per-token KL penalty against the reference (initial) policy."""
+    target_kl: Optional[float] = None
+    """null = fixed KL coefficient; a number = adaptive controller (Ziegler et al. 2019) aiming at it."""
+    kl_horizon: int = 10000
+    gamma: float = 1.0
+    lam: float = 0.95
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 1.0
+    """Weight of the value loss (used with critic=value_head, where both share one backward)."""
+    cliprange_reward: float = 10.0
+    """Scores are clipped to [-c, c] (0 disables)."""
+    scale_reward: str = "none"
+    """none | running (divide scores by a running std)"""
+    whiten_advantages: bool = True
+    critic: str = "separate"
+    """separate (own GPT trunk + value head, own optimizer) | value_head (on the policy trunk)"""
+    critic_lr: Optional[float] = None
+    """Learning rate of the separate critic; null = optim.lr."""
+    reward_fn: str = "randomwalks"
+    """randomwalks (the task's optimality) | 'package.module:function' called as
+    fn(samples, prompts=..., completions=...) -> list of floats."""
+    sft_steps: int = 1000
+    """When model.path is null: SFT warm-up steps on the task's data before PPO (0 = start from random init)."""
+    sft_lr: float = 3e-3
+    sft_global_batch_size: int = 64
+    sft_micro_batch_size: int = 32
+
+    def __post_init__(self):
+        for key in ("num_rollouts", "ppo_epochs", "num_minibatches", "kl_horizon"):
+            _positive(getattr(self, key), f"ppo.{key}")
+        _require(self.num_rollouts % self.num_minibatches == 0,
+                 f"ppo.num_rollouts={self.num_rollouts} is not divisible by ppo.num_minibatches={self.num_minibatches}")
+        _require(self.critic in ("separate", "value_head"),
+                 f"ppo.critic must be separate|value_head, got {self.critic!r}")
+        _require(self.scale_reward in ("none", "running"),
+                 f"ppo.scale_reward must be none|running, got {self.scale_reward!r}")
+        _require(self.init_kl_coef >= 0, f"ppo.init_kl_coef must be >= 0, got {self.init_kl_coef}")
+        _require(self.target_kl is None or self.target_kl > 0, f"ppo.target_kl must be null or > 0")
+        _require(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "ppo.gamma and ppo.lam must be in [0, 1]")
+        _require(self.sft_steps >= 0, f"ppo.sft_steps must be >= 0, got {self.sft_steps}")
 
 
 @dataclass
@@ -249,6 +308,7 @@ class RunConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
     resume: Optional[str] = None
     """null (fresh run) | auto (latest complete checkpoint in this run dir, fresh if none) |
     a checkpoint directory path."""
@@ -279,6 +339,9 @@ class RunConfig:
         _require(self.trainer.global_batch_size % self.trainer.micro_batch_size == 0,
                  f"trainer.global_batch_size={self.trainer.global_batch_size} is not divisible by "
                  f"trainer.micro_batch_size={self.trainer.micro_batch_size}")
+        if self.algorithm.name == "ppo":
+            _require(pp == 1, "algorithm.name=ppo needs parallel.pipeline_model_parallel_size=1 (rollout "
+                              "generation and value heads run on a single pipeline stage)")
         _require(self.verbosity.upper() in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
                  f"verbosity must be DEBUG|INFO|WARNING|ERROR|CRITICAL, got {self.verbosity!r}")
         if self.resume not in (None, "auto"):

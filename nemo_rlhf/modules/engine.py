@@ -44,9 +44,14 @@ class MegatronEngine:
     """Owns the model chunks (megatron DDP), optimizer and scheduler of one policy."""
 
     def __init__(self, model: ModelConfig, parallel: ParallelConfig, optim: OptimConfig, vocab_size: int,
-                 max_steps: int):
+                 max_steps: int, setup: Callable[[torch.nn.Module], object] | None = None):
+        """``setup(gpt)`` runs on each GPTModel chunk before DDP wrapping (e.g. to attach a head)."""
         self.model_cfg, self.parallel = model, parallel
-        self.chunks: List[torch.nn.Module] = wrap_ddp(build_gpt_chunks(model, parallel, vocab_size), parallel)
+        chunks = build_gpt_chunks(model, parallel, vocab_size)
+        for chunk in chunks:
+            if setup is not None:
+                setup(chunk)
+        self.chunks: List[torch.nn.Module] = wrap_ddp(chunks, parallel)
         self.optimizer, self.scheduler = build_optimizer(optim, parallel, model, self.chunks, max_steps)
 
     @property
@@ -77,7 +82,7 @@ class MegatronEngine:
         num_micro = n // micro_batch_size
         micro = [{k: v[i * micro_batch_size:(i + 1) * micro_batch_size] for k, v in batch.items()}
                  for i in range(num_micro)]
-        seq_length = micro[0]["tokens"].shape[1]
+        seq_length = next(v for v in micro[0].values() if v.dim() >= 2).shape[1]
         for chunk in self.chunks:
             chunk.train(not forward_only)
             if not forward_only:

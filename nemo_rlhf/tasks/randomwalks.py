@@ -147,3 +147,18 @@ class RandomWalks:
             f"valid_rate{suffix}": float(np.mean([s.valid for s in scores])),
             f"length{suffix}": float(np.mean([s.length for s in scores])),
         }
+
+    def reward_fn(self, samples: Sequence[str], prompts=None, completions=None, **_) -> List[float]:
+        """Optimality of each decoded walk (prompt node + completion, EOS stripped), as trlX's
+        randomwalks reward. Only looks up to the first goal: pair it with a KL penalty."""
+        out = []
+        for s in samples:
+            if not s:
+                out.append(0.0)
+                continue
+            start = ord(s[0]) - ord("a")
+            if not 0 <= start < self.num_nodes:
+                out.append(0.0)
+                continue
+            out.append(self.score(start, list(s[1:]), ended_with_eos=True).optimality)
+        return out

@@ -1,0 +1,56 @@
+"""Heads attached to a stock megatron GPTModel by composition (no subclassing).
+
+``attach_value_head(gpt)`` registers ``gpt.value_head`` (a Linear(hidden, 1), replicated over
+TP ranks) and a forward hook on ``gpt.decoder`` that keeps the decoder's output (after the final
+layernorm). After any forward of ``gpt``, :func:`value_head_output` maps those hidden states to
+values ``[B, S]``. Because the head is a child of the GPTModel, megatron DDP, the optimizer and
+dist checkpointing pick it up like any other parameter.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class ValueHead(torch.nn.Module):
+    def __init__(self, hidden_size: int, init_std: float = 0.0):
+        super().__init__()
+        self.linear = torch.nn.Linear(hidden_size, 1)
+        torch.nn.init.normal_(self.linear.weight, std=init_std) if init_std > 0 else torch.nn.init.zeros_(self.linear.weight)
+        torch.nn.init.zeros_(self.linear.bias)
+        self._hidden = None
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.linear(hidden.float()).squeeze(-1)
+
+
+def _capture(module, args, output):
+    hidden = output[0] if isinstance(output, tuple) else output
+    module._nemo_rlhf_value_head._hidden = hidden
+
+
+def attach_value_head(gpt: torch.nn.Module, hidden_size: int) -> ValueHead:
+    if getattr(gpt, "value_head", None) is not None:
+        return gpt.value_head
+    if not gpt.post_process:
+        raise NotImplementedError("value heads need the last pipeline stage (pipeline_model_parallel_size=1)")
+    head = ValueHead(hidden_size)
+    if torch.cuda.is_available():
+        head.cuda(torch.cuda.current_device())
+    gpt.value_head = head
+    object.__setattr__(gpt.decoder, "_nemo_rlhf_value_head", head)  # plain ref, not a submodule
+    gpt.decoder.register_forward_hook(_capture)
+    return head
+
+
+def value_head_output(gpt: torch.nn.Module) -> torch.Tensor:
+    """Values [B, S] from the hidden states of ``gpt``'s last forward."""
+    from megatron.core import tensor_parallel
+
+    head = gpt.value_head
+    hidden = head._hidden  # [S, B, H] (sequence-sharded with sequence parallel)
+    if hidden is None:
+        raise RuntimeError("value_head_output called before a forward of the model")
+    head._hidden = None
+    if gpt.config.sequence_parallel:
+        hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
+    return head(hidden).transpose(0, 1).contiguous()

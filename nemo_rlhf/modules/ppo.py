@@ -1,0 +1,361 @@
+"""PPO as a LightningModule. One ``training_step`` is one PPO iteration and reads top to bottom:
+
+    generate -> score -> old logprobs / values / reference logprobs -> KL-shaped rewards -> GAE
+    -> ppo_epochs x num_minibatches updates of actor (and critic) -> KL controller
+
+The math is in :mod:`nemo_rlhf.algorithms.ppo`; this module wires megatron engines, data and logging.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, fields
+from functools import partial
+from typing import Any, Callable, Dict, List, Optional
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+
+from nemo_rlhf.algorithms.ppo import gae, kl_penalized_rewards, make_kl_controller, policy_loss, value_loss
+from nemo_rlhf.algorithms.reductions import masked_mean
+from nemo_rlhf.checkpoint import save_checkpoint
+from nemo_rlhf.config.schema import PPOConfig, RunConfig
+from nemo_rlhf.data.sampler import GlobalBatchSampler
+from nemo_rlhf.generation.sampling import SamplingParams, generate
+from nemo_rlhf.logging import get_logger
+from nemo_rlhf.models.gpt import build_gpt_chunks, unwrap
+from nemo_rlhf.models.heads import attach_value_head, value_head_output
+from nemo_rlhf.modules.engine import MegatronEngine
+from nemo_rlhf.modules.run_dir import RunDirectory
+from nemo_rlhf.rewards import score as score_samples
+
+log = get_logger(__name__)
+
+
+@dataclass
+class Rollout:
+    """A batch of experience. T = prompt + response length - 1 (label positions)."""
+
+    inputs: torch.Tensor        # [B, T] tokens[:, :-1]
+    labels: torch.Tensor        # [B, T] tokens[:, 1:]
+    mask: torch.Tensor          # [B, T] 1 where labels[:, t] is a generated token (through EOS)
+    logprobs: torch.Tensor      # [B, T] log pi_old(labels[:, t])
+    ref_logprobs: torch.Tensor  # [B, T] log pi_ref(labels[:, t])
+    values: torch.Tensor        # [B, T] V_old(state before labels[:, t])
+    rewards: torch.Tensor       # [B, T] KL penalty per token + score on the last token
+    advantages: torch.Tensor    # [B, T]
+    returns: torch.Tensor       # [B, T]
+    scores: torch.Tensor        # [B]
+
+    def as_dict(self) -> Dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _positions(t: torch.Tensor) -> torch.Tensor:
+    return torch.arange(t.shape[1], device=t.device).expand_as(t)
+
+
+def _stats_report(loss: torch.Tensor, stats: Dict[str, torch.Tensor], mask: torch.Tensor):
+    """Megatron loss-closure output: (token sum, token count, {name: [sum, count]})."""
+    n = mask.sum()
+    total = loss * n
+    report = {"loss": torch.stack([total.detach(), n]).double()}
+    for k, v in stats.items():
+        report[k] = torch.stack([v.detach() * n, n]).double()
+    return total, n.to(torch.int), report
+
+
+def actor_forward(batch: Dict[str, torch.Tensor], model, ppo: PPOConfig, with_value: bool):
+    nll = model(batch["inputs"], _positions(batch["inputs"]), None, labels=batch["labels"])
+    values = value_head_output(unwrap(model)) if with_value else None
+    return nll, partial(actor_loss, batch, ppo, values)
+
+
+def actor_loss(batch, ppo: PPOConfig, values, nll):
+    mask = batch["mask"]
+    loss, stats = policy_loss(-nll.float(), batch["logprobs"], batch["advantages"], mask, ppo.cliprange)
+    if values is not None:
+        vloss, vstats = value_loss(values, batch["values"], batch["returns"], mask, ppo.cliprange_value)
+        loss = loss + ppo.vf_coef * vloss
+        stats.update(vstats)
+    return _stats_report(loss, stats, mask)
+
+
+def critic_forward(batch: Dict[str, torch.Tensor], model, ppo: PPOConfig):
+    model(batch["inputs"], _positions(batch["inputs"]), None)
+    values = value_head_output(unwrap(model))
+    return values, partial(critic_loss, batch, ppo)
+
+
+def critic_loss(batch, ppo: PPOConfig, values):
+    mask = batch["mask"]
+    loss, stats = value_loss(values, batch["values"], batch["returns"], mask, ppo.cliprange_value)
+    return _stats_report(loss, stats, mask)
+
+
+class RunningMoments:
+    """Running mean/std of scores (Chan et al. parallel algorithm), for scale_reward=running."""
+
+    def __init__(self):
+        self.mean, self.var, self.count = 0.0, 1.0, 1e-8
+
+    def update(self, x: torch.Tensor) -> None:
+        n, m, v = x.numel(), float(x.mean()), float(x.var(unbiased=False)) if x.numel() > 1 else 0.0
+        delta, total = m - self.mean, self.count + n
+        self.mean += delta * n / total
+        self.var = (self.var * self.count + v * n + delta ** 2 * self.count * n / total) / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        return max(self.var, 1e-8) ** 0.5
+
+
+class PPOModule(pl.LightningModule):
+    """Actor (megatron engine), critic (separate engine, or a value head on the actor), frozen
+    reference policy, reward function; prompts come from ``prompts`` ([N, P] token ids)."""
+
+    def __init__(self, cfg: RunConfig, prompts: torch.Tensor, tokenizer, reward_fn: Callable,
+                 run_dir: RunDirectory, evaluate_fn, dp_rank: int, dp_size: int, config_yaml: str = ""):
+        super().__init__()
+        self.cfg, self.ppo = cfg, cfg.ppo
+        self.prompts, self.tokenizer, self.reward_fn = prompts, tokenizer, reward_fn
+        self.run_dir, self.evaluate_fn = run_dir, evaluate_fn
+        self.dp_rank, self.dp_size, self.config_yaml = dp_rank, dp_size, config_yaml
+        if self.ppo.num_rollouts % dp_size:
+            raise ValueError(f"ppo.num_rollouts={self.ppo.num_rollouts} is not divisible by the data-parallel size {dp_size}")
+        self.automatic_optimization = False
+        vocab = tokenizer.vocab_size
+        shared = self.ppo.critic == "value_head"
+        self.actor = MegatronEngine(cfg.model, cfg.parallel, cfg.optim, vocab, cfg.trainer.max_steps,
+                                    setup=(lambda gpt: attach_value_head(gpt, cfg.model.hidden_size)) if shared else None)
+        self.critic = None
+        if not shared:
+            critic_optim = cfg.optim if self.ppo.critic_lr is None else \
+                type(cfg.optim)(**{**cfg.optim.__dict__, "lr": self.ppo.critic_lr})
+            self.critic = MegatronEngine(cfg.model, cfg.parallel, critic_optim, vocab, cfg.trainer.max_steps,
+                                         setup=lambda gpt: attach_value_head(gpt, cfg.model.hidden_size))
+        self.reference = build_gpt_chunks(cfg.model, cfg.parallel, vocab)[0].eval()
+        for p in self.reference.parameters():
+            p.requires_grad_(False)
+        self.models = torch.nn.ModuleList(self.actor.chunks + (self.critic.chunks if self.critic else []))
+        self.kl_ctl = make_kl_controller(self.ppo.init_kl_coef, self.ppo.target_kl, self.ppo.kl_horizon)
+        self.reward_moments = RunningMoments()
+        self.step = 0
+        self.initial_eval: Optional[Dict[str, Any]] = None
+        self.last_eval: Optional[Dict[str, Any]] = None
+        self._last_ckpt_step = -1
+
+    # -- set-up -------------------------------------------------------------------------------
+    def init_from(self, path) -> None:
+        """Policy, critic trunk and reference all start from the policy weights in ``path``."""
+        from nemo_rlhf.checkpoint import load_weights
+
+        load_weights(path, self.actor.chunks)
+        self.actor.optimizer.reload_model_params()
+        if self.critic is not None:
+            load_weights(path, self.critic.chunks)
+            self.critic.optimizer.reload_model_params()
+        load_weights(path, [self.reference])
+
+    def train_dataloader(self):
+        sampler = GlobalBatchSampler(len(self.prompts), self.ppo.num_rollouts, self.dp_rank, self.dp_size,
+                                     seed=self.cfg.trainer.seed, start_step=self.step,
+                                     end_step=self.cfg.trainer.max_steps)
+        return torch.utils.data.DataLoader(self.prompts, batch_sampler=sampler, num_workers=0)
+
+    def configure_optimizers(self):
+        return None  # megatron optimizers live in the engines
+
+    def on_train_start(self):
+        if self.initial_eval is None:
+            self.initial_eval = self.evaluate()
+
+    # -- one PPO iteration ----------------------------------------------------------------------
+    def training_step(self, prompts: torch.Tensor, batch_idx: int):
+        timings = {}
+
+        def timed(name, fn, *args):
+            t0 = time.perf_counter()
+            out = fn(*args)
+            timings[f"time/{name}_s"] = time.perf_counter() - t0
+            return out
+
+        tokens, mask = timed("generation", self.generate_rollouts, prompts)
+        scores = timed("scoring", self.score, tokens, prompts.shape[1])
+        rollout = timed("experience", self.make_experience, tokens, mask, scores)
+        stats = timed("training", self.update, rollout)
+        self.step += 1
+        stats.update(self.rollout_stats(rollout), **timings)
+        stats["kl_coef"] = self.kl_ctl.value
+        self.kl_ctl.update(stats["kl"], n_steps=self.ppo.num_rollouts)
+        self.log("reward", stats["reward_mean"], prog_bar=True, logger=False, batch_size=1)
+        self.log("kl", stats["kl"], prog_bar=True, logger=False, batch_size=1)
+        t = self.cfg.trainer
+        if self.step % t.log_every_n_steps == 0 or self.step == t.max_steps:
+            self.run_dir.log(self.step, stats, kind="train")
+        if t.eval_every_n_steps and self.step % t.eval_every_n_steps == 0 and self.step != t.max_steps:
+            self.evaluate()
+        if t.checkpoint_every_n_steps and self.step % t.checkpoint_every_n_steps == 0:
+            self.save()
+
+    @torch.no_grad()
+    def generate_rollouts(self, prompts: torch.Tensor):
+        g = self.cfg.generation
+        n = g.max_new_tokens or self.cfg.task.max_length
+        gen = torch.Generator(device=prompts.device).manual_seed(
+            self.cfg.trainer.seed * 1_000_003 + self.step * 1009 + self.dp_rank)
+        out = generate(self.actor.module, prompts, SamplingParams(
+            max_new_tokens=n, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
+            eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id), generator=gen,
+            vocab_size=self.tokenizer.vocab_size)
+        return out.tokens, out.mask
+
+    def score(self, tokens: torch.Tensor, prompt_length: int) -> torch.Tensor:
+        tok = self.tokenizer
+        prompts = [tok.decode(t[:prompt_length].tolist()) for t in tokens]
+        completions = [tok.decode(t[prompt_length:].tolist()) for t in tokens]
+        samples = [p + c for p, c in zip(prompts, completions)]
+        scores = torch.tensor(score_samples(self.reward_fn, samples, prompts, completions), dtype=torch.float32)
+        return scores.to(tokens.device)
+
+    @torch.no_grad()
+    def make_experience(self, tokens: torch.Tensor, gen_mask: torch.Tensor, scores: torch.Tensor) -> Rollout:
+        ppo = self.ppo
+        b, s = tokens.shape
+        p = s - gen_mask.shape[1]
+        inputs, labels = tokens[:, :-1], tokens[:, 1:]
+        mask = torch.zeros_like(labels, dtype=torch.float32)
+        mask[:, p - 1:] = gen_mask                     # label t is generated token t - (p - 1)
+        if ppo.cliprange_reward:
+            scores = scores.clamp(-ppo.cliprange_reward, ppo.cliprange_reward)
+        if ppo.scale_reward == "running":
+            self.reward_moments.update(self._dp_gather(scores))
+            scores = scores / self.reward_moments.std
+        pos = _positions(inputs)
+        policy = self.actor.module
+        policy.eval()
+        logprobs = -policy(inputs, pos, None, labels=labels).float()
+        if self.critic is None:
+            values = value_head_output(policy)
+        else:
+            critic = self.critic.module
+            critic.eval()
+            critic(inputs, pos, None)
+            values = value_head_output(critic)
+        ref_logprobs = -self.reference(inputs, pos, None, labels=labels).float()
+        logprobs, ref_logprobs, values = logprobs * mask, ref_logprobs * mask, values * mask
+        rewards, _ = kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, self.kl_ctl.value)
+        advantages, returns = gae(values, rewards, mask, ppo.gamma, ppo.lam)
+        if ppo.whiten_advantages:
+            advantages = self._dp_whiten(advantages, mask)
+        return Rollout(inputs=inputs, labels=labels, mask=mask, logprobs=logprobs, ref_logprobs=ref_logprobs,
+                       values=values, rewards=rewards, advantages=advantages, returns=returns, scores=scores)
+
+    def update(self, rollout: Rollout) -> Dict[str, float]:
+        ppo = self.ppo
+        data = rollout.as_dict()
+        del data["scores"]
+        n = rollout.inputs.shape[0]
+        mb = n // ppo.num_minibatches
+        mbs = min(self.cfg.trainer.micro_batch_size, mb)
+        if mb == 0 or mb % mbs:
+            raise ValueError(f"per-rank minibatch of {mb} samples is not divisible by trainer.micro_batch_size={mbs}")
+        sums: Dict[str, float] = {}
+        count = 0
+        for epoch in range(ppo.ppo_epochs):
+            g = torch.Generator().manual_seed(self.cfg.trainer.seed + 7919 * self.step + epoch)
+            order = torch.randperm(n, generator=g).to(rollout.inputs.device)
+            for i in range(ppo.num_minibatches):
+                idx = order[i * mb:(i + 1) * mb]
+                batch = {k: v[idx] for k, v in data.items()}
+                actor_stats = self.actor.train_step(
+                    batch, mbs, partial(actor_forward, ppo=ppo, with_value=self.critic is None))
+                stats = {f"actor/{k}": v for k, v in actor_stats.items()}
+                if self.critic is not None:
+                    critic_stats = self.critic.train_step(batch, mbs, partial(critic_forward, ppo=ppo))
+                    stats.update({f"critic/{k}": v for k, v in critic_stats.items()})
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                count += 1
+        return {k: v / count for k, v in sums.items()}
+
+    # -- distributed helpers ----------------------------------------------------------------------
+    def _dp_group(self):
+        from megatron.core import parallel_state as ps
+
+        return ps.get_data_parallel_group() if self.dp_size > 1 else None
+
+    def _dp_gather(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dp_size == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.dp_size)]
+        dist.all_gather(parts, x.contiguous(), group=self._dp_group())
+        return torch.cat(parts)
+
+    def _dp_sum(self, values: List[float]) -> List[float]:
+        t = torch.tensor(values, dtype=torch.float64)
+        if self.dp_size > 1:
+            dist.all_reduce(t, group=self._dp_group())
+        return t.tolist()
+
+    def _dp_whiten(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Whitening with mean/variance over the valid tokens of all data-parallel ranks."""
+        s, s2, n = self._dp_sum([float((x * mask).sum()), float((x * x * mask).sum()), float(mask.sum())])
+        mean = s / max(n, 1.0)
+        var = (s2 / max(n, 1.0) - mean ** 2) * n / max(n - 1, 1.0)
+        return (x - mean) * torch.rsqrt(torch.tensor(max(var, 0.0) + 1e-8)) * mask
+
+    def rollout_stats(self, r: Rollout) -> Dict[str, float]:
+        """Rollout metrics averaged over all data-parallel ranks."""
+        b = r.scores.numel()
+        kl_per_seq = ((r.logprobs - r.ref_logprobs) * r.mask).sum(-1)
+        lengths = r.mask.sum(-1)
+        sums = self._dp_sum([
+            float(r.scores.sum()), float((r.scores ** 2).sum()), float(kl_per_seq.sum()),
+            float(lengths.sum()), float(-(r.logprobs * r.mask).sum()), float(r.mask.sum()),
+            float((r.values * r.mask).sum()), float((r.returns * r.mask).sum()), float(b)])
+        score_sum, score_sq, kl, length, nll, tokens, v, ret, n = sums
+        mean = score_sum / n
+        return {
+            "reward_mean": mean, "reward_std": max(score_sq / n - mean ** 2, 0.0) ** 0.5,
+            "kl": kl / n, "response_length": length / n,
+            # entropy estimated as the mean negative log-probability of the sampled tokens
+            "entropy": nll / max(tokens, 1.0),
+            "values_mean": v / max(tokens, 1.0), "returns_mean": ret / max(tokens, 1.0),
+        }
+
+    # -- evaluation & checkpoints ---------------------------------------------------------------
+    def evaluate(self) -> Dict[str, Any]:
+        t0 = time.perf_counter()
+        metrics = self.evaluate_fn(self.actor, self.step)
+        metrics["eval_time_s"] = time.perf_counter() - t0
+        self.run_dir.log(self.step, metrics, kind="eval")
+        self.last_eval = dict(metrics, step=self.step)
+        log.info("step %d eval: %s", self.step,
+                 " ".join(f"{k}={v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
+        return self.last_eval
+
+    def loop_state(self) -> Dict[str, Any]:
+        return {"initial_eval": self.initial_eval, "kl_ctl": self.kl_ctl.state_dict(),
+                "reward_moments": vars(self.reward_moments)}
+
+    def load_loop_state(self, state: Dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.initial_eval = state.get("initial_eval")
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        vars(self.reward_moments).update(state.get("reward_moments", {}))
+        self._last_ckpt_step = self.step
+
+    def engines_for_checkpoint(self):
+        extra = {"critic": (self.critic.chunks, self.critic.optimizer, self.critic.scheduler)} if self.critic else {}
+        extra["reference"] = ([self.reference], None, None)
+        return extra
+
+    def save(self):
+        if self._last_ckpt_step == self.step:
+            return
+        save_checkpoint(self.run_dir.checkpoint_dir, self.step, self.actor.chunks, self.actor.optimizer,
+                        self.actor.scheduler, loop_state=self.loop_state(), config_yaml=self.config_yaml,
+                        keep_last=self.cfg.trainer.keep_last_n_checkpoints, extra=self.engines_for_checkpoint())
+        self._last_ckpt_step = self.step

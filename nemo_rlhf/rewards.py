@@ -1,0 +1,62 @@
+"""Reward functions: resolved from config (``module:function`` or a built-in name) or passed from
+Python, called with ``(samples, prompts=..., completions=...)``, validated on every call."""
+from __future__ import annotations
+
+import importlib
+import math
+from typing import Callable, List, Sequence
+
+
+class RewardFunctionError(RuntimeError):
+    """The reward function raised, or returned the wrong number of scores, or NaN/inf."""
+
+
+def resolve_reward_fn(spec, task=None) -> Callable:
+    """``spec``: a callable, ``"randomwalks"`` (the task's optimality) or ``"package.module:function"``."""
+    if callable(spec):
+        return spec
+    if spec == "randomwalks":
+        if task is None:
+            raise RewardFunctionError("reward_fn=randomwalks needs the randomwalks task")
+        return task.reward_fn
+    if not isinstance(spec, str) or ":" not in spec:
+        raise RewardFunctionError(f"reward_fn={spec!r}: expected 'package.module:function' or 'randomwalks'")
+    module_name, _, attr = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise RewardFunctionError(f"reward_fn={spec!r} cannot be imported: {e}") from None
+    if not callable(fn):
+        raise RewardFunctionError(f"reward_fn={spec!r} is not callable")
+    return fn
+
+
+def _name(fn) -> str:
+    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+
+
+def score(fn: Callable, samples: Sequence[str], prompts: Sequence[str], completions: Sequence[str]) -> List[float]:
+    """Call ``fn`` and check its output: one finite float per sample."""
+    try:
+        out = fn(list(samples), prompts=list(prompts), completions=list(completions))
+    except Exception as e:
+        bad = None
+        for i in range(len(samples)):  # find the first sample it fails on, for the message
+            try:
+                fn([samples[i]], prompts=[prompts[i]], completions=[completions[i]])
+            except Exception:
+                bad = i
+                break
+        where = f" on sample {bad} ({samples[bad]!r})" if bad is not None else ""
+        raise RewardFunctionError(f"reward function {_name(fn)} raised {type(e).__name__}: {e}{where}") from e
+    try:
+        out = [float(x) for x in out]
+    except (TypeError, ValueError) as e:
+        raise RewardFunctionError(f"reward function {_name(fn)} must return a list of numbers: {e}") from None
+    if len(out) != len(samples):
+        raise RewardFunctionError(f"reward function {_name(fn)} returned {len(out)} scores for "
+                                  f"{len(samples)} samples")
+    for i, x in enumerate(out):
+        if not math.isfinite(x):
+            raise RewardFunctionError(f"reward function {_name(fn)} returned {x} for sample {i} ({samples[i]!r})")
+    return out
