@@ -5,7 +5,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-DEMO_CONFIG ?= sft_tiny
+DEMO_CONFIG ?= ppo_tiny
 PYTEST_ARGS ?=
 
 .PHONY: demo test test-fast env clean

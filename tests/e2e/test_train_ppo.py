@@ -1,0 +1,83 @@
+"""End-to-end PPO: python -m nemo_rlhf.train --config-name ppo_tiny (shortened)."""
+import json
+
+import pytest
+
+from tests.conftest import train
+
+pytestmark = pytest.mark.slow
+
+
+def _ok(proc):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+def test_ppo_tiny_raises_optimality_and_keeps_walks_valid(tmp_path):
+    run = tmp_path / "ppo"
+    _ok(train([f"hydra.run.dir={run}", "trainer.progress_bar=false", "trainer.max_steps=25",
+               "trainer.eval_every_n_steps=0", "trainer.checkpoint_every_n_steps=0"], config="ppo_tiny"))
+    s = json.loads((run / "summary.json").read_text())
+    assert s["algorithm"] == "ppo" and s["steps"] == 25
+    init, final = s["initial"], s["final"]
+    assert 0.2 < init["optimality"] < 0.5 and init["valid_rate"] >= 0.9     # the SFT policy
+    assert final["optimality"] >= 0.9 and final["valid_rate"] >= 0.95       # the issue's bar
+    assert s["sft"]["steps"] == 1000 and (run / "sft" / "summary.json").is_file()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    assert len(train_rows) == 25
+    for key in ("reward_mean", "reward_std", "kl", "entropy", "actor/approx_kl", "actor/policy_clipfrac",
+                "critic/value_clipfrac", "critic/value_loss", "response_length", "time/generation_s",
+                "time/scoring_s", "time/training_s", "kl_coef"):
+        assert key in train_rows[-1], key
+    assert train_rows[-1]["reward_mean"] > train_rows[0]["reward_mean"] + 0.3
+    assert (run / "checkpoints" / "step_0000025" / "nemo_rlhf_meta.json").is_file()
+
+
+def test_ppo_value_head_critic_and_resume(tmp_path):
+    """critic=value_head on the policy trunk; a resumed run equals the uninterrupted one."""
+    common = ["trainer.progress_bar=false", "trainer.max_steps=6", "trainer.eval_every_n_steps=0",
+              "trainer.checkpoint_every_n_steps=3", "trainer.keep_last_n_checkpoints=5", "ppo.critic=value_head",
+              "ppo.sft_steps=0", "ppo.num_rollouts=32", "task.eval_samples_per_start=2", "ppo.target_kl=1.0"]
+    full = tmp_path / "full"
+    _ok(train([f"hydra.run.dir={full}", *common], config="ppo_tiny"))
+    import shutil
+    cut = tmp_path / "cut"
+    shutil.copytree(full, cut)
+    shutil.rmtree(cut / "checkpoints" / "step_0000006")
+    _ok(train([f"hydra.run.dir={cut}", *common, "resume=auto"], config="ppo_tiny"))
+    rows = lambda d: [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines() if '"train"' in l]
+    a, b = rows(full), rows(cut)
+    assert [r["step"] for r in b] == list(range(1, 7))
+    for ra, rb in zip(a, b):
+        for k in ("reward_mean", "kl", "actor/loss", "actor/value_loss", "kl_coef"):
+            assert ra[k] == rb[k], (ra["step"], k, ra[k], rb[k])
+
+
+@pytest.mark.parametrize("fn, message", [
+    ("raises_on_goal", "reward function raises_on_goal raised ValueError: cannot score walks that reach the goal on sample"),
+    ("wrong_length", "reward function wrong_length returned"),
+    ("returns_nan", "reward function returns_nan returned nan for sample 3"),
+])
+def test_bad_reward_function_stops_with_a_named_error(tmp_path, fn, message):
+    proc = train([f"hydra.run.dir={tmp_path / 'r'}", "trainer.progress_bar=false", "ppo.sft_steps=0",
+                  f"ppo.reward_fn=tests.helpers.rewards:{fn}", "trainer.max_steps=3"], config="ppo_tiny")
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_reward_failure_leaves_the_last_checkpoint_intact(tmp_path):
+    run = tmp_path / "r"
+    proc = train([f"hydra.run.dir={run}", "trainer.progress_bar=false", "ppo.sft_steps=0",
+                  "ppo.reward_fn=tests.helpers.rewards:fails_on_third_call", "trainer.max_steps=5",
+                  "trainer.checkpoint_every_n_steps=1", "ppo.num_rollouts=16", "task.eval_samples_per_start=1"],
+                 config="ppo_tiny")
+    assert proc.returncode != 0 and "reward server went away" in proc.stderr
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert ckpts == ["step_0000001", "step_0000002"]
+    # and it resumes from there with a working reward
+    _ok(train([f"hydra.run.dir={run}", "trainer.progress_bar=false", "ppo.sft_steps=0", "resume=auto",
+               "ppo.reward_fn=tests.helpers.rewards:length_reward", "trainer.max_steps=3",
+               "ppo.num_rollouts=16", "task.eval_samples_per_start=1"], config="ppo_tiny"))
+    assert json.loads((run / "summary.json").read_text())["steps"] == 3
