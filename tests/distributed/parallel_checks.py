@@ -290,6 +290,52 @@ def main(out_path):
     check("dp2_distopt", dp2_distopt)
     check("ckpt_tp2_to_tp1", lambda: ckpt(2, 1))
     check("ckpt_tp1_to_tp2", lambda: ckpt(1, 2))
+    def ppo_step(tp, sp=False):
+        """One PPO actor update (clipped policy loss + value loss on a value head) on a fixed
+        synthetic rollout batch; returns loss, stats and full (TP-gathered) grads."""
+        from nemo_rlhf.config.schema import PPOConfig
+        from nemo_rlhf.models.heads import attach_value_head
+        from nemo_rlhf.modules.ppo import actor_forward
+
+        initialize_model_parallel(ParallelConfig(tensor_model_parallel_size=tp, sequence_parallel=sp), seed=7)
+        torch.manual_seed(7)
+        engine = MegatronEngine(MODEL, ParallelConfig(tensor_model_parallel_size=tp, sequence_parallel=sp), OPTIM,
+                                vocab, max_steps=10, setup=lambda g: attach_value_head(g, MODEL.hidden_size))
+        load_reference_weights(engine, ppo_ref["params"])
+        g = torch.Generator().manual_seed(3)
+        mask = batch["loss_mask"]
+        rollout = {"inputs": batch["tokens"], "labels": batch["labels"], "mask": mask,
+                   "logprobs": (-3 + 0.3 * torch.randn(mask.shape, generator=g)) * mask,
+                   "advantages": torch.randn(mask.shape, generator=g) * mask,
+                   "values": 0.1 * torch.randn(mask.shape, generator=g) * mask,
+                   "returns": torch.randn(mask.shape, generator=g) * mask}
+        ppo = PPOConfig(cliprange=0.2, cliprange_value=0.2, vf_coef=0.5)
+        stats = engine.forward_backward(rollout, BATCH // 2, partial(actor_forward, ppo=ppo, with_value=True))
+        grads = {n: tp_full(p.main_grad, p) for n, p in named_params(engine)}
+        return stats, grads
+
+    def ppo_tp(tp, sp=False):
+        stats, grads = ppo_step(tp, sp)
+        if tp == 1:
+            ppo_ref["stats"], ppo_ref["grads"] = stats, grads
+            return {k: v for k, v in stats.items()}
+        # (num_tokens is a count over DP ranks: 2x at TP=1 here, where both DP ranks see the full batch)
+        out = {"max_stat_abs_diff": max(abs(stats[k] - ppo_ref["stats"][k]) for k in ppo_ref["stats"]
+                                        if k != "num_tokens"),
+               "grad_max_abs_diff": max(float((grads[n] - ppo_ref["grads"][n]).abs().max()) for n in grads),
+               "value_head_grad_norm": float(grads["value_head.linear.weight"].norm()),
+               "policy_clipfrac": stats["policy_clipfrac"]}
+        return out
+
+    ppo_ref = {"params": ref["params"]}
+    # the value head starts at zero weights; give it the same random init on every layout
+    ppo_ref["params"] = dict(ref["params"])
+    ppo_ref["params"]["value_head.linear.weight"] = 0.1 * torch.randn(1, MODEL.hidden_size,
+                                                                      generator=torch.Generator().manual_seed(11))
+    ppo_ref["params"]["value_head.linear.bias"] = torch.zeros(1)
+    check("ppo_tp1", lambda: ppo_tp(1))
+    check("ppo_tp2", lambda: ppo_tp(2))
+    check("ppo_tp2_sp", lambda: ppo_tp(2, sp=True))
     check("gen_tp1", lambda: gen(1))
     check("gen_tp2", lambda: gen(2))
     if rank == 0:

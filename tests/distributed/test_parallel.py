@@ -88,3 +88,15 @@ def test_generation_tp2_equals_tp1_and_kv_cache_equals_no_cache(results):
     assert g1["tokens"] == g1["nocache_tokens"] and g2["tokens"] == g2["nocache_tokens"]
     diff = max(abs(a - b) for ra, rb in zip(g1["logprobs"], g2["logprobs"]) for a, b in zip(ra, rb))
     assert diff < 1e-5
+
+
+@pytest.mark.parametrize("name", ["ppo_tp2", "ppo_tp2_sp"])
+def test_ppo_actor_step_tp2_equals_tp1(results, name):
+    """Clipped policy loss + clipped value loss on a value head, same rollout batch."""
+    base = _ok(results, "ppo_tp1")
+    assert 0.0 < base["policy_clipfrac"] < 1.0              # both clipped and unclipped tokens
+    assert base["value_clipfrac"] > 0.0
+    r = _ok(results, name)
+    assert r["max_stat_abs_diff"] < 1e-5
+    assert r["grad_max_abs_diff"] < 1e-6
+    assert r["value_head_grad_norm"] > 1e-3                 # the value loss reached the head
