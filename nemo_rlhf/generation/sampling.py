@@ -1,7 +1,9 @@
 """Batched sampling from a megatron GPT policy (TP-aware, KV-cached).
 
-Prompts are equal-length token tensors [B, P] (left-padding of ragged prompts arrives with the
-PPO work). Sampling runs the same way on every tensor-parallel rank (full logits are gathered
+Prompts are token tensors [B, P]; ragged prompts are left-padded, with ``prompt_lengths`` [B]
+giving each prompt's real length: padded positions are masked out of attention and positions
+start at 0 at each prompt's first real token, so a padded prompt samples exactly as it would
+alone. Sampling runs the same way on every tensor-parallel rank (full logits are gathered
 with ``runtime_gather_output``) and the chosen tokens are broadcast from the first TP rank, so
 all ranks agree exactly. With sequence parallel on, the KV-cached decode step (one token) cannot
 be split over the sequence, so generation falls back to full forwards over a sequence padded to a
@@ -27,6 +29,8 @@ class SamplingParams:
     eos_id: Optional[int] = None
     pad_id: int = 0
     use_kv_cache: bool = True
+    stop_strings: tuple = ()
+    """Stop a sequence once its decoded completion contains one of these (needs ``decode``)."""
 
 
 @dataclass
@@ -68,13 +72,39 @@ def _tp_broadcast(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def left_pad(prompts, pad_id: int):
+    """Ragged lists of token ids -> (left-padded [B, P] tensor, lengths [B])."""
+    lengths = torch.tensor([len(p) for p in prompts])
+    out = torch.full((len(prompts), int(lengths.max())), pad_id, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        if len(p):
+            out[i, out.shape[1] - len(p):] = torch.as_tensor(p)
+    return out, lengths
+
+
+def padded_attention(pad: torch.Tensor, total: int):
+    """For left padding ``pad`` [B]: boolean mask [B, 1, total, total] (True = blocked: the
+    future, and padded keys) and position ids [B, total] counted from each first real token."""
+    idx = torch.arange(total, device=pad.device)
+    causal = idx[None, :] > idx[:, None]                                # [S, S]
+    pad_keys = idx[None, :] < pad[:, None]                              # [B, S]
+    mask = causal[None, None] | pad_keys[:, None, None, :]
+    # a fully masked row (a padded query) would give NaNs: let pads attend to themselves
+    mask = mask & ~torch.eye(total, dtype=torch.bool, device=pad.device)[None, None]
+    positions = (idx[None, :] - pad[:, None]).clamp(min=0)
+    return mask, positions
+
+
 @torch.no_grad()
 def generate(model: torch.nn.Module, prompts: torch.Tensor, params: SamplingParams,
-             generator: Optional[torch.Generator] = None, vocab_size: Optional[int] = None) -> GenerationOutput:
-    """Sample up to ``params.max_new_tokens`` tokens after ``prompts`` [B, P].
+             generator: Optional[torch.Generator] = None, vocab_size: Optional[int] = None,
+             prompt_lengths: Optional[torch.Tensor] = None, decode=None) -> GenerationOutput:
+    """Sample up to ``params.max_new_tokens`` tokens after ``prompts`` [B, P] (left-padded when
+    ``prompt_lengths`` is given).
 
     ``model`` is an unwrapped megatron GPTModel (pipeline_model_parallel_size must be 1);
-    ``vocab_size`` masks the padded tail of the vocabulary (never sampled)."""
+    ``vocab_size`` masks the padded tail of the vocabulary (never sampled); ``decode`` (ids ->
+    str) is needed for ``params.stop_strings``."""
     from megatron.core import parallel_state as ps
 
     if ps.model_parallel_is_initialized() and ps.get_pipeline_model_parallel_world_size() > 1:
@@ -94,6 +124,14 @@ def generate(model: torch.nn.Module, prompts: torch.Tensor, params: SamplingPara
     mask = torch.zeros((b, n), device=device)
     done = torch.zeros(b, dtype=torch.bool, device=device)
 
+    pad = None
+    if prompt_lengths is not None:
+        pad = (p - prompt_lengths.to(device)).clamp(min=0)
+        if not bool((pad > 0).any()):
+            pad = None
+    if params.stop_strings and decode is None:
+        raise ValueError("stop_strings need a decode function")
+
     ctx = None
     if use_cache:
         from megatron.core.inference.contexts import StaticInferenceContext
@@ -106,18 +144,28 @@ def generate(model: torch.nn.Module, prompts: torch.Tensor, params: SamplingPara
             if step == 0:
                 ids = tokens[:, :cur]
                 pos = torch.arange(cur, device=device).expand(b, cur)
+                mask = None
+                if pad is not None:
+                    mask, pos = padded_attention(pad, cur)
             else:
                 ctx.enable_decode_mode()
                 ids = tokens[:, cur - 1:cur]
                 pos = torch.full((b, 1), cur - 1, device=device, dtype=torch.long)
-            out = model(ids, pos, None, inference_context=ctx, runtime_gather_output=True)
+                mask = None
+                if pad is not None:
+                    pos = pos - pad[:, None]
+                    mask = (torch.arange(cur, device=device)[None, :] < pad[:, None])[:, None, None, :]
+            out = model(ids, pos, mask, inference_context=ctx, runtime_gather_output=True)
             ctx.sequence_len_offset += ids.shape[1]
             return out[:, -1].float()
         length = cur if not sequence_parallel else ((cur + tp - 1) // tp) * tp
         ids = tokens[:, :length] if length <= tokens.shape[1] else torch.nn.functional.pad(
             tokens, (0, length - tokens.shape[1]), value=params.pad_id)
         pos = torch.arange(length, device=device).expand(b, length)
-        out = model(ids, pos, None, runtime_gather_output=True)
+        mask = None
+        if pad is not None:
+            mask, pos = padded_attention(pad, length)
+        out = model(ids, pos, mask, runtime_gather_output=True)
         return out[:, cur - 1].float()
 
     try:
@@ -139,6 +187,12 @@ def generate(model: torch.nn.Module, prompts: torch.Tensor, params: SamplingPara
             mask[:, step] = (~done).float()
             if params.eos_id is not None:
                 done = done | (choice == params.eos_id)
+            if params.stop_strings:
+                for i in range(b):
+                    if not done[i]:
+                        text = decode(tokens[i, p:p + step + 1].tolist())
+                        if any(stop in text for stop in params.stop_strings):
+                            done[i] = True
             if bool(done.all()):
                 break
     finally:

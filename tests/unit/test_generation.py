@@ -71,3 +71,30 @@ def test_logprobs_match_a_full_forward(model):
     # logits at position t predict token t + 1: generated tokens 2..6 come from positions 1..5
     ref = lp[:, 1:-1].gather(-1, toks[:, 2:, None]).squeeze(-1)
     assert torch.allclose(out.logprobs, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_kv_cache", [True, False])
+def test_left_padded_prompts_generate_as_if_alone(model, use_kv_cache):
+    from nemo_rlhf.generation.sampling import left_pad
+
+    short, long = [5, 6], [7, 8, 9, 10]
+    padded, lengths = left_pad([short, long], pad_id=0)
+    assert padded.tolist() == [[0, 0, 5, 6], [7, 8, 9, 10]]
+    p = SamplingParams(max_new_tokens=6, greedy=True, use_kv_cache=use_kv_cache)
+    both = generate(model, padded, p, vocab_size=20, prompt_lengths=lengths)
+    alone = generate(model, torch.tensor([short]), p, vocab_size=20)
+    assert both.completions[0].tolist() == alone.completions[0].tolist()
+    assert torch.allclose(both.logprobs[0], alone.logprobs[0], atol=1e-5)
+    alone_long = generate(model, torch.tensor([long]), p, vocab_size=20)
+    assert both.completions[1].tolist() == alone_long.completions[0].tolist()
+
+
+def test_stop_strings(model):
+    decode = lambda ids: "".join(chr(ord("a") + i % 26) for i in ids)
+    free = generate(model, torch.full((1, 2), 4), SamplingParams(max_new_tokens=8, greedy=True), vocab_size=20)
+    first = decode(free.completions[0, 1:2].tolist())
+    out = generate(model, torch.full((1, 2), 4), SamplingParams(max_new_tokens=8, greedy=True, stop_strings=(first,)),
+                   vocab_size=20, decode=decode)
+    expected = decode(free.completions[0].tolist()).index(first) + 1    # stops at its first occurrence
+    assert int(out.mask[0].sum()) == expected <= 2
+    assert out.completions[0, :expected].tolist() == free.completions[0, :expected].tolist()
