@@ -1,0 +1,144 @@
+"""Generation throughput: our KV-cached sampler vs. no-cache vs. Hugging Face ``generate``.
+
+    python scripts/benchmark_generation.py                      # defaults below, CPU
+    python scripts/benchmark_generation.py --layers 4 --hidden 256 --batch 32 --new-tokens 64
+
+Builds one megatron-core GPT (learned positions, LayerNorm, GELU MLP, tied embeddings: GPT-2's
+architecture), copies the same weights into ``transformers.GPT2LMHeadModel`` when transformers
+is installed, and times greedy generation of ``--new-tokens`` tokens for ``--batch`` prompts with
+each, in one run. Prints tokens/s and ratios against our KV-cached generation, and checks that
+all three produce the same tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+
+def build(args):
+    from nemo_rlhf.config.schema import ModelConfig, ParallelConfig
+    from nemo_rlhf.models.gpt import build_gpt_chunks
+    from nemo_rlhf.parallel import init_distributed, initialize_model_parallel
+
+    init_distributed()
+    initialize_model_parallel(ParallelConfig(), seed=0)
+    torch.manual_seed(0)
+    cfg = ModelConfig(num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
+                      ffn_hidden_size=4 * args.hidden, seq_length=args.prompt_len + args.new_tokens,
+                      make_vocab_size_divisible_by=128, transformer_impl="local")
+    model = build_gpt_chunks(cfg, ParallelConfig(), args.vocab)[0].eval()
+    return model, cfg
+
+
+def to_hf_gpt2(model, cfg, vocab):
+    """The same weights in transformers' GPT-2 (megatron's fused QKV is [heads, (q,k,v), head_dim])."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    sd = {k: v.detach() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    h, nh = cfg.hidden_size, cfg.num_attention_heads
+    hd = h // nh
+    padded = sd["embedding.word_embeddings.weight"].shape[0]
+    hf_cfg = GPT2Config(vocab_size=padded, n_positions=cfg.seq_length, n_embd=h, n_layer=cfg.num_layers,
+                        n_head=nh, n_inner=cfg.ffn_hidden_size, activation_function="gelu",
+                        layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        tie_word_embeddings=True, bos_token_id=0, eos_token_id=None)
+    hf = GPT2LMHeadModel(hf_cfg).eval()
+    out = {"transformer.wte.weight": sd["embedding.word_embeddings.weight"],
+           "transformer.wpe.weight": sd["embedding.position_embeddings.weight"],
+           "transformer.ln_f.weight": sd["decoder.final_layernorm.weight"],
+           "transformer.ln_f.bias": sd["decoder.final_layernorm.bias"]}
+    for i in range(cfg.num_layers):
+        m, t = f"decoder.layers.{i}.", f"transformer.h.{i}."
+        qkv_w = sd[m + "self_attention.linear_qkv.weight"].view(nh, 3, hd, h)
+        qkv_b = sd[m + "self_attention.linear_qkv.bias"].view(nh, 3, hd)
+        out[t + "attn.c_attn.weight"] = torch.cat([qkv_w[:, j].reshape(h, h) for j in range(3)], 0).t()
+        out[t + "attn.c_attn.bias"] = torch.cat([qkv_b[:, j].reshape(h) for j in range(3)], 0)
+        out[t + "attn.c_proj.weight"] = sd[m + "self_attention.linear_proj.weight"].t()
+        out[t + "attn.c_proj.bias"] = sd[m + "self_attention.linear_proj.bias"]
+        out[t + "mlp.c_fc.weight"] = sd[m + "mlp.linear_fc1.weight"].t()
+        out[t + "mlp.c_fc.bias"] = sd[m + "mlp.linear_fc1.bias"]
+        out[t + "mlp.c_proj.weight"] = sd[m + "mlp.linear_fc2.weight"].t()
+        out[t + "mlp.c_proj.bias"] = sd[m + "mlp.linear_fc2.bias"]
+        out[t + "ln_1.weight"] = sd[m + "self_attention.linear_qkv.layer_norm_weight"] \
+            if m + "self_attention.linear_qkv.layer_norm_weight" in sd else sd[m + "input_layernorm.weight"]
+        out[t + "ln_1.bias"] = sd.get(m + "self_attention.linear_qkv.layer_norm_bias", sd.get(m + "input_layernorm.bias"))
+        out[t + "ln_2.weight"] = sd.get(m + "mlp.linear_fc1.layer_norm_weight", sd.get(m + "pre_mlp_layernorm.weight"))
+        out[t + "ln_2.bias"] = sd.get(m + "mlp.linear_fc1.layer_norm_bias", sd.get(m + "pre_mlp_layernorm.bias"))
+    out["lm_head.weight"] = out["transformer.wte.weight"]
+    missing, unexpected = hf.load_state_dict(out, strict=False)
+    missing = [k for k in missing if not k.endswith(".attn.bias") and not k.endswith("masked_bias")]
+    assert not missing and not unexpected, (missing, unexpected)
+    return hf
+
+
+def timed(fn, repeats):
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=1000)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", help="also write the figures to this file")
+    args = ap.parse_args()
+
+    from nemo_rlhf.generation.sampling import SamplingParams, generate
+
+    model, cfg = build(args)
+    prompts = torch.randint(0, args.vocab, (args.batch, args.prompt_len), generator=torch.Generator().manual_seed(1))
+    n_tokens = args.batch * args.new_tokens
+    rows = {}
+    with torch.no_grad():
+        t_kv, out_kv = timed(lambda: generate(model, prompts, SamplingParams(args.new_tokens, greedy=True),
+                                              vocab_size=args.vocab), args.repeats)
+        rows["nemo_rlhf KV cache"] = t_kv
+        t_nc, out_nc = timed(lambda: generate(model, prompts, SamplingParams(args.new_tokens, greedy=True,
+                                                                            use_kv_cache=False),
+                                              vocab_size=args.vocab), args.repeats)
+        rows["nemo_rlhf no cache"] = t_nc
+        same = {"no cache": torch.equal(out_kv.tokens, out_nc.tokens)}
+        try:
+            hf = to_hf_gpt2(model, cfg, args.vocab)
+        except ImportError:
+            hf = None
+            print("transformers is not installed: skipping the Hugging Face comparison "
+                  "(pip install transformers)")
+        if hf is not None:
+            bad = torch.arange(args.vocab, hf.config.vocab_size)  # the padded vocabulary tail
+            t_hf, out_hf = timed(lambda: hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
+                                                     max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                                     suppress_tokens=bad.tolist(), pad_token_id=0),
+                                 args.repeats)
+            rows["transformers generate"] = t_hf
+            same["transformers"] = torch.equal(out_hf, out_kv.tokens)
+    print(f"\ngreedy generation, {args.layers} layers x {args.hidden} hidden, batch {args.batch}, "
+          f"prompt {args.prompt_len}, {args.new_tokens} new tokens, torch threads {torch.get_num_threads()}, "
+          f"best of {args.repeats}")
+    print(f"  {'implementation':<24}{'seconds':>10}{'tokens/s':>12}{'speed vs ours (KV)':>20}")
+    figures = {}
+    for name, t in rows.items():
+        figures[name] = {"seconds": t, "tokens_per_s": n_tokens / t, "ratio_vs_kv": t_kv / t}
+        print(f"  {name:<24}{t:>10.3f}{n_tokens / t:>12.1f}{t_kv / t:>19.2f}x")
+    print("  same tokens as KV cache: " + ", ".join(f"{k}={v}" for k, v in same.items()))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "figures": figures, "same_tokens": same}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
