@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from functools import partial
 import sys
 import time
 from pathlib import Path
@@ -160,7 +161,9 @@ def run_sft(ctx: _Context, rcfg: RunConfig, run_dir: Path) -> Dict[str, Any]:
         load_weights(rcfg.model.path, module.engine.chunks)
         module.engine.optimizer.reload_model_params()
     _fit(module, ctx, rcfg, rd)
-    return _finish(module, rd, ctx, rcfg, t_start)
+    summary = _finish(module, rd, ctx, rcfg, t_start)
+    ctx.module = module
+    return summary
 
 
 def _sft_warmup_config(rcfg: RunConfig) -> RunConfig:
@@ -174,7 +177,8 @@ def _sft_warmup_config(rcfg: RunConfig) -> RunConfig:
                                   warmup_steps=0))
 
 
-def run_ppo(ctx: _Context, rcfg: RunConfig, run_dir: Path, reward_fn=None) -> Dict[str, Any]:
+def run_ppo(ctx: _Context, rcfg: RunConfig, run_dir: Path, reward_fn=None, prompts=None,
+            eval_prompts=None) -> Dict[str, Any]:
     import torch
 
     from nemo_rlhf.checkpoint import latest_checkpoint, load_checkpoint
@@ -198,8 +202,14 @@ def run_ppo(ctx: _Context, rcfg: RunConfig, run_dir: Path, reward_fn=None) -> Di
             sft_summary = run_sft(ctx, _sft_warmup_config(rcfg), sft_dir)
             initialize_model_parallel_again(ctx)
         init_path = latest_checkpoint(sft_dir / "checkpoints")
-    prompts = torch.tensor([[ctx.tokenizer.ids[ctx.task.walk_text(w[:1])]] for w in ctx.task.walks])
-    module = PPOModule(rcfg, prompts, ctx.tokenizer, reward_fn, rd, ctx.evaluate_fn, ctx.dp_rank, ctx.dp_size,
+    if prompts is None:  # the task's prompts: the start node of each walk (as trlX)
+        prompt_ids = torch.tensor([[ctx.tokenizer.ids[ctx.task.walk_text(w[:1])]] for w in ctx.task.walks])
+    else:
+        prompt_ids = encode_prompts(ctx.tokenizer, prompts)
+    evaluate_fn = ctx.evaluate_fn
+    if eval_prompts is not None:
+        evaluate_fn = partial(_evaluate_with_prompts, ctx, encode_prompts(ctx.tokenizer, eval_prompts), reward_fn)
+    module = PPOModule(rcfg, prompt_ids, ctx.tokenizer, reward_fn, rd, evaluate_fn, ctx.dp_rank, ctx.dp_size,
                        config_yaml=ctx.config_yaml)
     if resume_from is not None:
         loop = load_checkpoint(resume_from, module.actor.chunks, module.actor.optimizer, module.actor.scheduler,
@@ -211,7 +221,41 @@ def run_ppo(ctx: _Context, rcfg: RunConfig, run_dir: Path, reward_fn=None) -> Di
         module.init_from(init_path)
     _fit(module, ctx, rcfg, rd)
     extra = {"sft": {k: sft_summary[k] for k in ("initial", "final", "steps", "wall_time_s")}} if sft_summary else {}
-    return _finish(module, rd, ctx, rcfg, t_start, extra)
+    summary = _finish(module, rd, ctx, rcfg, t_start, extra)
+    ctx.module = module
+    return summary
+
+
+def encode_prompts(tokenizer, prompts):
+    import torch
+
+    ids = [tokenizer.encode(p) for p in prompts]
+    if not ids or any(len(i) == 0 for i in ids):
+        raise ConfigError("prompts must be a non-empty list of non-empty strings")
+    if len({len(i) for i in ids}) > 1:
+        raise ConfigError("PPO training takes prompts of one token length for now (got lengths "
+                          f"{sorted({len(i) for i in ids})}); generation alone handles ragged prompts")
+    return torch.tensor(ids)
+
+
+def _evaluate_with_prompts(ctx: _Context, prompt_ids, reward_fn, engine, step):
+    """Task metrics plus the mean reward of temperature-1 samples from user-given eval prompts."""
+    import torch
+
+    from nemo_rlhf.generation.sampling import SamplingParams, generate
+    from nemo_rlhf.rewards import score
+
+    metrics = ctx.evaluate_fn(engine, step)
+    tok, g = ctx.tokenizer, ctx.rcfg.generation
+    out = generate(engine.module, prompt_ids, SamplingParams(
+        max_new_tokens=g.max_new_tokens or ctx.rcfg.task.max_length, temperature=g.temperature, top_k=g.top_k,
+        top_p=g.top_p, eos_id=tok.eos_id, pad_id=tok.pad_id),
+        generator=torch.Generator().manual_seed(ctx.rcfg.trainer.seed + step), vocab_size=tok.vocab_size)
+    prompts = [tok.decode(p.tolist()) for p in prompt_ids]
+    completions = [tok.decode(c.tolist()) for c in out.completions]
+    scores = score(reward_fn, [p + c for p, c in zip(prompts, completions)], prompts, completions)
+    metrics["eval_reward_mean"] = sum(scores) / len(scores)
+    return metrics
 
 
 def initialize_model_parallel_again(ctx: _Context) -> None:
@@ -221,17 +265,21 @@ def initialize_model_parallel_again(ctx: _Context) -> None:
     initialize_model_parallel(ctx.rcfg.parallel, seed=ctx.rcfg.trainer.seed)
 
 
-def run(cfg: DictConfig | RunConfig, run_dir: str | os.PathLike, reward_fn=None) -> Dict[str, Any]:
-    """Run one job described by ``cfg`` into ``run_dir``; returns the summary (also in summary.json)."""
+def run(cfg: DictConfig | RunConfig, run_dir: str | os.PathLike, reward_fn=None, prompts=None,
+        eval_prompts=None, return_context: bool = False):
+    """Run one job described by ``cfg`` into ``run_dir``; returns the summary (also in
+    summary.json), and the context holding the trained module when ``return_context``."""
     rcfg = to_run_config(cfg)
     set_verbosity(os.environ.get("NEMO_RLHF_VERBOSITY", rcfg.verbosity))
     ctx = _Context(rcfg, Path(run_dir))
     if rcfg.algorithm.name == "ppo":
-        summary = run_ppo(ctx, rcfg, ctx.run_dir, reward_fn)
+        summary = run_ppo(ctx, rcfg, ctx.run_dir, reward_fn, prompts, eval_prompts)
     else:
+        if reward_fn is not None or prompts is not None:
+            raise ConfigError("reward_fn / prompts are PPO inputs: set algorithm.name=ppo")
         summary = run_sft(ctx, rcfg, ctx.run_dir)
     _print_summary(summary, ctx.run_dir, ctx.env.rank)
-    return summary
+    return (summary, ctx) if return_context else summary
 
 
 def _print_summary(summary: Dict[str, Any], run_dir: Path, rank: int) -> None:

@@ -1,0 +1,109 @@
+"""Python API in the spirit of trlX::
+
+    import nemo_rlhf
+    config = nemo_rlhf.default_ppo_config()          # an editable RunConfig (ppo_tiny)
+    config.trainer.max_steps = 20
+    trainer = nemo_rlhf.train(reward_fn=my_fn, prompts=["b", "c"], config=config)
+    trainer.generate(["b", "d"], greedy=True)
+    trainer.save_pretrained("out/")
+
+``model_path`` is a nemo_rlhf / megatron dist checkpoint directory (``.../checkpoints/step_X``);
+with none, PPO starts with an SFT warm-up on the task's data (``config.ppo.sft_steps``).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence
+
+from nemo_rlhf.config import RunConfig, register_configs, to_run_config
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def _compose(name: str, overrides: Sequence[str] = ()) -> RunConfig:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return to_run_config(compose(config_name=name, overrides=list(overrides)))
+
+
+def default_ppo_config(*overrides: str) -> RunConfig:
+    """The ppo_tiny recipe as an editable dataclass; ``overrides`` are Hydra-style key=value."""
+    return _compose("ppo_tiny", overrides)
+
+
+def default_sft_config(*overrides: str) -> RunConfig:
+    return _compose("sft_tiny", overrides)
+
+
+class Trainer:
+    """What ``nemo_rlhf.train`` returns: the trained policy, its tokenizer and the run summary."""
+
+    def __init__(self, summary, ctx):
+        self.summary, self._ctx = summary, ctx
+        self.module = ctx.module
+        self.tokenizer = ctx.tokenizer
+        self.run_dir = ctx.run_dir
+        self.config: RunConfig = ctx.rcfg
+
+    @property
+    def _engine(self):
+        return getattr(self.module, "actor", None) or self.module.engine
+
+    def generate(self, prompts: List[str], max_new_tokens: Optional[int] = None, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0, greedy: bool = False, seed: int = 0,
+                 stop_strings: Sequence[str] = ()) -> List[str]:
+        """Completions (decoded, without the prompt) for ``prompts``; ragged prompts are left-padded."""
+        import torch
+
+        from nemo_rlhf.generation.sampling import SamplingParams, generate, left_pad
+
+        tok = self.tokenizer
+        ids, lengths = left_pad([tok.encode(p) for p in prompts], tok.pad_id)
+        out = generate(self._engine.module, ids, SamplingParams(
+            max_new_tokens=max_new_tokens or self.config.task.max_length, temperature=temperature, top_k=top_k,
+            top_p=top_p, greedy=greedy, eos_id=tok.eos_id, pad_id=tok.pad_id, stop_strings=tuple(stop_strings)),
+            generator=torch.Generator().manual_seed(seed), vocab_size=tok.vocab_size, prompt_lengths=lengths,
+            decode=tok.decode)
+        return [tok.decode(c[m.bool()].tolist()) for c, m in zip(out.completions, out.mask)]
+
+    def save_pretrained(self, directory) -> Path:
+        """The policy as a megatron dist checkpoint (loadable at any TP/PP with ``model.path=``),
+        plus config.yaml and the tokenizer vocabulary. (Hugging Face export comes with the
+        checkpoint-interop work.)"""
+        from nemo_rlhf.checkpoint import save_checkpoint
+
+        directory = Path(directory)
+        engine = self._engine
+        path = save_checkpoint(directory / "checkpoints", self.module.step, engine.chunks,
+                               config_yaml=self.module.config_yaml)
+        (directory / "config.yaml").write_text(self.module.config_yaml)
+        (directory / "tokenizer.json").write_text(json.dumps({"type": "char", "tokens": self.tokenizer.tokens}))
+        return path
+
+
+def train(model_path: Optional[str] = None, reward_fn: Optional[Callable] = None,
+          prompts: Optional[List[str]] = None, eval_prompts: Optional[List[str]] = None,
+          config: Optional[RunConfig] = None, run_dir: Optional[str] = None) -> Trainer:
+    """Train with PPO when a ``reward_fn`` is given (``config`` defaults to ppo_tiny), else SFT
+    (sft_tiny). ``reward_fn(samples, prompts=..., completions=...) -> list of floats``."""
+    import dataclasses
+    import time
+
+    from nemo_rlhf.train import run
+
+    if config is None:
+        config = default_ppo_config() if reward_fn is not None else default_sft_config()
+    if reward_fn is not None and config.algorithm.name != "ppo":
+        config = dataclasses.replace(config, algorithm=dataclasses.replace(config.algorithm, name="ppo"))
+    if model_path is not None:
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, path=str(model_path)))
+    run_dir = run_dir or f"runs/api_{config.algorithm.name}/{time.strftime('%Y-%m-%d_%H-%M-%S')}"
+    summary, ctx = run(config, run_dir, reward_fn=reward_fn, prompts=prompts, eval_prompts=eval_prompts,
+                       return_context=True)
+    return Trainer(summary, ctx)

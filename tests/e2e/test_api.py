@@ -1,0 +1,30 @@
+"""The trlX-style Python API."""
+import json
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_python_api_ppo_generate_save(tmp_path):
+    import nemo_rlhf
+
+    calls = []
+
+    def shorter_is_better(samples, prompts, completions):
+        calls.append(len(samples))
+        return [1.0 if "a" in c else 0.0 for c in completions]
+
+    config = nemo_rlhf.default_ppo_config("trainer.max_steps=3", "ppo.sft_steps=50", "ppo.num_rollouts=32",
+                                          "trainer.progress_bar=false", "task.eval_samples_per_start=2")
+    config.trainer.eval_every_n_steps = 0                  # editable dataclass
+    trainer = nemo_rlhf.train(reward_fn=shorter_is_better, prompts=["b", "c", "d", "e"],
+                              eval_prompts=["b", "c"], config=config, run_dir=str(tmp_path / "run"))
+    assert calls.count(32) == 3 and set(calls) == {32, 2}     # 3 rollout batches, eval prompts
+    assert trainer.summary["steps"] == 3 and "eval_reward_mean" in trainer.summary["final"]
+    outs = trainer.generate(["b", "cd", "e"], greedy=True)
+    assert len(outs) == 3 and all(isinstance(o, str) for o in outs)
+    path = trainer.save_pretrained(tmp_path / "export")
+    assert (path / "nemo_rlhf_meta.json").is_file() and (tmp_path / "export" / "tokenizer.json").is_file()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["algorithm"] == "ppo"
