@@ -81,3 +81,24 @@ def test_reward_failure_leaves_the_last_checkpoint_intact(tmp_path):
                "ppo.reward_fn=tests.helpers.rewards:length_reward", "trainer.max_steps=3",
                "ppo.num_rollouts=16", "task.eval_samples_per_start=1"], config="ppo_tiny"))
     assert json.loads((run / "summary.json").read_text())["steps"] == 3
+
+
+@pytest.mark.distributed
+def test_ppo_tp2_through_lightning_matches_single_process(tmp_path):
+    from tests.conftest import torchrun
+
+    common = ["trainer.progress_bar=false", "trainer.max_steps=4", "trainer.eval_every_n_steps=0",
+              "trainer.checkpoint_every_n_steps=0", "ppo.sft_steps=100", "ppo.num_rollouts=32",
+              "task.eval_samples_per_start=2"]
+    single, multi = tmp_path / "single", tmp_path / "tp2"
+    _ok(train([f"hydra.run.dir={single}", *common], config="ppo_tiny"))
+    _ok(torchrun(["-m", "nemo_rlhf.train", "--config-name", "ppo_tiny", f"hydra.run.dir={multi}",
+                  "parallel=tp2", *common]))
+    rows = lambda d: [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines() if '"train"' in l]
+    a, b = rows(single), rows(multi)
+    assert len(a) == len(b) == 4
+    for ra, rb in zip(a, b):
+        assert abs(ra["reward_mean"] - rb["reward_mean"]) < 1e-6      # same samples
+        assert abs(ra["kl"] - rb["kl"]) < 1e-4
+        assert abs(ra["actor/loss"] - rb["actor/loss"]) < 1e-4
+        assert abs(ra["critic/value_loss"] - rb["critic/value_loss"]) < 1e-4
