@@ -60,3 +60,40 @@ def score(fn: Callable, samples: Sequence[str], prompts: Sequence[str], completi
         if not math.isfinite(x):
             raise RewardFunctionError(f"reward function {_name(fn)} returned {x} for sample {i} ({samples[i]!r})")
     return out
+
+
+class RewardModelScorer:
+    """A reward model as a reward function: a megatron GPT with a scalar head (``value_head``)
+    loaded from a checkpoint; the score of a sample is the head's output at its last token.
+    Works at any TP (the head reads the full hidden state on every rank)."""
+
+    def __init__(self, path, model_cfg, parallel_cfg, tokenizer, batch_size: int = 64):
+        from nemo_rlhf.checkpoint import load_weights
+        from nemo_rlhf.models.gpt import build_gpt_chunks
+        from nemo_rlhf.models.heads import attach_value_head
+
+        self.path, self.tokenizer, self.batch_size = str(path), tokenizer, batch_size
+        self.model = build_gpt_chunks(model_cfg, parallel_cfg, tokenizer.vocab_size)[0].eval()
+        attach_value_head(self.model, model_cfg.hidden_size)
+        load_weights(path, [self.model], skip_prefixes=())   # the head must be in the checkpoint
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.__qualname__ = f"RewardModelScorer({self.path})"
+
+    def __call__(self, samples, prompts=None, completions=None, **_):
+        import torch
+
+        from nemo_rlhf.models.heads import value_head_output
+
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(samples), self.batch_size):
+                ids = [self.tokenizer.encode(s) or [self.tokenizer.eos_id] for s in samples[i:i + self.batch_size]]
+                lengths = torch.tensor([len(x) for x in ids])
+                tokens = torch.full((len(ids), int(lengths.max())), self.tokenizer.pad_id, dtype=torch.long)
+                for j, x in enumerate(ids):
+                    tokens[j, :len(x)] = torch.tensor(x)
+                self.model(tokens, torch.arange(tokens.shape[1]).expand_as(tokens), None)
+                values = value_head_output(self.model)                  # [B, S]
+                out.extend(values.gather(1, (lengths - 1)[:, None]).squeeze(1).tolist())
+        return out

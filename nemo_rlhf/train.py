@@ -189,6 +189,10 @@ def run_ppo(ctx: _Context, rcfg: RunConfig, run_dir: Path, reward_fn=None, promp
     t_start = time.perf_counter()
     rd = RunDirectory(run_dir)
     rd.write_config(ctx.config_yaml)
+    if rcfg.ppo.reward_model is not None and reward_fn is None:
+        from nemo_rlhf.rewards import RewardModelScorer
+
+        reward_fn = RewardModelScorer(rcfg.ppo.reward_model, rcfg.model, rcfg.parallel, ctx.tokenizer)
     reward_fn = resolve_reward_fn(reward_fn if reward_fn is not None else rcfg.ppo.reward_fn, ctx.task)
     init_path, sft_summary = rcfg.model.path, None
     resume_from = _resume_path(rcfg, rd.checkpoint_dir)

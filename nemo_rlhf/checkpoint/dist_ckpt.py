@@ -268,6 +268,11 @@ def load_weights(path: str | os.PathLike, chunks: List[torch.nn.Module], skip_pr
     state = _model_sharded_state_dict(chunks)
     for key in list(state):
         state[key] = {k: v for k, v in state[key].items() if not k.startswith(skip_prefixes)}
+    available = set(dist_checkpointing.load_tensors_metadata(str(path)))
+    wanted = {sh.key for sd in state.values() for sh in sd.values() if hasattr(sh, "key")}
+    absent = sorted(k for k in wanted - available if not k.endswith("_extra_state"))
+    if absent:
+        raise CheckpointError(f"checkpoint {path} does not match the model: missing {absent}")
     loaded = dist_checkpointing.load(state, str(path))
     for i, chunk in enumerate(chunks):
         key = "model" if len(chunks) == 1 else f"model{i}"

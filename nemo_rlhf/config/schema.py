@@ -259,6 +259,9 @@ class PPOConfig:
     reward_fn: str = "randomwalks"
     """randomwalks (the task's optimality) | 'package.module:function' called as
     fn(samples, prompts=..., completions=...) -> list of floats."""
+    reward_model: Optional[str] = None
+    """A checkpoint of a GPT with a scalar head (value_head) to score samples instead of reward_fn
+    (score = the head's output at the last token)."""
     sft_steps: int = 1000
     """When model.path is null: SFT warm-up steps on the task's data before PPO (0 = start from random init)."""
     sft_lr: float = 3e-3

@@ -102,3 +102,23 @@ def test_ppo_tp2_through_lightning_matches_single_process(tmp_path):
         assert abs(ra["kl"] - rb["kl"]) < 1e-4
         assert abs(ra["actor/loss"] - rb["actor/loss"]) < 1e-4
         assert abs(ra["critic/value_loss"] - rb["critic/value_loss"]) < 1e-4
+
+
+def test_ppo_with_a_reward_model_checkpoint(tmp_path):
+    fast = ["trainer.progress_bar=false", "ppo.sft_steps=0", "ppo.num_rollouts=16", "trainer.eval_every_n_steps=0",
+            "task.eval_samples_per_start=1", "trainer.max_steps=2"]
+    # any checkpoint of a GPT with a value_head is a reward model: here a PPO run with critic=value_head
+    src = tmp_path / "src"
+    _ok(train([f"hydra.run.dir={src}", *fast, "ppo.critic=value_head"], config="ppo_tiny"))
+    rm = src / "checkpoints" / "step_0000002"
+    run = tmp_path / "rm"
+    _ok(train([f"hydra.run.dir={run}", *fast, f"ppo.reward_model={rm}"], config="ppo_tiny"))
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in l]
+    assert len(rows) == 2 and all(r["reward_std"] > 0 for r in rows)
+    # a checkpoint without the scalar head is refused with a message naming it
+    sft = tmp_path / "sft"
+    _ok(train([f"hydra.run.dir={sft}", "trainer.max_steps=2", "trainer.progress_bar=false",
+               "trainer.eval_every_n_steps=0", "task.eval_samples_per_start=1"], config="sft_tiny"))
+    proc = train([f"hydra.run.dir={tmp_path / 'bad'}", *fast,
+                  f"ppo.reward_model={sft / 'checkpoints' / 'step_0000002'}"], config="ppo_tiny")
+    assert proc.returncode != 0 and "does not match the model: missing ['value_head" in proc.stderr
