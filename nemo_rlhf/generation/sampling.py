@@ -98,15 +98,24 @@ def padded_attention(pad: torch.Tensor, total: int):
 @torch.no_grad()
 def generate(model: torch.nn.Module, prompts: torch.Tensor, params: SamplingParams,
              generator: Optional[torch.Generator] = None, vocab_size: Optional[int] = None,
-             prompt_lengths: Optional[torch.Tensor] = None, decode=None) -> GenerationOutput:
-    """Sample up to ``params.max_new_tokens`` tokens after ``prompts`` [B, P] (left-padded when
-    ``prompt_lengths`` is given).
+             prompt_lengths: Optional[torch.Tensor] = None, decode=None,
+             padding_side: str = "left") -> GenerationOutput:
+    """Sample up to ``params.max_new_tokens`` tokens after ``prompts`` [B, P], padded on
+    ``padding_side`` when ``prompt_lengths`` is given (right-padded prompts are re-aligned to the
+    left-padded layout, which the returned ``tokens`` use).
 
     ``model`` is an unwrapped megatron GPTModel (pipeline_model_parallel_size must be 1);
     ``vocab_size`` masks the padded tail of the vocabulary (never sampled); ``decode`` (ids ->
     str) is needed for ``params.stop_strings``."""
     from megatron.core import parallel_state as ps
 
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be left or right, got {padding_side!r}")
+    if padding_side == "right" and prompt_lengths is not None:
+        # move each prompt's real tokens to the right end: generation continues from there
+        shift = prompts.shape[1] - prompt_lengths.to(prompts.device)
+        idx = (torch.arange(prompts.shape[1], device=prompts.device)[None, :] - shift[:, None]) % prompts.shape[1]
+        prompts = prompts.gather(1, idx)
     if ps.model_parallel_is_initialized() and ps.get_pipeline_model_parallel_world_size() > 1:
         raise NotImplementedError("generation needs pipeline_model_parallel_size=1: reshard the "
                                   "checkpoint to PP=1 for sampling")

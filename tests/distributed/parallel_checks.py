@@ -244,6 +244,21 @@ def main(out_path):
                 "moved_max_abs": float((after[True] - torch.cat([ref["params"][k].flatten() for k, _ in named_params(engine)])).abs().max()),
                 "replica_max_abs_diff": float((after[True] - other).abs().max())}
 
+    def ckpt_pp2_to_pp1():
+        """The documented route to sampling from a PP-trained policy: reshard its checkpoint to PP=1."""
+        from nemo_rlhf.checkpoint import load_checkpoint, save_checkpoint
+
+        box = [tempfile.mkdtemp(prefix="ckpt_pp_") if rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        saver, _ = run_layout(ParallelConfig(pipeline_model_parallel_size=2), vocab, batch, ref, mbs=BATCH // 2)
+        path = save_checkpoint(box[0], 1, saver.chunks, saver.optimizer, saver.scheduler)
+        loader = engine_for(ParallelConfig(), vocab, seed=99)
+        load_checkpoint(path, loader.chunks, loader.optimizer, loader.scheduler)
+        # the PP=2 step equals the single-process step (pp2 check), so compare with ref["after"]
+        after = max(float((p.detach() - ref["after"][n]).abs().max()) for n, p in named_params(loader))
+        out = greedy(loader, tok)
+        return {"after_load_vs_single_process_step": after, "generates": len(out.tokens)}
+
     def ckpt(save_tp, load_tp):
         from nemo_rlhf.checkpoint import load_checkpoint, save_checkpoint
 
@@ -290,6 +305,7 @@ def main(out_path):
     check("dp2_distopt", dp2_distopt)
     check("ckpt_tp2_to_tp1", lambda: ckpt(2, 1))
     check("ckpt_tp1_to_tp2", lambda: ckpt(1, 2))
+    check("ckpt_pp2_to_pp1", ckpt_pp2_to_pp1)
     def ppo_step(tp, sp=False):
         """One PPO actor update (clipped policy loss + value loss on a value head) on a fixed
         synthetic rollout batch; returns loss, stats and full (TP-gathered) grads."""

@@ -82,6 +82,12 @@ def test_checkpoint_reshards_between_tp_sizes(results, name):
     assert r["second_step_max_abs_diff"] < 1e-6
 
 
+def test_checkpoint_saved_at_pp2_loads_at_pp1_for_sampling(results):
+    r = _ok(results, "ckpt_pp2_to_pp1")
+    assert r["after_load_vs_single_process_step"] < STEP
+    assert r["generates"] == 10
+
+
 def test_generation_tp2_equals_tp1_and_kv_cache_equals_no_cache(results):
     g1, g2 = _ok(results, "gen_tp1"), _ok(results, "gen_tp2")
     assert g1["tokens"] == g2["tokens"]

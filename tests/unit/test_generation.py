@@ -98,3 +98,14 @@ def test_stop_strings(model):
     expected = decode(free.completions[0].tolist()).index(first) + 1    # stops at its first occurrence
     assert int(out.mask[0].sum()) == expected <= 2
     assert out.completions[0, :expected].tolist() == free.completions[0, :expected].tolist()
+
+
+def test_right_padded_prompts_equal_left_padded(model):
+    from nemo_rlhf.generation.sampling import left_pad
+
+    left, lengths = left_pad([[5, 6], [7, 8, 9, 10]], pad_id=0)
+    right = torch.tensor([[5, 6, 0, 0], [7, 8, 9, 10]])
+    p = SamplingParams(max_new_tokens=5, greedy=True)
+    a = generate(model, left, p, vocab_size=20, prompt_lengths=lengths)
+    b = generate(model, right, p, vocab_size=20, prompt_lengths=lengths, padding_side="right")
+    assert torch.equal(a.tokens, b.tokens)
