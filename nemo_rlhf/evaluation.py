@@ -24,7 +24,8 @@ def _score_batch(task: RandomWalks, tokenizer: CharTokenizer, starts, out) -> li
 @torch.no_grad()
 def evaluate_randomwalks(model: torch.nn.Module, task: RandomWalks, tokenizer: CharTokenizer,
                          samples_per_start: int, seed: int, temperature: float = 1.0, top_k: int = 0,
-                         top_p: float = 1.0, max_new_tokens: int | None = None) -> Dict[str, float]:
+                         top_p: float = 1.0, max_new_tokens: int | None = None, logits_processor=None,
+                         suffix: str = "") -> Dict[str, float]:
     """``optimality``/``valid_rate`` from temperature samples (``samples_per_start`` per start)
     and ``optimality_greedy``/``valid_rate_greedy`` from greedy decoding, over the start nodes
     from which the goal is reachable in fewer than max_length nodes. The sampling generator is
@@ -38,10 +39,11 @@ def evaluate_randomwalks(model: torch.nn.Module, task: RandomWalks, tokenizer: C
     base = dict(max_new_tokens=n_new, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
     sampled = generate(model, prompts.repeat_interleave(samples_per_start, 0),
                        SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, **base),
-                       generator=gen, vocab_size=vocab)
-    greedy = generate(model, prompts, SamplingParams(greedy=True, **base), vocab_size=vocab)
+                       generator=gen, vocab_size=vocab, logits_processor=logits_processor)
+    greedy = generate(model, prompts, SamplingParams(greedy=True, **base), vocab_size=vocab,
+                      logits_processor=logits_processor)
     sample_starts = [s for s in starts for _ in range(samples_per_start)]
-    metrics = task.summarize(_score_batch(task, tokenizer, sample_starts, sampled))
-    metrics.update(task.summarize(_score_batch(task, tokenizer, starts, greedy), suffix="_greedy"))
+    metrics = task.summarize(_score_batch(task, tokenizer, sample_starts, sampled), suffix=suffix)
+    metrics.update(task.summarize(_score_batch(task, tokenizer, starts, greedy), suffix=suffix + "_greedy"))
     metrics["behaviour_optimality"] = task.behaviour_optimality()
     return metrics

@@ -262,6 +262,53 @@ def _evaluate_with_prompts(ctx: _Context, prompt_ids, reward_fn, engine, step):
     return metrics
 
 
+def run_ilql(ctx: _Context, rcfg: RunConfig, run_dir: Path, samples=None, rewards=None) -> Dict[str, Any]:
+    from nemo_rlhf.checkpoint import load_checkpoint, load_weights
+    from nemo_rlhf.data.ilql import ILQLDataset, load_jsonl_samples
+    from nemo_rlhf.evaluation import evaluate_randomwalks
+    from nemo_rlhf.modules.ilql import ILQLModule, ilql_logits_processor
+    from nemo_rlhf.modules.run_dir import RunDirectory
+
+    t_start = time.perf_counter()
+    ic, task, tok = rcfg.ilql, ctx.task, ctx.tokenizer
+    if samples is None and ic.samples_path:
+        samples, rewards = load_jsonl_samples(ic.samples_path)
+    elif samples is None:  # the task's walks, labeled with their optimality
+        samples = [task.walk_text(w) for w in task.walks]
+        rewards = [task.walk_optimality(w) for w in task.walks]
+    dataset = ILQLDataset.build(samples, rewards, tok, rcfg.model.seq_length, ic.reward_normalization)
+    rd = RunDirectory(run_dir)
+    rd.write_config(ctx.config_yaml)
+
+    def evaluate_fn(engine, step):
+        gpt, gen = engine.module, rcfg.generation
+        common = dict(seed=rcfg.trainer.seed + step, temperature=gen.temperature, top_k=ic.gen_top_k,
+                      max_new_tokens=gen.max_new_tokens)
+        metrics = evaluate_randomwalks(gpt, task, tok, rcfg.task.eval_samples_per_start,
+                                       logits_processor=ilql_logits_processor(gpt, ic.beta), **common)
+        metrics.update(evaluate_randomwalks(gpt, task, tok, rcfg.task.eval_samples_per_start, suffix="_beta0",
+                                            logits_processor=ilql_logits_processor(gpt, 0.0), **common))
+        metrics["beta"] = ic.beta
+        return metrics
+
+    module = ILQLModule(rcfg, dataset, tok.vocab_size, rd, evaluate_fn, ctx.dp_rank, ctx.dp_size,
+                        config_yaml=ctx.config_yaml)
+    resume_from = _resume_path(rcfg, rd.checkpoint_dir)
+    if resume_from is not None:
+        loop = load_checkpoint(resume_from, module.engine.chunks, module.engine.optimizer, module.engine.scheduler)
+        module.step, module.initial_eval = int(loop["step"]), loop.get("initial_eval")
+        module._last_ckpt_step = module.step
+        rd.truncate_metrics_after(module.step)
+        log.info("resumed from %s at step %d", resume_from, module.step)
+    elif rcfg.model.path:
+        load_weights(rcfg.model.path, module.engine.chunks, skip_prefixes=("ilql_heads.",))
+        module.engine.optimizer.reload_model_params()
+    _fit(module, ctx, rcfg, rd)
+    summary = _finish(module, rd, ctx, rcfg, t_start, {"num_samples": len(dataset)})
+    ctx.module = module
+    return summary
+
+
 def initialize_model_parallel_again(ctx: _Context) -> None:
     """Fresh megatron parallel state and seeds before building the next stage's models."""
     from nemo_rlhf.parallel import initialize_model_parallel
@@ -270,7 +317,7 @@ def initialize_model_parallel_again(ctx: _Context) -> None:
 
 
 def run(cfg: DictConfig | RunConfig, run_dir: str | os.PathLike, reward_fn=None, prompts=None,
-        eval_prompts=None, return_context: bool = False):
+        eval_prompts=None, samples=None, rewards=None, return_context: bool = False):
     """Run one job described by ``cfg`` into ``run_dir``; returns the summary (also in
     summary.json), and the context holding the trained module when ``return_context``."""
     rcfg = to_run_config(cfg)
@@ -278,6 +325,8 @@ def run(cfg: DictConfig | RunConfig, run_dir: str | os.PathLike, reward_fn=None,
     ctx = _Context(rcfg, Path(run_dir))
     if rcfg.algorithm.name == "ppo":
         summary = run_ppo(ctx, rcfg, ctx.run_dir, reward_fn, prompts, eval_prompts)
+    elif rcfg.algorithm.name == "ilql":
+        summary = run_ilql(ctx, rcfg, ctx.run_dir, samples, rewards)
     else:
         if reward_fn is not None or prompts is not None:
             raise ConfigError("reward_fn / prompts are PPO inputs: set algorithm.name=ppo")
@@ -291,7 +340,7 @@ def _print_summary(summary: Dict[str, Any], run_dir: Path, rank: int) -> None:
         return
     init, fin = summary["initial"], summary["final"]
     keys = [k for k in ("optimality", "valid_rate", "optimality_greedy", "valid_rate_greedy",
-                        "behaviour_optimality") if k in fin]
+                        "optimality_beta0", "valid_rate_beta0", "behaviour_optimality") if k in fin]
     lines = [f"\nnemo_rlhf: {summary['steps']} steps in {summary['wall_time_s']:.1f}s -> {run_dir}",
              f"  {'metric':<22}{'before':>10}{'after':>10}"]
     for k in keys:
@@ -306,11 +355,12 @@ def _hydra_main(cfg: DictConfig) -> None:
 
     from nemo_rlhf.checkpoint import CheckpointError
     from nemo_rlhf.parallel import destroy
+    from nemo_rlhf.data.ilql import DataError
     from nemo_rlhf.rewards import RewardFunctionError
 
     try:
         run(cfg, HydraConfig.get().runtime.output_dir)
-    except (ConfigError, CheckpointError, RewardFunctionError) as e:
+    except (ConfigError, CheckpointError, RewardFunctionError, DataError) as e:
         log.error("%s: %s", type(e).__name__, e)
         sys.exit(2)
     finally:

@@ -212,13 +212,13 @@ class LoggerConfig:
     """metrics.csv under <run dir>/csv (metrics.jsonl is always written)."""
 
 
-ALGORITHMS = ("sft", "ppo")
+ALGORITHMS = ("sft", "ppo", "ilql")
 
 
 @dataclass
 class AlgorithmConfig:
     name: str = "sft"
-    """sft | ppo"""
+    """sft | ppo | ilql"""
 
     def __post_init__(self):
         _require(self.name in ALGORITHMS,
@@ -300,6 +300,42 @@ class GenerationConfig:
 
 
 @dataclass
+class ILQLConfig:
+    """ILQL (used when algorithm.name=ilql): offline RL on (sample, reward) pairs."""
+
+    tau: float = 0.7
+    """Expectile of the V regression."""
+    gamma: float = 0.99
+    alpha: float = 1.0
+    """Weight of the V loss."""
+    cql_scale: float = 0.1
+    awac_scale: float = 1.0
+    awac_beta: float = 0.0
+    """AWAC advantage temperature (0 = plain behaviour cloning weight 1, as trlX's default)."""
+    two_qs: bool = True
+    steps_for_target_q_sync: int = 5
+    target_sync_rate: float = 1.0
+    """Polyak rate of the target-Q update every steps_for_target_q_sync steps (1 = copy)."""
+    reward_normalization: str = "standard"
+    """standard ((r - mean) / std over the dataset, as trlX) | none"""
+    beta: float = 1.0
+    """Sampling: logits = log pi + beta * (min target Q - V)."""
+    gen_top_k: int = 20
+    samples_path: Optional[str] = None
+    """JSONL with {"sample": str | [prompt, completion], "reward": float} per line; null = the task's
+    walks labeled with their optimality."""
+
+    def __post_init__(self):
+        _require(0 < self.tau < 1, f"ilql.tau must be in (0, 1), got {self.tau}")
+        _require(0 <= self.gamma <= 1, f"ilql.gamma must be in [0, 1], got {self.gamma}")
+        _positive(self.steps_for_target_q_sync, "ilql.steps_for_target_q_sync")
+        _require(0 < self.target_sync_rate <= 1, f"ilql.target_sync_rate must be in (0, 1], got {self.target_sync_rate}")
+        _require(self.reward_normalization in ("standard", "none"),
+                 f"ilql.reward_normalization must be standard|none, got {self.reward_normalization!r}")
+        _require(self.beta >= 0, f"ilql.beta must be >= 0, got {self.beta}")
+
+
+@dataclass
 class RunConfig:
     """Top-level configuration of one run (``python -m nemo_rlhf.train --config-name ...``)."""
 
@@ -312,6 +348,7 @@ class RunConfig:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    ilql: ILQLConfig = field(default_factory=ILQLConfig)
     resume: Optional[str] = None
     """null (fresh run) | auto (latest complete checkpoint in this run dir, fresh if none) |
     a checkpoint directory path."""
@@ -342,6 +379,10 @@ class RunConfig:
         _require(self.trainer.global_batch_size % self.trainer.micro_batch_size == 0,
                  f"trainer.global_batch_size={self.trainer.global_batch_size} is not divisible by "
                  f"trainer.micro_batch_size={self.trainer.micro_batch_size}")
+        if self.algorithm.name == "ilql":
+            _require(pp == 1 and not self.parallel.sequence_parallel,
+                     "algorithm.name=ilql needs parallel.pipeline_model_parallel_size=1 and "
+                     "parallel.sequence_parallel=false (its heads sit on the last stage's full hidden states)")
         if self.algorithm.name == "ppo":
             _require(pp == 1, "algorithm.name=ppo needs parallel.pipeline_model_parallel_size=1 (rollout "
                               "generation and value heads run on a single pipeline stage)")

@@ -99,14 +99,15 @@ def padded_attention(pad: torch.Tensor, total: int):
 def generate(model: torch.nn.Module, prompts: torch.Tensor, params: SamplingParams,
              generator: Optional[torch.Generator] = None, vocab_size: Optional[int] = None,
              prompt_lengths: Optional[torch.Tensor] = None, decode=None,
-             padding_side: str = "left") -> GenerationOutput:
+             padding_side: str = "left", logits_processor=None) -> GenerationOutput:
     """Sample up to ``params.max_new_tokens`` tokens after ``prompts`` [B, P], padded on
     ``padding_side`` when ``prompt_lengths`` is given (right-padded prompts are re-aligned to the
     left-padded layout, which the returned ``tokens`` use).
 
     ``model`` is an unwrapped megatron GPTModel (pipeline_model_parallel_size must be 1);
     ``vocab_size`` masks the padded tail of the vocabulary (never sampled); ``decode`` (ids ->
-    str) is needed for ``params.stop_strings``."""
+    str) is needed for ``params.stop_strings``; ``logits_processor(logits [B, V]) -> logits`` runs
+    right after each forward (e.g. ILQL's Q/V shift, which reads the heads of that forward)."""
     from megatron.core import parallel_state as ps
 
     if padding_side not in ("left", "right"):
@@ -183,6 +184,8 @@ def generate(model: torch.nn.Module, prompts: torch.Tensor, params: SamplingPara
             if vocab_size is not None:
                 logits[:, vocab_size:] = float("-inf")
             logp = torch.log_softmax(logits, dim=-1)
+            if logits_processor is not None:
+                logits = logits_processor(logits)
             if params.greedy:
                 choice = logits.argmax(-1)
             else:

@@ -54,3 +54,66 @@ def value_head_output(gpt: torch.nn.Module) -> torch.Tensor:
     if gpt.config.sequence_parallel:
         hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
     return head(hidden).transpose(0, 1).contiguous()
+
+
+class ILQLHeads(torch.nn.Module):
+    """Q heads (one or two) with frozen target copies, and a V head, on the decoder's hidden states.
+
+    Q heads are megatron ColumnParallelLinear layers sized to the padded vocabulary like the LM
+    head (weights sharded over TP ranks, output gathered); V is a Linear(hidden, 1)."""
+
+    def __init__(self, config, hidden_size: int, vocab_size: int, two_qs: bool = True):
+        super().__init__()
+        from megatron.core import tensor_parallel
+
+        def q_head():
+            return tensor_parallel.ColumnParallelLinear(
+                hidden_size, vocab_size, config=config, init_method=config.init_method, bias=True,
+                gather_output=True, skip_bias_add=False)
+
+        self.two_qs = two_qs
+        self.q_heads = torch.nn.ModuleList([q_head() for _ in range(2 if two_qs else 1)])
+        self.target_q_heads = torch.nn.ModuleList([q_head() for _ in range(2 if two_qs else 1)])
+        for target, q in zip(self.target_q_heads, self.q_heads):
+            target.load_state_dict(q.state_dict())
+            for p in target.parameters():
+                p.requires_grad_(False)
+        self.v_head = torch.nn.Linear(hidden_size, 1)
+        self._hidden = None
+
+    def forward(self, hidden: torch.Tensor):
+        """hidden [S, B, H] -> (qs, target_qs, v): lists of [B, S, V] and [B, S]."""
+        qs = [q(hidden)[0].transpose(0, 1) for q in self.q_heads]
+        with torch.no_grad():
+            target_qs = [q(hidden)[0].transpose(0, 1) for q in self.target_q_heads]
+        v = self.v_head(hidden.float()).squeeze(-1).transpose(0, 1)
+        return qs, target_qs, v
+
+
+def _capture_ilql(module, args, output):
+    module._nemo_rlhf_ilql_heads._hidden = output[0] if isinstance(output, tuple) else output
+
+
+def attach_ilql_heads(gpt: torch.nn.Module, two_qs: bool = True) -> ILQLHeads:
+    if getattr(gpt, "ilql_heads", None) is not None:
+        return gpt.ilql_heads
+    if not gpt.post_process:
+        raise NotImplementedError("ILQL heads need the last pipeline stage (pipeline_model_parallel_size=1)")
+    if gpt.config.sequence_parallel:
+        raise NotImplementedError("ILQL heads do not support sequence_parallel yet")
+    heads = ILQLHeads(gpt.config, gpt.config.hidden_size, gpt.vocab_size, two_qs=two_qs)
+    if torch.cuda.is_available():
+        heads.cuda(torch.cuda.current_device())
+    gpt.ilql_heads = heads
+    object.__setattr__(gpt.decoder, "_nemo_rlhf_ilql_heads", heads)
+    gpt.decoder.register_forward_hook(_capture_ilql)
+    return heads
+
+
+def ilql_heads_output(gpt: torch.nn.Module):
+    heads = gpt.ilql_heads
+    hidden = heads._hidden
+    if hidden is None:
+        raise RuntimeError("ilql_heads_output called before a forward of the model")
+    heads._hidden = None
+    return heads(hidden)

@@ -1,0 +1,121 @@
+"""ILQL as a LightningModule: offline (sample, reward) data, a megatron GPT with Q/target-Q/V heads,
+the loss from :mod:`nemo_rlhf.algorithms.ilql`, target-Q Polyak sync, sampling evaluation."""
+from __future__ import annotations
+
+import time
+from functools import partial
+from typing import Any, Dict, Optional
+
+import pytorch_lightning as pl
+import torch
+
+from nemo_rlhf.algorithms.ilql import ilql_logits, ilql_loss, polyak_update
+from nemo_rlhf.checkpoint import save_checkpoint
+from nemo_rlhf.config.schema import ILQLConfig, RunConfig
+from nemo_rlhf.data.ilql import ILQLDataset
+from nemo_rlhf.data.sampler import GlobalBatchSampler
+from nemo_rlhf.logging import get_logger
+from nemo_rlhf.models.gpt import unwrap
+from nemo_rlhf.models.heads import attach_ilql_heads, ilql_heads_output
+from nemo_rlhf.modules.engine import MegatronEngine
+from nemo_rlhf.modules.run_dir import RunDirectory
+
+log = get_logger(__name__)
+
+
+def ilql_forward(batch: Dict[str, torch.Tensor], model, cfg: ILQLConfig):
+    tokens = batch["tokens"]
+    nll = model(tokens, torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens), None,
+                labels=batch["labels"])
+    heads = ilql_heads_output(unwrap(model))
+    return nll, partial(ilql_loss_func, batch, cfg, heads)
+
+
+def ilql_loss_func(batch, cfg: ILQLConfig, heads, nll):
+    qs, target_qs, v = heads
+    mask = batch["mask"]
+    v_next = torch.cat([v[:, 1:], torch.zeros_like(v[:, :1])], 1)
+    loss, stats = ilql_loss(
+        qs[0], qs[1] if len(qs) > 1 else None, target_qs[0], target_qs[1] if len(target_qs) > 1 else None,
+        v, v_next, nll.float(), batch["labels"], batch["rewards"], mask, batch["next_nonterminal"],
+        gamma=cfg.gamma, tau=cfg.tau, alpha=cfg.alpha, cql_scale=cfg.cql_scale, awac_scale=cfg.awac_scale,
+        awac_beta=cfg.awac_beta)
+    n = mask.sum()
+    report = {"loss": torch.stack([loss.detach() * n, n]).double()}
+    report.update({k: torch.stack([v_.detach() * n, n]).double() for k, v_ in stats.items()})
+    return loss * n, n.to(torch.int), report
+
+
+def ilql_logits_processor(gpt, beta: float):
+    """For generate(): shift the last position's logits by beta * (min target Q - V)."""
+    def process(logits):
+        qs, target_qs, v = ilql_heads_output(gpt)
+        q1 = target_qs[0][:, -1]
+        q2 = target_qs[1][:, -1] if len(target_qs) > 1 else None
+        return ilql_logits(logits, q1, q2, v[:, -1], beta)
+    return process
+
+
+class ILQLModule(pl.LightningModule):
+    def __init__(self, cfg: RunConfig, dataset: ILQLDataset, vocab_size: int, run_dir: RunDirectory,
+                 evaluate_fn, dp_rank: int, dp_size: int, config_yaml: str = ""):
+        super().__init__()
+        self.cfg, self.ilql, self.dataset, self.run_dir = cfg, cfg.ilql, dataset, run_dir
+        self.evaluate_fn, self.dp_rank, self.dp_size, self.config_yaml = evaluate_fn, dp_rank, dp_size, config_yaml
+        self.automatic_optimization = False
+        self.engine = MegatronEngine(cfg.model, cfg.parallel, cfg.optim, vocab_size, cfg.trainer.max_steps,
+                                     setup=lambda gpt: attach_ilql_heads(gpt, two_qs=cfg.ilql.two_qs))
+        self.chunks = torch.nn.ModuleList(self.engine.chunks)
+        self.step = 0
+        self.initial_eval: Optional[Dict[str, Any]] = None
+        self.last_eval: Optional[Dict[str, Any]] = None
+        self._last_ckpt_step = -1
+        self._t_last = None
+
+    def train_dataloader(self):
+        t = self.cfg.trainer
+        sampler = GlobalBatchSampler(len(self.dataset), t.global_batch_size, self.dp_rank, self.dp_size,
+                                     seed=t.seed, start_step=self.step, end_step=t.max_steps)
+        return torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=0)
+
+    def configure_optimizers(self):
+        return None
+
+    def on_train_start(self):
+        if self.initial_eval is None:
+            self.initial_eval = self.evaluate()
+        self._t_last = time.perf_counter()
+
+    def training_step(self, batch, batch_idx):
+        t = self.cfg.trainer
+        stats = self.engine.train_step(batch, t.micro_batch_size, partial(ilql_forward, cfg=self.ilql))
+        self.step += 1
+        if self.step % self.ilql.steps_for_target_q_sync == 0:
+            heads = self.engine.module.ilql_heads
+            for target, q in zip(heads.target_q_heads, heads.q_heads):
+                polyak_update(target, q, self.ilql.target_sync_rate)
+        self.log("loss", stats["loss"], prog_bar=True, logger=False, batch_size=1)
+        if self.step % t.log_every_n_steps == 0 or self.step == t.max_steps:
+            self.run_dir.log(self.step, stats, kind="train")
+        if t.eval_every_n_steps and self.step % t.eval_every_n_steps == 0 and self.step != t.max_steps:
+            self.evaluate()
+        if t.checkpoint_every_n_steps and self.step % t.checkpoint_every_n_steps == 0:
+            self.save()
+
+    def evaluate(self) -> Dict[str, Any]:
+        t0 = time.perf_counter()
+        metrics = self.evaluate_fn(self.engine, self.step)
+        metrics["eval_time_s"] = time.perf_counter() - t0
+        self.run_dir.log(self.step, metrics, kind="eval")
+        self.last_eval = dict(metrics, step=self.step)
+        log.info("step %d eval: %s", self.step,
+                 " ".join(f"{k}={v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
+        return self.last_eval
+
+    def save(self):
+        if self._last_ckpt_step == self.step:
+            return
+        save_checkpoint(self.run_dir.checkpoint_dir, self.step, self.engine.chunks, self.engine.optimizer,
+                        self.engine.scheduler, loop_state={"initial_eval": self.initial_eval},
+                        config_yaml=self.config_yaml, keep_last=self.cfg.trainer.keep_last_n_checkpoints)
+        self._last_ckpt_step = self.step
