@@ -100,6 +100,12 @@ def _restore_rng(state: Dict[str, Any]) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def _checkpointable(optimizer) -> bool:
+    """megatron-core 0.16 builds optimizer checkpoints through init_state_fn, which only Adam has."""
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    return all(getattr(o, "init_state_fn", None) is not None for o in inner)
+
+
 def _step_dir(root: Path, step: int) -> Path:
     return root / f"step_{step:07d}"
 
@@ -123,6 +129,10 @@ def save_checkpoint(root: str | os.PathLike, step: int, chunks: List[torch.nn.Mo
     _barrier()
     layout = current_layout()
     state = _model_sharded_state_dict(chunks)
+    if optimizer is not None and not _checkpointable(optimizer):
+        log.warning("megatron-core cannot checkpoint the state of this optimizer (%s): saving weights only",
+                    type(optimizer).__name__)
+        optimizer = None
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(
             {k: v for k, v in state.items()}, metadata=_DIST_OPT_META)

@@ -151,7 +151,8 @@ class OptimConfig:
     """megatron-core optimizer (``get_megatron_optimizer``)."""
 
     name: str = "adam"
-    """adam (AdamW-style decoupled weight decay) | sgd"""
+    """adam (AdamW-style decoupled weight decay) | sgd (megatron-core cannot checkpoint SGD
+    momentum: checkpoints then hold weights only)"""
     lr: float = 1e-3
     min_lr: float = 0.0
     weight_decay: float = 0.0

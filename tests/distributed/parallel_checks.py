@@ -251,9 +251,9 @@ def main(out_path):
         box = [tempfile.mkdtemp(prefix="ckpt_pp_") if rank == 0 else None]
         dist.broadcast_object_list(box, src=0)
         saver, _ = run_layout(ParallelConfig(pipeline_model_parallel_size=2), vocab, batch, ref, mbs=BATCH // 2)
-        path = save_checkpoint(box[0], 1, saver.chunks, saver.optimizer, saver.scheduler)
+        path = save_checkpoint(box[0], 1, saver.chunks)
         loader = engine_for(ParallelConfig(), vocab, seed=99)
-        load_checkpoint(path, loader.chunks, loader.optimizer, loader.scheduler)
+        load_checkpoint(path, loader.chunks)
         # the PP=2 step equals the single-process step (pp2 check), so compare with ref["after"]
         after = max(float((p.detach() - ref["after"][n]).abs().max()) for n, p in named_params(loader))
         out = greedy(loader, tok)
@@ -352,6 +352,39 @@ def main(out_path):
     check("ppo_tp1", lambda: ppo_tp(1))
     check("ppo_tp2", lambda: ppo_tp(2))
     check("ppo_tp2_sp", lambda: ppo_tp(2, sp=True))
+    def ilql_tp(tp):
+        """One ILQL step (Q, V, CQL, AWAC terms) on the same batch of walks labeled with optimality."""
+        from nemo_rlhf.config.schema import ILQLConfig
+        from nemo_rlhf.data.ilql import ILQLDataset
+        from nemo_rlhf.models.heads import attach_ilql_heads
+        from nemo_rlhf.modules.ilql import ilql_forward
+
+        task = RandomWalks(seed=1000)
+        walks = task.walks[:BATCH]
+        ds = ILQLDataset.build([task.walk_text(w) for w in walks], [task.walk_optimality(w) for w in walks],
+                               tok, MODEL.seq_length)
+        ibatch = {k: getattr(ds, k) for k in ("tokens", "labels", "mask", "rewards", "next_nonterminal")}
+        parallel = ParallelConfig(tensor_model_parallel_size=tp)
+        initialize_model_parallel(parallel, seed=7)
+        torch.manual_seed(7)
+        engine = MegatronEngine(MODEL, parallel, OPTIM, vocab, max_steps=10, setup=lambda g: attach_ilql_heads(g))
+        if tp == 1:
+            ilql_ref["params"] = {n: tp_full(p, p) for n, p in named_params(engine)}
+        load_reference_weights(engine, ilql_ref["params"])
+        stats = engine.forward_backward(ibatch, BATCH // 2, partial(ilql_forward, cfg=ILQLConfig()))
+        grads = {n: tp_full(p.main_grad, p) for n, p in named_params(engine) if hasattr(p, "main_grad")}
+        if tp == 1:
+            ilql_ref["stats"], ilql_ref["grads"] = stats, grads
+            return stats
+        return {"max_stat_abs_diff": max(abs(stats[k] - ilql_ref["stats"][k]) for k in stats if k != "num_tokens"),
+                "grad_max_abs_diff": max(float((grads[n] - ilql_ref["grads"][n]).abs().max()) for n in grads),
+                "q_head_grad_norm": float(grads["ilql_heads.q_heads.0.weight"].norm()),
+                "v_head_grad_norm": float(grads["ilql_heads.v_head.weight"].norm()),
+                "n_grads": len(grads)}
+
+    ilql_ref = {}
+    check("ilql_tp1", lambda: ilql_tp(1))
+    check("ilql_tp2", lambda: ilql_tp(2))
     check("gen_tp1", lambda: gen(1))
     check("gen_tp2", lambda: gen(2))
     if rank == 0:

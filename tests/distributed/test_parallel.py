@@ -106,3 +106,12 @@ def test_ppo_actor_step_tp2_equals_tp1(results, name):
     assert r["max_stat_abs_diff"] < 1e-5
     assert r["grad_max_abs_diff"] < 1e-6
     assert r["value_head_grad_norm"] > 1e-3                 # the value loss reached the head
+
+
+def test_ilql_step_tp2_equals_tp1(results):
+    base = _ok(results, "ilql_tp1")
+    assert all(base[k] > 0 for k in ("loss_q", "loss_v", "loss_cql", "loss_awac"))
+    r = _ok(results, "ilql_tp2")
+    assert r["max_stat_abs_diff"] < 1e-5
+    assert r["grad_max_abs_diff"] < 1e-6
+    assert r["q_head_grad_norm"] > 1e-4 and r["v_head_grad_norm"] > 1e-4
