@@ -41,6 +41,10 @@ def default_sft_config(*overrides: str) -> RunConfig:
     return _compose("sft_tiny", overrides)
 
 
+def default_ilql_config(*overrides: str) -> RunConfig:
+    return _compose("ilql_tiny", overrides)
+
+
 class Trainer:
     """What ``nemo_rlhf.train`` returns: the trained policy, its tokenizer and the run summary."""
 
@@ -56,20 +60,29 @@ class Trainer:
         return getattr(self.module, "actor", None) or self.module.engine
 
     def generate(self, prompts: List[str], max_new_tokens: Optional[int] = None, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0, greedy: bool = False, seed: int = 0,
-                 stop_strings: Sequence[str] = ()) -> List[str]:
-        """Completions (decoded, without the prompt) for ``prompts``; ragged prompts are left-padded."""
+                 top_k: Optional[int] = None, top_p: float = 1.0, greedy: bool = False, seed: int = 0,
+                 stop_strings: Sequence[str] = (), beta: Optional[float] = None) -> List[str]:
+        """Completions (decoded, without the prompt) for ``prompts``; ragged prompts are left-padded.
+        ILQL policies sample with logits shifted by ``beta`` (default ``config.ilql.beta``) and
+        top-k ``config.ilql.gen_top_k``."""
         import torch
 
         from nemo_rlhf.generation.sampling import SamplingParams, generate, left_pad
 
         tok = self.tokenizer
+        processor = None
+        if self.config.algorithm.name == "ilql":
+            from nemo_rlhf.modules.ilql import ilql_logits_processor
+
+            processor = ilql_logits_processor(self._engine.module, self.config.ilql.beta if beta is None else beta)
+            top_k = self.config.ilql.gen_top_k if top_k is None else top_k
+        top_k = top_k or 0
         ids, lengths = left_pad([tok.encode(p) for p in prompts], tok.pad_id)
         out = generate(self._engine.module, ids, SamplingParams(
             max_new_tokens=max_new_tokens or self.config.task.max_length, temperature=temperature, top_k=top_k,
             top_p=top_p, greedy=greedy, eos_id=tok.eos_id, pad_id=tok.pad_id, stop_strings=tuple(stop_strings)),
             generator=torch.Generator().manual_seed(seed), vocab_size=tok.vocab_size, prompt_lengths=lengths,
-            decode=tok.decode)
+            decode=tok.decode, logits_processor=processor)
         return [tok.decode(c[m.bool()].tolist()) for c, m in zip(out.completions, out.mask)]
 
     def save_pretrained(self, directory) -> Path:
@@ -89,21 +102,28 @@ class Trainer:
 
 def train(model_path: Optional[str] = None, reward_fn: Optional[Callable] = None,
           prompts: Optional[List[str]] = None, eval_prompts: Optional[List[str]] = None,
+          samples: Optional[list] = None, rewards: Optional[List[float]] = None,
           config: Optional[RunConfig] = None, run_dir: Optional[str] = None) -> Trainer:
-    """Train with PPO when a ``reward_fn`` is given (``config`` defaults to ppo_tiny), else SFT
-    (sft_tiny). ``reward_fn(samples, prompts=..., completions=...) -> list of floats``."""
+    """As trlX: PPO when a ``reward_fn`` is given (``config`` defaults to ppo_tiny), ILQL when
+    ``samples`` and ``rewards`` are (ilql_tiny; a sample is a string or [prompt, completion]),
+    else SFT (sft_tiny). ``reward_fn(samples, prompts=..., completions=...) -> list of floats``."""
     import dataclasses
     import time
 
     from nemo_rlhf.train import run
 
+    if reward_fn is not None and samples is not None:
+        raise ValueError("give either reward_fn (online PPO) or samples + rewards (offline ILQL), not both")
+    if samples is not None and rewards is None:
+        raise ValueError("samples need rewards (one per sample) for ILQL")
+    algorithm = "ppo" if reward_fn is not None else "ilql" if samples is not None else None
     if config is None:
-        config = default_ppo_config() if reward_fn is not None else default_sft_config()
-    if reward_fn is not None and config.algorithm.name != "ppo":
-        config = dataclasses.replace(config, algorithm=dataclasses.replace(config.algorithm, name="ppo"))
+        config = {"ppo": default_ppo_config, "ilql": default_ilql_config}.get(algorithm, default_sft_config)()
+    if algorithm is not None and config.algorithm.name != algorithm:
+        config = dataclasses.replace(config, algorithm=dataclasses.replace(config.algorithm, name=algorithm))
     if model_path is not None:
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, path=str(model_path)))
     run_dir = run_dir or f"runs/api_{config.algorithm.name}/{time.strftime('%Y-%m-%d_%H-%M-%S')}"
     summary, ctx = run(config, run_dir, reward_fn=reward_fn, prompts=prompts, eval_prompts=eval_prompts,
-                       return_context=True)
+                       samples=samples, rewards=rewards, return_context=True)
     return Trainer(summary, ctx)

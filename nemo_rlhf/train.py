@@ -10,6 +10,7 @@ import dataclasses
 import os
 from functools import partial
 import sys
+import types
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -369,6 +370,21 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     _hydra_main()
+
+
+
+class _CallableModule(types.ModuleType):
+    """``nemo_rlhf.train`` is both this module (``python -m nemo_rlhf.train``) and the trlX-style
+    function ``nemo_rlhf.train(...)``: importing the submodule rebinds the package attribute to
+    it, so the module itself forwards calls to :func:`nemo_rlhf.api.train`."""
+
+    def __call__(self, *args, **kwargs):
+        from nemo_rlhf.api import train
+
+        return train(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 
 if __name__ == "__main__":

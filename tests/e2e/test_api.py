@@ -28,3 +28,23 @@ def test_python_api_ppo_generate_save(tmp_path):
     assert (path / "nemo_rlhf_meta.json").is_file() and (tmp_path / "export" / "tokenizer.json").is_file()
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["algorithm"] == "ppo"
+
+
+def test_python_api_ilql_from_samples_and_rewards(tmp_path):
+    import nemo_rlhf
+    from nemo_rlhf.tasks.randomwalks import RandomWalks
+
+    task = RandomWalks()
+    samples = [task.walk_text(w) for w in task.walks]
+    samples = [[s[0], s[1:]] if i % 2 else s for i, s in enumerate(samples)]   # both sample forms
+    rewards = [task.walk_optimality(w) for w in task.walks]
+    config = nemo_rlhf.default_ilql_config("trainer.max_steps=300", "trainer.progress_bar=false",
+                                           "trainer.eval_every_n_steps=0", "task.eval_samples_per_start=8")
+    trainer = nemo_rlhf.train(samples=samples, rewards=rewards, config=config, run_dir=str(tmp_path / "ilql"))
+    assert trainer.config.algorithm.name == "ilql" and trainer.summary["num_samples"] == 1000
+    final = trainer.summary["final"]
+    assert final["optimality"] > final["optimality_beta0"]
+    outs = trainer.generate(["b", "c"], greedy=True)
+    assert all(o.endswith("a") or len(o) == 9 for o in outs)      # valid greedy walks end at the goal
+    with pytest.raises(ValueError, match="not both"):
+        nemo_rlhf.train(samples=samples, rewards=rewards, reward_fn=lambda s, **k: [0.0] * len(s))
