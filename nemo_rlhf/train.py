@@ -167,15 +167,77 @@ def run_sft(ctx: _Context, rcfg: RunConfig, run_dir: Path) -> Dict[str, Any]:
     return summary
 
 
-def _sft_warmup_config(rcfg: RunConfig) -> RunConfig:
-    ppo = rcfg.ppo
+def _sft_warmup_config(rcfg: RunConfig, block) -> RunConfig:
+    """The SFT run that precedes PPO/DPO when no model.path is given (``block``: rcfg.ppo / rcfg.dpo)."""
     return dataclasses.replace(
         rcfg, algorithm=dataclasses.replace(rcfg.algorithm, name="sft"), resume="auto",
-        trainer=dataclasses.replace(rcfg.trainer, max_steps=ppo.sft_steps, global_batch_size=ppo.sft_global_batch_size,
-                                    micro_batch_size=ppo.sft_micro_batch_size, eval_every_n_steps=0,
+        trainer=dataclasses.replace(rcfg.trainer, max_steps=block.sft_steps, global_batch_size=block.sft_global_batch_size,
+                                    micro_batch_size=block.sft_micro_batch_size, eval_every_n_steps=0,
                                     checkpoint_every_n_steps=0, keep_last_n_checkpoints=1),
-        optim=dataclasses.replace(rcfg.optim, lr=ppo.sft_lr, min_lr=ppo.sft_lr / 30, scheduler="cosine",
+        optim=dataclasses.replace(rcfg.optim, lr=block.sft_lr, min_lr=block.sft_lr / 30, scheduler="cosine",
                                   warmup_steps=0))
+
+
+def _sft_warmup(ctx: _Context, rcfg: RunConfig, run_dir: Path, block, resuming: bool):
+    """(initial checkpoint, SFT summary or None): model.path, or an SFT warm-up in the same command
+    into <run dir>/sft (skipped when already complete there)."""
+    from nemo_rlhf.checkpoint import latest_checkpoint
+
+    if rcfg.model.path is not None or block.sft_steps == 0 or resuming:
+        return rcfg.model.path, None
+    sft_dir = run_dir / "sft"
+    done, summary = latest_checkpoint(sft_dir / "checkpoints"), None
+    if done is None or int(done.name.split("_")[1]) < block.sft_steps:
+        log.info("no SFT checkpoint given (model.path=null): SFT warm-up for %d steps into %s",
+                 block.sft_steps, sft_dir)
+        summary = run_sft(ctx, _sft_warmup_config(rcfg, block), sft_dir)
+        initialize_model_parallel_again(ctx)
+    return latest_checkpoint(sft_dir / "checkpoints"), summary
+
+
+def _sft_extra(sft_summary) -> Dict[str, Any]:
+    return {"sft": {k: sft_summary[k] for k in ("initial", "final", "steps", "wall_time_s")}} if sft_summary else {}
+
+
+def run_dpo(ctx: _Context, rcfg: RunConfig, run_dir: Path) -> Dict[str, Any]:
+    from nemo_rlhf.checkpoint import CheckpointError, load_checkpoint
+    from nemo_rlhf.data.preference import PreferenceDataset, randomwalk_pairs
+    from nemo_rlhf.modules.dpo import DPOModule
+    from nemo_rlhf.modules.run_dir import RunDirectory
+
+    t_start = time.perf_counter()
+    rd = RunDirectory(run_dir)
+    rd.write_config(ctx.config_yaml)
+    resume_from = _resume_path(rcfg, rd.checkpoint_dir)
+    init_path, sft_summary = _sft_warmup(ctx, rcfg, run_dir, rcfg.dpo, resume_from is not None)
+    pairs = randomwalk_pairs(ctx.task, ctx.tokenizer, rcfg.dpo.num_pairs, rcfg.trainer.seed)
+    dataset = PreferenceDataset.build(pairs, rcfg.model.seq_length, ctx.tokenizer.pad_id, ctx.tokenizer.eos_id)
+    module = DPOModule(rcfg, dataset, ctx.tokenizer.vocab_size, rd, ctx.evaluate_fn, ctx.dp_rank, ctx.dp_size,
+                       config_yaml=ctx.config_yaml)
+    if resume_from is not None:
+        extra = {"reference": ([module.reference], None, None)} if module.reference is not None else None
+        loop = load_checkpoint(resume_from, module.engine.chunks, module.engine.optimizer, module.engine.scheduler,
+                               extra=extra)
+        module.step, module.initial_eval = int(loop["step"]), loop.get("initial_eval")
+        module._last_ckpt_step = module.step
+        rd.truncate_metrics_after(module.step)
+        if rcfg.dpo.reference == "precomputed":
+            import torch
+
+            ref_file = rd.path / "reference_logps.pt"
+            if not ref_file.is_file():
+                raise CheckpointError(f"resume: {ref_file} (the precomputed reference log-probs) is missing")
+            dataset.ref_logps.copy_(torch.load(ref_file))
+        log.info("resumed from %s at step %d", resume_from, module.step)
+    else:
+        if init_path is not None:
+            module.init_from(init_path)
+        if rcfg.dpo.reference == "precomputed":
+            module.precompute_reference()
+    _fit(module, ctx, rcfg, rd)
+    summary = _finish(module, rd, ctx, rcfg, t_start, {"num_pairs": len(dataset), **_sft_extra(sft_summary)})
+    ctx.module = module
+    return summary
 
 
 def run_ppo(ctx: _Context, rcfg: RunConfig, run_dir: Path, reward_fn=None, prompts=None,
@@ -195,18 +257,8 @@ def run_ppo(ctx: _Context, rcfg: RunConfig, run_dir: Path, reward_fn=None, promp
 
         reward_fn = RewardModelScorer(rcfg.ppo.reward_model, rcfg.model, rcfg.parallel, ctx.tokenizer)
     reward_fn = resolve_reward_fn(reward_fn if reward_fn is not None else rcfg.ppo.reward_fn, ctx.task)
-    init_path, sft_summary = rcfg.model.path, None
     resume_from = _resume_path(rcfg, rd.checkpoint_dir)
-    if init_path is None and rcfg.ppo.sft_steps > 0 and resume_from is None:
-        # SFT warm-up in the same command, into <run dir>/sft (skipped when already complete)
-        sft_dir = run_dir / "sft"
-        done = latest_checkpoint(sft_dir / "checkpoints")
-        if done is None or int(done.name.split("_")[1]) < rcfg.ppo.sft_steps:
-            log.info("no SFT checkpoint given (model.path=null): SFT warm-up for %d steps into %s",
-                     rcfg.ppo.sft_steps, sft_dir)
-            sft_summary = run_sft(ctx, _sft_warmup_config(rcfg), sft_dir)
-            initialize_model_parallel_again(ctx)
-        init_path = latest_checkpoint(sft_dir / "checkpoints")
+    init_path, sft_summary = _sft_warmup(ctx, rcfg, run_dir, rcfg.ppo, resume_from is not None)
     if prompts is None:  # the task's prompts: the start node of each walk (as trlX)
         prompt_ids = torch.tensor([[ctx.tokenizer.ids[ctx.task.walk_text(w[:1])]] for w in ctx.task.walks])
     else:
@@ -225,8 +277,7 @@ def run_ppo(ctx: _Context, rcfg: RunConfig, run_dir: Path, reward_fn=None, promp
     elif init_path is not None:
         module.init_from(init_path)
     _fit(module, ctx, rcfg, rd)
-    extra = {"sft": {k: sft_summary[k] for k in ("initial", "final", "steps", "wall_time_s")}} if sft_summary else {}
-    summary = _finish(module, rd, ctx, rcfg, t_start, extra)
+    summary = _finish(module, rd, ctx, rcfg, t_start, _sft_extra(sft_summary))
     ctx.module = module
     return summary
 
@@ -328,6 +379,8 @@ def run(cfg: DictConfig | RunConfig, run_dir: str | os.PathLike, reward_fn=None,
         summary = run_ppo(ctx, rcfg, ctx.run_dir, reward_fn, prompts, eval_prompts)
     elif rcfg.algorithm.name == "ilql":
         summary = run_ilql(ctx, rcfg, ctx.run_dir, samples, rewards)
+    elif rcfg.algorithm.name == "dpo":
+        summary = run_dpo(ctx, rcfg, ctx.run_dir)
     else:
         if reward_fn is not None or prompts is not None:
             raise ConfigError("reward_fn / prompts are PPO inputs: set algorithm.name=ppo")

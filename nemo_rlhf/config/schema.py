@@ -213,13 +213,13 @@ class LoggerConfig:
     """metrics.csv under <run dir>/csv (metrics.jsonl is always written)."""
 
 
-ALGORITHMS = ("sft", "ppo", "ilql")
+ALGORITHMS = ("sft", "ppo", "ilql", "dpo")
 
 
 @dataclass
 class AlgorithmConfig:
     name: str = "sft"
-    """sft | ppo | ilql"""
+    """sft | ppo | ilql | dpo"""
 
     def __post_init__(self):
         _require(self.name in ALGORITHMS,
@@ -337,6 +337,39 @@ class ILQLConfig:
 
 
 @dataclass
+class DPOConfig:
+    """DPO (used when algorithm.name=dpo) on preference pairs."""
+
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    """sigmoid | ipo | hinge | robust (nemo_rlhf.algorithms.dpo.DPO_LOSSES)"""
+    label_smoothing: float = 0.0
+    """Conservative DPO / robust DPO label-noise rate."""
+    length_normalize: bool = False
+    """Use mean instead of summed token log-probs (IPO's option)."""
+    reference: str = "precomputed"
+    """precomputed (one pass with the initial policy before training, saved with the run) | model
+    (a frozen copy in memory)"""
+    num_pairs: int = 4000
+    """Pairs built from the task's walks (two walks from one start, the more optimal one chosen)."""
+    sft_steps: int = 1000
+    """When model.path is null: SFT warm-up steps before DPO (the reference is that SFT policy)."""
+    sft_lr: float = 3e-3
+    sft_global_batch_size: int = 64
+    sft_micro_batch_size: int = 32
+
+    def __post_init__(self):
+        _require(self.loss_type in ("sigmoid", "ipo", "hinge", "robust"),
+                 f"dpo.loss_type must be sigmoid|ipo|hinge|robust, got {self.loss_type!r}")
+        _require(self.beta > 0, f"dpo.beta must be > 0, got {self.beta}")
+        _require(0 <= self.label_smoothing < 0.5, f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        _require(self.reference in ("precomputed", "model"),
+                 f"dpo.reference must be precomputed|model, got {self.reference!r}")
+        _positive(self.num_pairs, "dpo.num_pairs")
+        _require(self.sft_steps >= 0, f"dpo.sft_steps must be >= 0, got {self.sft_steps}")
+
+
+@dataclass
 class RunConfig:
     """Top-level configuration of one run (``python -m nemo_rlhf.train --config-name ...``)."""
 
@@ -350,6 +383,7 @@ class RunConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     ilql: ILQLConfig = field(default_factory=ILQLConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     resume: Optional[str] = None
     """null (fresh run) | auto (latest complete checkpoint in this run dir, fresh if none) |
     a checkpoint directory path."""

@@ -82,7 +82,7 @@ class MegatronEngine:
         num_micro = n // micro_batch_size
         micro = [{k: v[i * micro_batch_size:(i + 1) * micro_batch_size] for k, v in batch.items()}
                  for i in range(num_micro)]
-        seq_length = next(v for v in micro[0].values() if v.dim() >= 2).shape[1]
+        seq_length = next(v for v in micro[0].values() if v.dim() >= 2).shape[-1]
         for chunk in self.chunks:
             chunk.train(not forward_only)
             if not forward_only:

@@ -382,6 +382,35 @@ def main(out_path):
                 "v_head_grad_norm": float(grads["ilql_heads.v_head.weight"].norm()),
                 "n_grads": len(grads)}
 
+    def dpo_layout(parallel, mbs):
+        """One DPO step (sigmoid loss, precomputed reference) on the same 4 pairs."""
+        from nemo_rlhf.config.schema import DPOConfig
+        from nemo_rlhf.data.preference import PreferenceDataset, randomwalk_pairs
+        from nemo_rlhf.modules.dpo import dpo_forward
+
+        pairs = randomwalk_pairs(RandomWalks(seed=1000), tok, 4, seed=0)
+        ds = PreferenceDataset.build(pairs, MODEL.seq_length, tok.pad_id, tok.eos_id)
+        g = torch.Generator().manual_seed(5)
+        pbatch = {"tokens": ds.tokens, "labels": ds.labels, "loss_mask": ds.loss_mask,
+                  "ref_logps": -6 + torch.randn(4, 2, generator=g)}
+        engine = engine_for(parallel, vocab)
+        load_reference_weights(engine, ref["params"])
+        stats = engine.forward_backward(pbatch, mbs, partial(dpo_forward, cfg=DPOConfig(beta=0.1)))
+        grads = {n: tp_full(p.main_grad, p) for n, p in named_params(engine)}
+        return stats, grads
+
+    def dpo_check(parallel, mbs):
+        stats, grads = dpo_layout(parallel, mbs)
+        if "stats" not in dpo_ref:
+            dpo_ref["stats"], dpo_ref["grads"] = stats, grads
+            return {k: v for k, v in stats.items()}
+        return {"max_stat_abs_diff": max(abs(stats[k] - dpo_ref["stats"][k]) for k in stats if k != "num_tokens"),
+                "grad_max_abs_diff": max(float((grads[n] - dpo_ref["grads"][n]).abs().max()) for n in grads)}
+
+    dpo_ref = {}
+    check("dpo_tp1", lambda: dpo_check(ParallelConfig(), 4))
+    check("dpo_tp2", lambda: dpo_check(ParallelConfig(tensor_model_parallel_size=2), 4))
+    check("dpo_pp2", lambda: dpo_check(ParallelConfig(pipeline_model_parallel_size=2), 2))
     ilql_ref = {}
     check("ilql_tp1", lambda: ilql_tp(1))
     check("ilql_tp2", lambda: ilql_tp(2))

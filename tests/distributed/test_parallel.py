@@ -115,3 +115,12 @@ def test_ilql_step_tp2_equals_tp1(results):
     assert r["max_stat_abs_diff"] < 1e-5
     assert r["grad_max_abs_diff"] < 1e-6
     assert r["q_head_grad_norm"] > 1e-4 and r["v_head_grad_norm"] > 1e-4
+
+
+@pytest.mark.parametrize("name", ["dpo_tp2", "dpo_pp2"])
+def test_dpo_step_tp2_and_pp2_equal_tp1(results, name):
+    base = _ok(results, "dpo_tp1")
+    assert base["loss"] > 0 and 0 < base["rewards/accuracy"] <= 1
+    r = _ok(results, name)
+    assert r["max_stat_abs_diff"] < 1e-5
+    assert r["grad_max_abs_diff"] < 1e-6

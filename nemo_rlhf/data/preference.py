@@ -1,0 +1,62 @@
+"""Preference pairs as padded tensors [N, 2, S] (index 0 = chosen, 1 = rejected)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+import torch
+
+
+@dataclass
+class PreferenceDataset(torch.utils.data.Dataset):
+    tokens: torch.Tensor     # [N, 2, S] prompt + completion + EOS, right-padded
+    labels: torch.Tensor     # [N, 2, S] tokens shifted left
+    loss_mask: torch.Tensor  # [N, 2, S] 1 where labels are completion tokens
+    ref_logps: torch.Tensor  # [N, 2] reference log-probs (filled by the DPO module when precomputed)
+
+    def __len__(self):
+        return self.tokens.shape[0]
+
+    def __getitem__(self, i) -> Dict[str, torch.Tensor]:
+        return {"tokens": self.tokens[i], "labels": self.labels[i], "loss_mask": self.loss_mask[i],
+                "ref_logps": self.ref_logps[i]}
+
+    @classmethod
+    def build(cls, pairs: Sequence[Tuple[List[int], List[int], List[int]]], seq_length: int, pad_id: int,
+              eos_id: int) -> "PreferenceDataset":
+        """``pairs`` of (prompt ids, chosen completion ids, rejected completion ids), EOS appended."""
+        n = len(pairs)
+        if n == 0:
+            raise ValueError("no preference pairs")
+        tokens = torch.full((n, 2, seq_length + 1), pad_id, dtype=torch.long)
+        mask = torch.zeros(n, 2, seq_length + 1)
+        for i, (prompt, chosen, rejected) in enumerate(pairs):
+            for j, completion in enumerate((chosen, rejected)):
+                seq = list(prompt) + list(completion) + [eos_id]
+                if len(seq) > seq_length + 1:
+                    raise ValueError(f"pair {i}: {len(seq)} tokens, more than seq_length + 1 = {seq_length + 1}")
+                tokens[i, j, :len(seq)] = torch.tensor(seq)
+                mask[i, j, len(prompt):len(seq)] = 1.0
+        return cls(tokens[..., :-1].contiguous(), tokens[..., 1:].contiguous(), mask[..., 1:].contiguous(),
+                   torch.zeros(n, 2))
+
+
+def randomwalk_pairs(task, tokenizer, num_pairs: int, seed: int):
+    """Two training walks from the same start with different optimality; the better one is chosen."""
+    rng = np.random.RandomState(seed)
+    by_start: Dict[int, list] = {}
+    for w in task.walks:
+        by_start.setdefault(w[0], []).append(w)
+    starts = [s for s, ws in by_start.items() if len({task.walk_optimality(w) for w in ws}) > 1]
+    pairs = []
+    while len(pairs) < num_pairs:
+        ws = by_start[starts[rng.randint(len(starts))]]
+        a, b = ws[rng.randint(len(ws))], ws[rng.randint(len(ws))]
+        oa, ob = task.walk_optimality(a), task.walk_optimality(b)
+        if oa == ob:
+            continue
+        chosen, rejected = (a, b) if oa > ob else (b, a)
+        enc = lambda w: tokenizer.encode(task.walk_text(w[1:]))
+        pairs.append((tokenizer.encode(task.walk_text(a[:1])), enc(chosen), enc(rejected)))
+    return pairs
