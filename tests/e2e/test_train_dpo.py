@@ -1,0 +1,40 @@
+"""End-to-end DPO: python -m nemo_rlhf.train --config-name dpo_tiny."""
+import json
+import math
+
+import pytest
+
+from tests.conftest import train
+
+pytestmark = pytest.mark.slow
+
+
+def _ok(proc):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+def test_dpo_tiny_first_step_ln2_and_final_model_improves(tmp_path):
+    run = tmp_path / "dpo"
+    _ok(train([f"hydra.run.dir={run}", "trainer.progress_bar=false", "trainer.eval_every_n_steps=0"],
+              config="dpo_tiny"))
+    s = json.loads((run / "summary.json").read_text())
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in l]
+    assert rows[0]["step"] == 1 and abs(rows[0]["loss"] - math.log(2)) < 1e-6   # policy == reference
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen"):
+        assert key in rows[-1]
+    assert rows[-1]["rewards/accuracy"] > 0.8
+    init, final = s["initial"], s["final"]                     # initial = the SFT policy
+    assert final["optimality"] >= init["optimality"] + 0.15    # the issue's bar
+    assert final["valid_rate"] >= 0.9
+    assert (run / "reference_logps.pt").is_file()
+
+
+def test_dpo_in_memory_reference_and_ipo(tmp_path):
+    run = tmp_path / "ipo"
+    _ok(train([f"hydra.run.dir={run}", "trainer.progress_bar=false", "trainer.max_steps=3", "dpo.sft_steps=20",
+               "dpo.reference=model", "dpo.loss_type=ipo", "trainer.eval_every_n_steps=0",
+               "task.eval_samples_per_start=1", "dpo.num_pairs=256"], config="dpo_tiny"))
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in l]
+    # IPO at h = 0: (0 - 1 / (2 beta))^2 = 1 for beta 0.5
+    assert abs(rows[0]["loss"] - 1.0) < 1e-5
