@@ -199,6 +199,36 @@ def _sft_extra(sft_summary) -> Dict[str, Any]:
     return {"sft": {k: sft_summary[k] for k in ("initial", "final", "steps", "wall_time_s")}} if sft_summary else {}
 
 
+def run_rm(ctx: _Context, rcfg: RunConfig, run_dir: Path) -> Dict[str, Any]:
+    from nemo_rlhf.checkpoint import load_checkpoint, load_weights
+    from nemo_rlhf.data.preference import PreferenceDataset, randomwalk_pairs
+    from nemo_rlhf.modules.reward_model import RewardModelModule
+    from nemo_rlhf.modules.run_dir import RunDirectory
+
+    t_start = time.perf_counter()
+    rd = RunDirectory(run_dir)
+    rd.write_config(ctx.config_yaml)
+    pairs = randomwalk_pairs(ctx.task, ctx.tokenizer, rcfg.rm.num_pairs, rcfg.trainer.seed)
+    n_held = max(1, int(len(pairs) * rcfg.rm.heldout_fraction))
+    build = lambda ps: PreferenceDataset.build(ps, rcfg.model.seq_length, ctx.tokenizer.pad_id, ctx.tokenizer.eos_id)
+    train_set, heldout = build(pairs[:-n_held]), build(pairs[-n_held:])
+    module = RewardModelModule(rcfg, train_set, heldout, ctx.tokenizer.vocab_size, rd, ctx.dp_rank, ctx.dp_size,
+                               config_yaml=ctx.config_yaml)
+    resume_from = _resume_path(rcfg, rd.checkpoint_dir)
+    if resume_from is not None:
+        loop = load_checkpoint(resume_from, module.engine.chunks, module.engine.optimizer, module.engine.scheduler)
+        module.step, module.initial_eval = int(loop["step"]), loop.get("initial_eval")
+        module._last_ckpt_step = module.step
+        rd.truncate_metrics_after(module.step)
+    elif rcfg.model.path:
+        load_weights(rcfg.model.path, module.engine.chunks)          # the head starts fresh
+        module.engine.optimizer.reload_model_params()
+    _fit(module, ctx, rcfg, rd)
+    summary = _finish(module, rd, ctx, rcfg, t_start, {"num_pairs": len(train_set), "heldout_pairs": len(heldout)})
+    ctx.module = module
+    return summary
+
+
 def run_dpo(ctx: _Context, rcfg: RunConfig, run_dir: Path) -> Dict[str, Any]:
     from nemo_rlhf.checkpoint import CheckpointError, load_checkpoint
     from nemo_rlhf.data.preference import PreferenceDataset, randomwalk_pairs
@@ -381,6 +411,8 @@ def run(cfg: DictConfig | RunConfig, run_dir: str | os.PathLike, reward_fn=None,
         summary = run_ilql(ctx, rcfg, ctx.run_dir, samples, rewards)
     elif rcfg.algorithm.name == "dpo":
         summary = run_dpo(ctx, rcfg, ctx.run_dir)
+    elif rcfg.algorithm.name == "rm":
+        summary = run_rm(ctx, rcfg, ctx.run_dir)
     else:
         if reward_fn is not None or prompts is not None:
             raise ConfigError("reward_fn / prompts are PPO inputs: set algorithm.name=ppo")
@@ -394,7 +426,8 @@ def _print_summary(summary: Dict[str, Any], run_dir: Path, rank: int) -> None:
         return
     init, fin = summary["initial"], summary["final"]
     keys = [k for k in ("optimality", "valid_rate", "optimality_greedy", "valid_rate_greedy",
-                        "optimality_beta0", "valid_rate_beta0", "behaviour_optimality") if k in fin]
+                        "optimality_beta0", "valid_rate_beta0", "behaviour_optimality", "accuracy",
+                        "reward_margin") if k in fin]
     lines = [f"\nnemo_rlhf: {summary['steps']} steps in {summary['wall_time_s']:.1f}s -> {run_dir}",
              f"  {'metric':<22}{'before':>10}{'after':>10}"]
     for k in keys:

@@ -213,13 +213,13 @@ class LoggerConfig:
     """metrics.csv under <run dir>/csv (metrics.jsonl is always written)."""
 
 
-ALGORITHMS = ("sft", "ppo", "ilql", "dpo")
+ALGORITHMS = ("sft", "ppo", "ilql", "dpo", "rm")
 
 
 @dataclass
 class AlgorithmConfig:
     name: str = "sft"
-    """sft | ppo | ilql | dpo"""
+    """sft | ppo | ilql | dpo | rm (reward model)"""
 
     def __post_init__(self):
         _require(self.name in ALGORITHMS,
@@ -370,6 +370,22 @@ class DPOConfig:
 
 
 @dataclass
+class RMConfig:
+    """Reward-model training (algorithm.name=rm): Bradley-Terry on preference pairs, a scalar
+    head on a megatron GPT read at the last completion token. PPO takes the result as
+    ppo.reward_model=<run dir>/checkpoints/step_X."""
+
+    num_pairs: int = 4000
+    heldout_fraction: float = 0.1
+    """Pairs kept out of training to measure pairwise accuracy."""
+    margin: float = 0.0
+
+    def __post_init__(self):
+        _positive(self.num_pairs, "rm.num_pairs")
+        _require(0 < self.heldout_fraction < 1, f"rm.heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+
+
+@dataclass
 class RunConfig:
     """Top-level configuration of one run (``python -m nemo_rlhf.train --config-name ...``)."""
 
@@ -384,6 +400,7 @@ class RunConfig:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     ilql: ILQLConfig = field(default_factory=ILQLConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    rm: RMConfig = field(default_factory=RMConfig)
     resume: Optional[str] = None
     """null (fresh run) | auto (latest complete checkpoint in this run dir, fresh if none) |
     a checkpoint directory path."""
