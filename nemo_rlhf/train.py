@@ -251,7 +251,7 @@ def run_dpo(ctx: _Context, rcfg: RunConfig, run_dir: Path) -> Dict[str, Any]:
         module.step, module.initial_eval = int(loop["step"]), loop.get("initial_eval")
         module._last_ckpt_step = module.step
         rd.truncate_metrics_after(module.step)
-        if rcfg.dpo.reference == "precomputed":
+        if rcfg.dpo.reference == "precomputed" and rcfg.dpo.loss_type not in ("simpo", "orpo"):
             import torch
 
             ref_file = rd.path / "reference_logps.pt"
@@ -262,7 +262,7 @@ def run_dpo(ctx: _Context, rcfg: RunConfig, run_dir: Path) -> Dict[str, Any]:
     else:
         if init_path is not None:
             module.init_from(init_path)
-        if rcfg.dpo.reference == "precomputed":
+        if rcfg.dpo.reference == "precomputed" and rcfg.dpo.loss_type not in ("simpo", "orpo"):
             module.precompute_reference()
     _fit(module, ctx, rcfg, rd)
     summary = _finish(module, rd, ctx, rcfg, t_start, {"num_pairs": len(dataset), **_sft_extra(sft_summary)})

@@ -342,7 +342,12 @@ class DPOConfig:
 
     beta: float = 0.1
     loss_type: str = "sigmoid"
-    """sigmoid | ipo | hinge | robust (nemo_rlhf.algorithms.dpo.DPO_LOSSES)"""
+    """sigmoid | ipo | hinge | robust (DPO variants, nemo_rlhf.algorithms.dpo.DPO_LOSSES) |
+    simpo | orpo (reference-free: no reference pass or model)"""
+    simpo_gamma: float = 0.5
+    """SimPO target margin gamma (SimPO uses length-normalised log-probs)."""
+    orpo_lambda: float = 0.1
+    """ORPO weight of the odds-ratio term next to the chosen completion's NLL."""
     label_smoothing: float = 0.0
     """Conservative DPO / robust DPO label-noise rate."""
     length_normalize: bool = False
@@ -359,8 +364,8 @@ class DPOConfig:
     sft_micro_batch_size: int = 32
 
     def __post_init__(self):
-        _require(self.loss_type in ("sigmoid", "ipo", "hinge", "robust"),
-                 f"dpo.loss_type must be sigmoid|ipo|hinge|robust, got {self.loss_type!r}")
+        _require(self.loss_type in ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"),
+                 f"dpo.loss_type must be sigmoid|ipo|hinge|robust|simpo|orpo, got {self.loss_type!r}")
         _require(self.beta > 0, f"dpo.beta must be > 0, got {self.beta}")
         _require(0 <= self.label_smoothing < 0.5, f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         _require(self.reference in ("precomputed", "model"),

@@ -9,7 +9,9 @@ from typing import Any, Dict, Optional
 import pytorch_lightning as pl
 import torch
 
-from nemo_rlhf.algorithms.dpo import dpo_loss
+from nemo_rlhf.algorithms.dpo import dpo_loss, orpo_loss, simpo_loss
+
+REFERENCE_FREE = ("simpo", "orpo")
 from nemo_rlhf.checkpoint import save_checkpoint
 from nemo_rlhf.config.schema import DPOConfig, RunConfig
 from nemo_rlhf.data.preference import PreferenceDataset
@@ -41,7 +43,7 @@ def dpo_forward(batch: Dict[str, torch.Tensor], model, cfg: DPOConfig, reference
     nll = model(flat, torch.arange(s, device=flat.device).expand_as(flat), None,
                 labels=batch["labels"].reshape(b * two, s))
     ref = batch["ref_logps"]
-    if reference is not None:
+    if reference is not None and cfg.loss_type not in REFERENCE_FREE:
         with torch.no_grad():
             ref = sequence_logps(reference, batch["tokens"], batch["labels"], batch["loss_mask"], cfg.length_normalize)
     return nll, partial(dpo_loss_func, batch, cfg, ref)
@@ -50,12 +52,21 @@ def dpo_forward(batch: Dict[str, torch.Tensor], model, cfg: DPOConfig, reference
 def dpo_loss_func(batch, cfg: DPOConfig, ref_logps, nll):
     b, two, s = batch["tokens"].shape
     mask = batch["loss_mask"].reshape(b * two, s)
-    logps = -(nll.float() * mask).sum(-1)
-    if cfg.length_normalize:
-        logps = logps / mask.sum(-1).clamp(min=1)
-    logps = logps.view(b, two)
-    losses, rc, rr = dpo_loss(logps[:, 0], logps[:, 1], ref_logps[:, 0], ref_logps[:, 1], cfg.beta,
-                              cfg.loss_type, cfg.label_smoothing)
+    sums = -(nll.float() * mask).sum(-1)
+    counts = mask.sum(-1).clamp(min=1)
+    if cfg.loss_type in REFERENCE_FREE:
+        # SimPO / ORPO: length-normalised log-probs, no reference; "rewards" are beta * avg logp
+        avg = (sums / counts).view(b, two)
+        if cfg.loss_type == "simpo":
+            losses = simpo_loss(avg[:, 0], avg[:, 1], cfg.beta, cfg.simpo_gamma, cfg.label_smoothing)
+        else:
+            chosen_nll = -avg[:, 0]
+            losses, _ = orpo_loss(avg[:, 0], avg[:, 1], chosen_nll, cfg.orpo_lambda)
+        logps, rc, rr = avg, cfg.beta * avg[:, 0].detach(), cfg.beta * avg[:, 1].detach()
+    else:
+        logps = (sums / counts if cfg.length_normalize else sums).view(b, two)
+        losses, rc, rr = dpo_loss(logps[:, 0], logps[:, 1], ref_logps[:, 0], ref_logps[:, 1], cfg.beta,
+                                  cfg.loss_type, cfg.label_smoothing)
     n = torch.tensor(float(b), device=losses.device)
     pair = lambda x: torch.stack([x.detach().sum().double(), n.double()])
     report = {"loss": pair(losses), "rewards/chosen": pair(rc), "rewards/rejected": pair(rr),
@@ -75,7 +86,7 @@ class DPOModule(pl.LightningModule):
         self.engine = MegatronEngine(cfg.model, cfg.parallel, cfg.optim, vocab_size, cfg.trainer.max_steps)
         self.chunks = torch.nn.ModuleList(self.engine.chunks)
         self.reference = None
-        if self.dpo.reference == "model":
+        if self.dpo.reference == "model" and self.dpo.loss_type not in REFERENCE_FREE:
             self.reference = build_gpt_chunks(cfg.model, cfg.parallel, vocab_size)[0].eval()
             for p in self.reference.parameters():
                 p.requires_grad_(False)

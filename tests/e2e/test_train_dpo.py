@@ -38,3 +38,15 @@ def test_dpo_in_memory_reference_and_ipo(tmp_path):
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in l]
     # IPO at h = 0: (0 - 1 / (2 beta))^2 = 1 for beta 0.5
     assert abs(rows[0]["loss"] - 1.0) < 1e-5
+
+
+@pytest.mark.parametrize("loss_type", ["simpo", "orpo"])
+def test_reference_free_variants_improve_the_sft_policy(tmp_path, loss_type):
+    run = tmp_path / loss_type
+    _ok(train([f"hydra.run.dir={run}", "trainer.progress_bar=false", f"dpo.loss_type={loss_type}",
+               "trainer.max_steps=40", "trainer.eval_every_n_steps=0",
+               "dpo.beta=2.0", "optim.lr=3e-4"], config="dpo_tiny"))
+    s = json.loads((run / "summary.json").read_text())
+    assert not (run / "reference_logps.pt").exists()            # no reference pass
+    assert s["final"]["optimality"] > s["initial"]["optimality"] + 0.05
+    assert s["final"]["valid_rate"] >= 0.8
