@@ -24,7 +24,7 @@ demo: $(VENV)/.installed
 	$(PY) -m nemo_rlhf.train --config-name $(DEMO_CONFIG) hydra.run.dir=runs/demo_$(DEMO_CONFIG)
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
+	$(PY) -m pytest -q -rs --durations=15 $(PYTEST_ARGS)
 
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -rs -m "not slow and not distributed" $(PYTEST_ARGS)

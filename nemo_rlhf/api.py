@@ -13,7 +13,6 @@ with none, PPO starts with an SFT warm-up on the task's data (``config.ppo.sft_s
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 

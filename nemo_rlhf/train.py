@@ -109,6 +109,19 @@ def _resume_path(rcfg: RunConfig, checkpoint_dir: Path) -> Optional[Path]:
     return None
 
 
+def _resume(module, engine, resume_from: Path, rd, extra=None) -> Dict[str, Any]:
+    """Restore ``engine`` (+ ``extra`` models), the step and the initial evaluation from a
+    checkpoint; drop metrics records after it (they will be redone)."""
+    from nemo_rlhf.checkpoint import load_checkpoint
+
+    loop = load_checkpoint(resume_from, engine.chunks, engine.optimizer, engine.scheduler, extra=extra)
+    module.step, module.initial_eval = int(loop["step"]), loop.get("initial_eval")
+    module._last_ckpt_step = module.step
+    rd.truncate_metrics_after(module.step)
+    log.info("resumed from %s at step %d", resume_from, module.step)
+    return loop
+
+
 def _finish(module, rd, ctx: _Context, rcfg: RunConfig, t_start: float,
             extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Final evaluation (unless the last step just ran one), final checkpoint, summary.json."""
@@ -135,7 +148,7 @@ def _fit(module, ctx: _Context, rcfg: RunConfig, rd) -> None:
 
 
 def run_sft(ctx: _Context, rcfg: RunConfig, run_dir: Path) -> Dict[str, Any]:
-    from nemo_rlhf.checkpoint import load_checkpoint, load_weights
+    from nemo_rlhf.checkpoint import load_weights
     from nemo_rlhf.data.sft import SFTDataset
     from nemo_rlhf.modules.run_dir import RunDirectory
     from nemo_rlhf.modules.sft import SFTModule
@@ -152,12 +165,7 @@ def run_sft(ctx: _Context, rcfg: RunConfig, run_dir: Path) -> Dict[str, Any]:
                        dp_size=ctx.dp_size, config_yaml=config_yaml)
     resume_from = _resume_path(rcfg, rd.checkpoint_dir)
     if resume_from is not None:
-        loop = load_checkpoint(resume_from, module.engine.chunks, module.engine.optimizer, module.engine.scheduler)
-        module.step = int(loop["step"])
-        module.initial_eval = loop.get("initial_eval")
-        module._last_ckpt_step = module.step
-        rd.truncate_metrics_after(module.step)
-        log.info("resumed from %s at step %d", resume_from, module.step)
+        _resume(module, module.engine, resume_from, rd)
     elif rcfg.model.path:
         load_weights(rcfg.model.path, module.engine.chunks)
         module.engine.optimizer.reload_model_params()
@@ -200,7 +208,7 @@ def _sft_extra(sft_summary) -> Dict[str, Any]:
 
 
 def run_rm(ctx: _Context, rcfg: RunConfig, run_dir: Path) -> Dict[str, Any]:
-    from nemo_rlhf.checkpoint import load_checkpoint, load_weights
+    from nemo_rlhf.checkpoint import load_weights
     from nemo_rlhf.data.preference import PreferenceDataset, randomwalk_pairs
     from nemo_rlhf.modules.reward_model import RewardModelModule
     from nemo_rlhf.modules.run_dir import RunDirectory
@@ -216,10 +224,7 @@ def run_rm(ctx: _Context, rcfg: RunConfig, run_dir: Path) -> Dict[str, Any]:
                                config_yaml=ctx.config_yaml)
     resume_from = _resume_path(rcfg, rd.checkpoint_dir)
     if resume_from is not None:
-        loop = load_checkpoint(resume_from, module.engine.chunks, module.engine.optimizer, module.engine.scheduler)
-        module.step, module.initial_eval = int(loop["step"]), loop.get("initial_eval")
-        module._last_ckpt_step = module.step
-        rd.truncate_metrics_after(module.step)
+        _resume(module, module.engine, resume_from, rd)
     elif rcfg.model.path:
         load_weights(rcfg.model.path, module.engine.chunks)          # the head starts fresh
         module.engine.optimizer.reload_model_params()
@@ -230,7 +235,7 @@ def run_rm(ctx: _Context, rcfg: RunConfig, run_dir: Path) -> Dict[str, Any]:
 
 
 def run_dpo(ctx: _Context, rcfg: RunConfig, run_dir: Path) -> Dict[str, Any]:
-    from nemo_rlhf.checkpoint import CheckpointError, load_checkpoint
+    from nemo_rlhf.checkpoint import CheckpointError
     from nemo_rlhf.data.preference import PreferenceDataset, randomwalk_pairs
     from nemo_rlhf.modules.dpo import DPOModule
     from nemo_rlhf.modules.run_dir import RunDirectory
@@ -246,11 +251,7 @@ def run_dpo(ctx: _Context, rcfg: RunConfig, run_dir: Path) -> Dict[str, Any]:
                        config_yaml=ctx.config_yaml)
     if resume_from is not None:
         extra = {"reference": ([module.reference], None, None)} if module.reference is not None else None
-        loop = load_checkpoint(resume_from, module.engine.chunks, module.engine.optimizer, module.engine.scheduler,
-                               extra=extra)
-        module.step, module.initial_eval = int(loop["step"]), loop.get("initial_eval")
-        module._last_ckpt_step = module.step
-        rd.truncate_metrics_after(module.step)
+        _resume(module, module.engine, resume_from, rd, extra=extra)
         if rcfg.dpo.reference == "precomputed" and rcfg.dpo.loss_type not in ("simpo", "orpo"):
             import torch
 
@@ -258,7 +259,6 @@ def run_dpo(ctx: _Context, rcfg: RunConfig, run_dir: Path) -> Dict[str, Any]:
             if not ref_file.is_file():
                 raise CheckpointError(f"resume: {ref_file} (the precomputed reference log-probs) is missing")
             dataset.ref_logps.copy_(torch.load(ref_file))
-        log.info("resumed from %s at step %d", resume_from, module.step)
     else:
         if init_path is not None:
             module.init_from(init_path)
@@ -274,7 +274,6 @@ def run_ppo(ctx: _Context, rcfg: RunConfig, run_dir: Path, reward_fn=None, promp
             eval_prompts=None) -> Dict[str, Any]:
     import torch
 
-    from nemo_rlhf.checkpoint import latest_checkpoint, load_checkpoint
     from nemo_rlhf.modules.ppo import PPOModule
     from nemo_rlhf.modules.run_dir import RunDirectory
     from nemo_rlhf.rewards import resolve_reward_fn
@@ -299,11 +298,7 @@ def run_ppo(ctx: _Context, rcfg: RunConfig, run_dir: Path, reward_fn=None, promp
     module = PPOModule(rcfg, prompt_ids, ctx.tokenizer, reward_fn, rd, evaluate_fn, ctx.dp_rank, ctx.dp_size,
                        config_yaml=ctx.config_yaml)
     if resume_from is not None:
-        loop = load_checkpoint(resume_from, module.actor.chunks, module.actor.optimizer, module.actor.scheduler,
-                               extra=module.engines_for_checkpoint())
-        module.load_loop_state(loop)
-        rd.truncate_metrics_after(module.step)
-        log.info("resumed from %s at step %d", resume_from, module.step)
+        module.load_loop_state(_resume(module, module.actor, resume_from, rd, extra=module.engines_for_checkpoint()))
     elif init_path is not None:
         module.init_from(init_path)
     _fit(module, ctx, rcfg, rd)
@@ -345,7 +340,7 @@ def _evaluate_with_prompts(ctx: _Context, prompt_ids, reward_fn, engine, step):
 
 
 def run_ilql(ctx: _Context, rcfg: RunConfig, run_dir: Path, samples=None, rewards=None) -> Dict[str, Any]:
-    from nemo_rlhf.checkpoint import load_checkpoint, load_weights
+    from nemo_rlhf.checkpoint import load_weights
     from nemo_rlhf.data.ilql import ILQLDataset, load_jsonl_samples
     from nemo_rlhf.evaluation import evaluate_randomwalks
     from nemo_rlhf.modules.ilql import ILQLModule, ilql_logits_processor
@@ -377,11 +372,7 @@ def run_ilql(ctx: _Context, rcfg: RunConfig, run_dir: Path, samples=None, reward
                         config_yaml=ctx.config_yaml)
     resume_from = _resume_path(rcfg, rd.checkpoint_dir)
     if resume_from is not None:
-        loop = load_checkpoint(resume_from, module.engine.chunks, module.engine.optimizer, module.engine.scheduler)
-        module.step, module.initial_eval = int(loop["step"]), loop.get("initial_eval")
-        module._last_ckpt_step = module.step
-        rd.truncate_metrics_after(module.step)
-        log.info("resumed from %s at step %d", resume_from, module.step)
+        _resume(module, module.engine, resume_from, rd)
     elif rcfg.model.path:
         load_weights(rcfg.model.path, module.engine.chunks, skip_prefixes=("ilql_heads.",))
         module.engine.optimizer.reload_model_params()

@@ -279,7 +279,7 @@ class PPOConfig:
         _require(self.scale_reward in ("none", "running"),
                  f"ppo.scale_reward must be none|running, got {self.scale_reward!r}")
         _require(self.init_kl_coef >= 0, f"ppo.init_kl_coef must be >= 0, got {self.init_kl_coef}")
-        _require(self.target_kl is None or self.target_kl > 0, f"ppo.target_kl must be null or > 0")
+        _require(self.target_kl is None or self.target_kl > 0, "ppo.target_kl must be null or > 0")
         _require(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "ppo.gamma and ppo.lam must be in [0, 1]")
         _require(self.sft_steps >= 0, f"ppo.sft_steps must be >= 0, got {self.sft_steps}")
 

@@ -12,13 +12,12 @@ import torch
 from nemo_rlhf.algorithms.dpo import dpo_loss, orpo_loss, simpo_loss
 
 REFERENCE_FREE = ("simpo", "orpo")
-from nemo_rlhf.checkpoint import save_checkpoint
 from nemo_rlhf.config.schema import DPOConfig, RunConfig
 from nemo_rlhf.data.preference import PreferenceDataset
-from nemo_rlhf.data.sampler import GlobalBatchSampler
 from nemo_rlhf.logging import get_logger
 from nemo_rlhf.models.gpt import build_gpt_chunks
 from nemo_rlhf.modules.engine import MegatronEngine
+from nemo_rlhf.modules.loop import dp_loader, end_of_step, record_eval, save_engine, start_clock
 from nemo_rlhf.modules.run_dir import RunDirectory
 
 log = get_logger(__name__)
@@ -119,10 +118,7 @@ class DPOModule(pl.LightningModule):
             torch.save(ds.ref_logps.clone(), path)
 
     def train_dataloader(self):
-        t = self.cfg.trainer
-        sampler = GlobalBatchSampler(len(self.dataset), t.global_batch_size, self.dp_rank, self.dp_size,
-                                     seed=t.seed, start_step=self.step, end_step=t.max_steps)
-        return torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=0)
+        return dp_loader(self.dataset, self)
 
     def configure_optimizers(self):
         return None
@@ -130,36 +126,18 @@ class DPOModule(pl.LightningModule):
     def on_train_start(self):
         if self.initial_eval is None:
             self.initial_eval = self.evaluate()
+        start_clock(self)
 
     def training_step(self, batch, batch_idx):
-        t = self.cfg.trainer
-        stats = self.engine.train_step(batch, t.micro_batch_size,
+        stats = self.engine.train_step(batch, self.cfg.trainer.micro_batch_size,
                                        partial(dpo_forward, cfg=self.dpo, reference=self.reference))
         self.step += 1
-        self.log("loss", stats["loss"], prog_bar=True, logger=False, batch_size=1)
-        if self.step % t.log_every_n_steps == 0 or self.step == t.max_steps or self.step == 1:
-            self.run_dir.log(self.step, stats, kind="train")
-        if t.eval_every_n_steps and self.step % t.eval_every_n_steps == 0 and self.step != t.max_steps:
-            self.evaluate()
-        if t.checkpoint_every_n_steps and self.step % t.checkpoint_every_n_steps == 0:
-            self.save()
+        end_of_step(self, stats)
 
     def evaluate(self) -> Dict[str, Any]:
         t0 = time.perf_counter()
-        metrics = self.evaluate_fn(self.engine, self.step)
-        metrics["eval_time_s"] = time.perf_counter() - t0
-        self.run_dir.log(self.step, metrics, kind="eval")
-        self.last_eval = dict(metrics, step=self.step)
-        log.info("step %d eval: %s", self.step,
-                 " ".join(f"{k}={v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
-        return self.last_eval
+        return record_eval(self, self.evaluate_fn(self.engine, self.step), t0)
 
     def save(self):
-        if self._last_ckpt_step == self.step:
-            return
         extra = {"reference": ([self.reference], None, None)} if self.reference is not None else None
-        save_checkpoint(self.run_dir.checkpoint_dir, self.step, self.engine.chunks, self.engine.optimizer,
-                        self.engine.scheduler, loop_state={"initial_eval": self.initial_eval},
-                        config_yaml=self.config_yaml, keep_last=self.cfg.trainer.keep_last_n_checkpoints,
-                        extra=extra)
-        self._last_ckpt_step = self.step
+        save_engine(self, self.engine, extra=extra)

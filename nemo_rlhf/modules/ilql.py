@@ -10,14 +10,13 @@ import pytorch_lightning as pl
 import torch
 
 from nemo_rlhf.algorithms.ilql import ilql_logits, ilql_loss, polyak_update
-from nemo_rlhf.checkpoint import save_checkpoint
 from nemo_rlhf.config.schema import ILQLConfig, RunConfig
 from nemo_rlhf.data.ilql import ILQLDataset
-from nemo_rlhf.data.sampler import GlobalBatchSampler
 from nemo_rlhf.logging import get_logger
 from nemo_rlhf.models.gpt import unwrap
 from nemo_rlhf.models.heads import attach_ilql_heads, ilql_heads_output
 from nemo_rlhf.modules.engine import MegatronEngine
+from nemo_rlhf.modules.loop import dp_loader, end_of_step, record_eval, save_engine, start_clock
 from nemo_rlhf.modules.run_dir import RunDirectory
 
 log = get_logger(__name__)
@@ -70,13 +69,9 @@ class ILQLModule(pl.LightningModule):
         self.initial_eval: Optional[Dict[str, Any]] = None
         self.last_eval: Optional[Dict[str, Any]] = None
         self._last_ckpt_step = -1
-        self._t_last = None
 
     def train_dataloader(self):
-        t = self.cfg.trainer
-        sampler = GlobalBatchSampler(len(self.dataset), t.global_batch_size, self.dp_rank, self.dp_size,
-                                     seed=t.seed, start_step=self.step, end_step=t.max_steps)
-        return torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=0)
+        return dp_loader(self.dataset, self)
 
     def configure_optimizers(self):
         return None
@@ -84,38 +79,20 @@ class ILQLModule(pl.LightningModule):
     def on_train_start(self):
         if self.initial_eval is None:
             self.initial_eval = self.evaluate()
-        self._t_last = time.perf_counter()
+        start_clock(self)
 
     def training_step(self, batch, batch_idx):
-        t = self.cfg.trainer
-        stats = self.engine.train_step(batch, t.micro_batch_size, partial(ilql_forward, cfg=self.ilql))
+        stats = self.engine.train_step(batch, self.cfg.trainer.micro_batch_size, partial(ilql_forward, cfg=self.ilql))
         self.step += 1
         if self.step % self.ilql.steps_for_target_q_sync == 0:
             heads = self.engine.module.ilql_heads
             for target, q in zip(heads.target_q_heads, heads.q_heads):
                 polyak_update(target, q, self.ilql.target_sync_rate)
-        self.log("loss", stats["loss"], prog_bar=True, logger=False, batch_size=1)
-        if self.step % t.log_every_n_steps == 0 or self.step == t.max_steps:
-            self.run_dir.log(self.step, stats, kind="train")
-        if t.eval_every_n_steps and self.step % t.eval_every_n_steps == 0 and self.step != t.max_steps:
-            self.evaluate()
-        if t.checkpoint_every_n_steps and self.step % t.checkpoint_every_n_steps == 0:
-            self.save()
+        end_of_step(self, stats)
 
     def evaluate(self) -> Dict[str, Any]:
         t0 = time.perf_counter()
-        metrics = self.evaluate_fn(self.engine, self.step)
-        metrics["eval_time_s"] = time.perf_counter() - t0
-        self.run_dir.log(self.step, metrics, kind="eval")
-        self.last_eval = dict(metrics, step=self.step)
-        log.info("step %d eval: %s", self.step,
-                 " ".join(f"{k}={v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
-        return self.last_eval
+        return record_eval(self, self.evaluate_fn(self.engine, self.step), t0)
 
     def save(self):
-        if self._last_ckpt_step == self.step:
-            return
-        save_checkpoint(self.run_dir.checkpoint_dir, self.step, self.engine.chunks, self.engine.optimizer,
-                        self.engine.scheduler, loop_state={"initial_eval": self.initial_eval},
-                        config_yaml=self.config_yaml, keep_last=self.cfg.trainer.keep_last_n_checkpoints)
-        self._last_ckpt_step = self.step
+        save_engine(self, self.engine)

@@ -17,15 +17,13 @@ import torch
 import torch.distributed as dist
 
 from nemo_rlhf.algorithms.ppo import gae, kl_penalized_rewards, make_kl_controller, policy_loss, value_loss
-from nemo_rlhf.algorithms.reductions import masked_mean
-from nemo_rlhf.checkpoint import save_checkpoint
 from nemo_rlhf.config.schema import PPOConfig, RunConfig
-from nemo_rlhf.data.sampler import GlobalBatchSampler
 from nemo_rlhf.generation.sampling import SamplingParams, generate
 from nemo_rlhf.logging import get_logger
 from nemo_rlhf.models.gpt import build_gpt_chunks, unwrap
 from nemo_rlhf.models.heads import attach_value_head, value_head_output
 from nemo_rlhf.modules.engine import MegatronEngine
+from nemo_rlhf.modules.loop import dp_loader, end_of_step, record_eval, save_engine, start_clock
 from nemo_rlhf.modules.run_dir import RunDirectory
 from nemo_rlhf.rewards import score as score_samples
 
@@ -159,10 +157,7 @@ class PPOModule(pl.LightningModule):
         load_weights(path, [self.reference])
 
     def train_dataloader(self):
-        sampler = GlobalBatchSampler(len(self.prompts), self.ppo.num_rollouts, self.dp_rank, self.dp_size,
-                                     seed=self.cfg.trainer.seed, start_step=self.step,
-                                     end_step=self.cfg.trainer.max_steps)
-        return torch.utils.data.DataLoader(self.prompts, batch_sampler=sampler, num_workers=0)
+        return dp_loader(self.prompts, self, global_batch_size=self.ppo.num_rollouts)
 
     def configure_optimizers(self):
         return None  # megatron optimizers live in the engines
@@ -170,6 +165,7 @@ class PPOModule(pl.LightningModule):
     def on_train_start(self):
         if self.initial_eval is None:
             self.initial_eval = self.evaluate()
+        start_clock(self)
 
     # -- one PPO iteration ----------------------------------------------------------------------
     def training_step(self, prompts: torch.Tensor, batch_idx: int):
@@ -189,15 +185,7 @@ class PPOModule(pl.LightningModule):
         stats.update(self.rollout_stats(rollout), **timings)
         stats["kl_coef"] = self.kl_ctl.value
         self.kl_ctl.update(stats["kl"], n_steps=self.ppo.num_rollouts)
-        self.log("reward", stats["reward_mean"], prog_bar=True, logger=False, batch_size=1)
-        self.log("kl", stats["kl"], prog_bar=True, logger=False, batch_size=1)
-        t = self.cfg.trainer
-        if self.step % t.log_every_n_steps == 0 or self.step == t.max_steps:
-            self.run_dir.log(self.step, stats, kind="train")
-        if t.eval_every_n_steps and self.step % t.eval_every_n_steps == 0 and self.step != t.max_steps:
-            self.evaluate()
-        if t.checkpoint_every_n_steps and self.step % t.checkpoint_every_n_steps == 0:
-            self.save()
+        end_of_step(self, stats, prog_bar=("reward_mean", "kl"))
 
     @torch.no_grad()
     def generate_rollouts(self, prompts: torch.Tensor):
@@ -328,13 +316,7 @@ class PPOModule(pl.LightningModule):
     # -- evaluation & checkpoints ---------------------------------------------------------------
     def evaluate(self) -> Dict[str, Any]:
         t0 = time.perf_counter()
-        metrics = self.evaluate_fn(self.actor, self.step)
-        metrics["eval_time_s"] = time.perf_counter() - t0
-        self.run_dir.log(self.step, metrics, kind="eval")
-        self.last_eval = dict(metrics, step=self.step)
-        log.info("step %d eval: %s", self.step,
-                 " ".join(f"{k}={v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
-        return self.last_eval
+        return record_eval(self, self.evaluate_fn(self.actor, self.step), t0)
 
     def loop_state(self) -> Dict[str, Any]:
         return {"initial_eval": self.initial_eval, "kl_ctl": self.kl_ctl.state_dict(),
@@ -353,9 +335,4 @@ class PPOModule(pl.LightningModule):
         return extra
 
     def save(self):
-        if self._last_ckpt_step == self.step:
-            return
-        save_checkpoint(self.run_dir.checkpoint_dir, self.step, self.actor.chunks, self.actor.optimizer,
-                        self.actor.scheduler, loop_state=self.loop_state(), config_yaml=self.config_yaml,
-                        keep_last=self.cfg.trainer.keep_last_n_checkpoints, extra=self.engines_for_checkpoint())
-        self._last_ckpt_step = self.step
+        save_engine(self, self.actor, loop_state=self.loop_state(), extra=self.engines_for_checkpoint())

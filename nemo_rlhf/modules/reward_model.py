@@ -10,14 +10,13 @@ import pytorch_lightning as pl
 import torch
 
 from nemo_rlhf.algorithms.dpo import bradley_terry_loss
-from nemo_rlhf.checkpoint import save_checkpoint
 from nemo_rlhf.config.schema import RunConfig
 from nemo_rlhf.data.preference import PreferenceDataset
-from nemo_rlhf.data.sampler import GlobalBatchSampler
 from nemo_rlhf.logging import get_logger
 from nemo_rlhf.models.gpt import unwrap
 from nemo_rlhf.models.heads import attach_value_head, value_head_output
 from nemo_rlhf.modules.engine import MegatronEngine
+from nemo_rlhf.modules.loop import dp_loader, end_of_step, record_eval, save_engine, start_clock
 from nemo_rlhf.modules.run_dir import RunDirectory
 
 log = get_logger(__name__)
@@ -65,10 +64,7 @@ class RewardModelModule(pl.LightningModule):
         self._last_ckpt_step = -1
 
     def train_dataloader(self):
-        t = self.cfg.trainer
-        sampler = GlobalBatchSampler(len(self.train_set), t.global_batch_size, self.dp_rank, self.dp_size,
-                                     seed=t.seed, start_step=self.step, end_step=t.max_steps)
-        return torch.utils.data.DataLoader(self.train_set, batch_sampler=sampler, num_workers=0)
+        return dp_loader(self.train_set, self)
 
     def configure_optimizers(self):
         return None
@@ -76,18 +72,13 @@ class RewardModelModule(pl.LightningModule):
     def on_train_start(self):
         if self.initial_eval is None:
             self.initial_eval = self.evaluate()
+        start_clock(self)
 
     def training_step(self, batch, batch_idx):
-        t = self.cfg.trainer
-        stats = self.engine.train_step(batch, t.micro_batch_size, partial(rm_forward, margin=self.cfg.rm.margin))
+        stats = self.engine.train_step(batch, self.cfg.trainer.micro_batch_size,
+                                       partial(rm_forward, margin=self.cfg.rm.margin))
         self.step += 1
-        self.log("loss", stats["loss"], prog_bar=True, logger=False, batch_size=1)
-        if self.step % t.log_every_n_steps == 0 or self.step == t.max_steps:
-            self.run_dir.log(self.step, stats, kind="train")
-        if t.eval_every_n_steps and self.step % t.eval_every_n_steps == 0 and self.step != t.max_steps:
-            self.evaluate()
-        if t.checkpoint_every_n_steps and self.step % t.checkpoint_every_n_steps == 0:
-            self.save()
+        end_of_step(self, stats)
 
     @torch.no_grad()
     def evaluate(self) -> Dict[str, Any]:
@@ -101,17 +92,7 @@ class RewardModelModule(pl.LightningModule):
             margins += float((r[:, 0] - r[:, 1]).sum())
             n += r.shape[0]
         model.train()
-        metrics = {"accuracy": correct / n, "reward_margin": margins / n, "heldout_pairs": n,
-                   "eval_time_s": time.perf_counter() - t0}
-        self.run_dir.log(self.step, metrics, kind="eval")
-        self.last_eval = dict(metrics, step=self.step)
-        log.info("step %d eval: held-out pairwise accuracy %.3f (%d pairs)", self.step, metrics["accuracy"], n)
-        return self.last_eval
+        return record_eval(self, {"accuracy": correct / n, "reward_margin": margins / n, "heldout_pairs": n}, t0)
 
     def save(self):
-        if self._last_ckpt_step == self.step:
-            return
-        save_checkpoint(self.run_dir.checkpoint_dir, self.step, self.engine.chunks, self.engine.optimizer,
-                        self.engine.scheduler, loop_state={"initial_eval": self.initial_eval},
-                        config_yaml=self.config_yaml, keep_last=self.cfg.trainer.keep_last_n_checkpoints)
-        self._last_ckpt_step = self.step
+        save_engine(self, self.engine)

@@ -1,0 +1,66 @@
+"""Bookkeeping every training system shares (functions, not a base class): the DP-aware
+resumable dataloader, the end-of-step cadence (progress bar, metrics, evaluation, checkpoints),
+recording an evaluation, and saving an engine's checkpoint."""
+from __future__ import annotations
+
+import time
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+
+from nemo_rlhf.checkpoint import save_checkpoint
+from nemo_rlhf.data.sampler import GlobalBatchSampler
+from nemo_rlhf.logging import get_logger
+
+log = get_logger(__name__)
+
+
+def dp_loader(dataset, module, global_batch_size: Optional[int] = None) -> torch.utils.data.DataLoader:
+    """Global batches from ``module.step`` to trainer.max_steps; this rank gets its DP slice."""
+    t = module.cfg.trainer
+    sampler = GlobalBatchSampler(len(dataset), global_batch_size or t.global_batch_size, module.dp_rank,
+                                 module.dp_size, seed=t.seed, start_step=module.step, end_step=t.max_steps)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=0)
+
+
+def end_of_step(module, stats: Dict[str, float], prog_bar: Sequence[str] = ("loss",)) -> None:
+    """After ``module.step`` was incremented: progress bar, train record every log_every_n_steps
+    (with the mean step time since the last record), evaluation and checkpoint cadence."""
+    t = module.cfg.trainer
+    for key in prog_bar:
+        module.log(key, stats[key], prog_bar=True, logger=False, batch_size=1)
+    if module.step % t.log_every_n_steps == 0 or module.step == t.max_steps or module.step == 1:
+        now = time.perf_counter()
+        last_step, last_time = getattr(module, "_last_log", (module.step - 1, now))
+        stats["step_time_s"] = (now - last_time) / max(1, module.step - last_step)
+        module._last_log = (module.step, now)
+        module.run_dir.log(module.step, stats, kind="train")
+    if t.eval_every_n_steps and module.step % t.eval_every_n_steps == 0 and module.step != t.max_steps:
+        module.evaluate()
+    if t.checkpoint_every_n_steps and module.step % t.checkpoint_every_n_steps == 0:
+        module.save()
+
+
+def start_clock(module) -> None:
+    module._last_log = (module.step, time.perf_counter())
+
+
+def record_eval(module, metrics: Dict[str, Any], t0: float) -> Dict[str, Any]:
+    """Time, log (metrics.jsonl + console) and remember an evaluation at ``module.step``."""
+    metrics["eval_time_s"] = time.perf_counter() - t0
+    module.run_dir.log(module.step, metrics, kind="eval")
+    module.last_eval = dict(metrics, step=module.step)
+    log.info("step %d eval: %s", module.step,
+             " ".join(f"{k}={v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
+    return module.last_eval
+
+
+def save_engine(module, engine, loop_state: Optional[Dict[str, Any]] = None, extra=None) -> None:
+    """Checkpoint ``engine`` (+ ``extra`` models) at ``module.step``, once per step."""
+    if module._last_ckpt_step == module.step:
+        return
+    save_checkpoint(module.run_dir.checkpoint_dir, module.step, engine.chunks, engine.optimizer, engine.scheduler,
+                    loop_state=dict(loop_state or {}, initial_eval=module.initial_eval),
+                    config_yaml=module.config_yaml, keep_last=module.cfg.trainer.keep_last_n_checkpoints,
+                    extra=extra)
+    module._last_ckpt_step = module.step
