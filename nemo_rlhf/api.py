@@ -104,8 +104,9 @@ def train(model_path: Optional[str] = None, reward_fn: Optional[Callable] = None
           samples: Optional[list] = None, rewards: Optional[List[float]] = None,
           config: Optional[RunConfig] = None, run_dir: Optional[str] = None) -> Trainer:
     """As trlX: PPO when a ``reward_fn`` is given (``config`` defaults to ppo_tiny), ILQL when
-    ``samples`` and ``rewards`` are (ilql_tiny; a sample is a string or [prompt, completion]),
-    else SFT (sft_tiny). ``reward_fn(samples, prompts=..., completions=...) -> list of floats``."""
+    ``samples`` and ``rewards`` are (ilql_tiny), SFT on ``samples`` alone or on the task's data
+    (sft_tiny). A sample is a string or a [prompt, completion] pair; SFT trains on completion
+    tokens only. ``reward_fn(samples, prompts=..., completions=...) -> list of floats``."""
     import dataclasses
     import time
 
@@ -113,9 +114,11 @@ def train(model_path: Optional[str] = None, reward_fn: Optional[Callable] = None
 
     if reward_fn is not None and samples is not None:
         raise ValueError("give either reward_fn (online PPO) or samples + rewards (offline ILQL), not both")
-    if samples is not None and rewards is None:
-        raise ValueError("samples need rewards (one per sample) for ILQL")
-    algorithm = "ppo" if reward_fn is not None else "ilql" if samples is not None else None
+    # trlX's convention: reward_fn -> PPO; samples + rewards -> ILQL; samples alone -> SFT
+    algorithm = ("ppo" if reward_fn is not None else "ilql" if rewards is not None
+                 else "sft" if samples is not None else None)   # None: whatever the config says
+    if rewards is not None and samples is None:
+        raise ValueError("rewards need samples (one reward per sample)")
     if config is None:
         config = {"ppo": default_ppo_config, "ilql": default_ilql_config}.get(algorithm, default_sft_config)()
     if algorithm is not None and config.algorithm.name != algorithm:

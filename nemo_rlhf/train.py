@@ -147,7 +147,9 @@ def _fit(module, ctx: _Context, rcfg: RunConfig, rd) -> None:
         module.initial_eval = module.initial_eval or module.evaluate()
 
 
-def run_sft(ctx: _Context, rcfg: RunConfig, run_dir: Path) -> Dict[str, Any]:
+def run_sft(ctx: _Context, rcfg: RunConfig, run_dir: Path, samples=None) -> Dict[str, Any]:
+    """SFT on the task's walks, or on ``samples`` (strings, whose first token is the prompt, or
+    [prompt, completion] pairs, trlX's convention); the loss covers completion tokens only."""
     from nemo_rlhf.checkpoint import load_weights
     from nemo_rlhf.data.sft import SFTDataset
     from nemo_rlhf.modules.run_dir import RunDirectory
@@ -155,8 +157,15 @@ def run_sft(ctx: _Context, rcfg: RunConfig, run_dir: Path) -> Dict[str, Any]:
 
     t_start = time.perf_counter()
     task, tok = ctx.task, ctx.tokenizer
-    pairs = [([tok.ids[w] for w in task.walk_text(walk[:1])], tok.encode(task.walk_text(walk[1:])))
-             for walk in task.walks]
+    if samples is None:
+        samples = [[task.walk_text(walk[:1]), task.walk_text(walk[1:])] for walk in task.walks]
+    pairs = []
+    for i, sample in enumerate(samples):
+        prompt, completion = (sample[:1], sample[1:]) if isinstance(sample, str) else sample
+        try:
+            pairs.append((tok.encode(prompt), tok.encode(completion)))
+        except ValueError as e:
+            raise ConfigError(f"SFT sample {i}: {e}") from None
     dataset = SFTDataset.from_pairs(pairs, rcfg.model.seq_length, tok.pad_id, tok.eos_id)
     rd = RunDirectory(run_dir)
     config_yaml = OmegaConf.to_yaml(OmegaConf.structured(rcfg))
@@ -407,7 +416,7 @@ def run(cfg: DictConfig | RunConfig, run_dir: str | os.PathLike, reward_fn=None,
     else:
         if reward_fn is not None or prompts is not None:
             raise ConfigError("reward_fn / prompts are PPO inputs: set algorithm.name=ppo")
-        summary = run_sft(ctx, rcfg, ctx.run_dir)
+        summary = run_sft(ctx, rcfg, ctx.run_dir, samples)
     _print_summary(summary, ctx.run_dir, ctx.env.rank)
     return (summary, ctx) if return_context else summary
 

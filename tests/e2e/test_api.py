@@ -48,3 +48,18 @@ def test_python_api_ilql_from_samples_and_rewards(tmp_path):
     assert all(o.endswith("a") or len(o) == 9 for o in outs)      # valid greedy walks end at the goal
     with pytest.raises(ValueError, match="not both"):
         nemo_rlhf.train(samples=samples, rewards=rewards, reward_fn=lambda s, **k: [0.0] * len(s))
+
+
+def test_python_api_sft_on_prompt_completion_samples(tmp_path):
+    """trlX's samples=[[prompt, completion], ...]: SFT with the loss on completion tokens only."""
+    import nemo_rlhf
+
+    # always "b" -> "ca" and "c" -> "a": a model trained on completions only learns exactly these
+    samples = [["b", "ca"], ["c", "a"]] * 64
+    config = nemo_rlhf.default_sft_config("trainer.max_steps=60", "trainer.progress_bar=false",
+                                          "trainer.eval_every_n_steps=0", "task.eval_samples_per_start=1")
+    trainer = nemo_rlhf.train(samples=samples, config=config, run_dir=str(tmp_path / "sft"))
+    assert trainer.config.algorithm.name == "sft"
+    assert trainer.generate(["b", "c"], greedy=True) == ["ca", "a"]
+    with pytest.raises(Exception, match="SFT sample 1: character 'z'"):
+        nemo_rlhf.train(samples=["bca", "bz"], config=config, run_dir=str(tmp_path / "bad"))
