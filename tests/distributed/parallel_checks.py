@@ -16,7 +16,6 @@ Rank 0 writes {check: {metric: value}} to OUT.json; the pytest side asserts on t
 from __future__ import annotations
 
 import json
-import os
 import sys
 import tempfile
 import traceback

@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 
 from nemo_rlhf.data.ilql import DataError, ILQLDataset, load_jsonl_samples
 from nemo_rlhf.data.tokenizers import CharTokenizer
