@@ -147,6 +147,18 @@ def _fit(module, ctx: _Context, rcfg: RunConfig, rd) -> None:
         module.initial_eval = module.initial_eval or module.evaluate()
 
 
+def _file_examples(ctx: _Context, rcfg: RunConfig, schema: str):
+    """(tokenised examples, {"data": counts}) from data.train_file, or (None, {}) without one."""
+    from nemo_rlhf.data.files import load_examples
+
+    if rcfg.data.train_file is None:
+        return None, {}
+    examples, report = load_examples(rcfg.data, schema, ctx.tokenizer, rcfg.model.seq_length)
+    log.info("data.train_file=%s: %d examples (%d truncated, %d dropped)", rcfg.data.train_file,
+             report.examples, report.truncated, report.dropped)
+    return examples, {"data": {"train_file": str(rcfg.data.train_file), **report.as_dict()}}
+
+
 def run_sft(ctx: _Context, rcfg: RunConfig, run_dir: Path, samples=None) -> Dict[str, Any]:
     """SFT on the task's walks, or on ``samples`` (strings, whose first token is the prompt, or
     [prompt, completion] pairs, trlX's convention); the loss covers completion tokens only."""
@@ -157,16 +169,18 @@ def run_sft(ctx: _Context, rcfg: RunConfig, run_dir: Path, samples=None) -> Dict
 
     t_start = time.perf_counter()
     task, tok = ctx.task, ctx.tokenizer
-    if samples is None:
-        samples = [[task.walk_text(walk[:1]), task.walk_text(walk[1:])] for walk in task.walks]
-    pairs = []
-    for i, sample in enumerate(samples):
-        prompt, completion = (sample[:1], sample[1:]) if isinstance(sample, str) else sample
-        try:
-            pairs.append((tok.encode(prompt), tok.encode(completion)))
-        except ValueError as e:
-            raise ConfigError(f"SFT sample {i}: {e}") from None
-    dataset = SFTDataset.from_pairs(pairs, rcfg.model.seq_length, tok.pad_id, tok.eos_id)
+    pairs, data_extra = (None, {}) if samples is not None else _file_examples(ctx, rcfg, "sft")
+    if pairs is None:
+        if samples is None:
+            samples = [[task.walk_text(walk[:1]), task.walk_text(walk[1:])] for walk in task.walks]
+        pairs = []
+        for i, sample in enumerate(samples):
+            prompt, completion = (sample[:1], sample[1:]) if isinstance(sample, str) else sample
+            try:
+                pairs.append((tok.encode(prompt), tok.encode(completion) + [tok.eos_id]))
+            except ValueError as e:
+                raise ConfigError(f"SFT sample {i}: {e}") from None
+    dataset = SFTDataset.from_pairs(pairs, rcfg.model.seq_length, tok.pad_id, tok.eos_id, add_eos=False)
     rd = RunDirectory(run_dir)
     config_yaml = OmegaConf.to_yaml(OmegaConf.structured(rcfg))
     rd.write_config(config_yaml)
@@ -179,7 +193,7 @@ def run_sft(ctx: _Context, rcfg: RunConfig, run_dir: Path, samples=None) -> Dict
         load_weights(rcfg.model.path, module.engine.chunks)
         module.engine.optimizer.reload_model_params()
     _fit(module, ctx, rcfg, rd)
-    summary = _finish(module, rd, ctx, rcfg, t_start)
+    summary = _finish(module, rd, ctx, rcfg, t_start, data_extra)
     ctx.module = module
     return summary
 
@@ -188,6 +202,7 @@ def _sft_warmup_config(rcfg: RunConfig, block) -> RunConfig:
     """The SFT run that precedes PPO/DPO when no model.path is given (``block``: rcfg.ppo / rcfg.dpo)."""
     return dataclasses.replace(
         rcfg, algorithm=dataclasses.replace(rcfg.algorithm, name="sft"), resume="auto",
+        data=dataclasses.replace(rcfg.data, train_file=None),
         trainer=dataclasses.replace(rcfg.trainer, max_steps=block.sft_steps, global_batch_size=block.sft_global_batch_size,
                                     micro_batch_size=block.sft_micro_batch_size, eval_every_n_steps=0,
                                     checkpoint_every_n_steps=0, keep_last_n_checkpoints=1),
@@ -225,9 +240,15 @@ def run_rm(ctx: _Context, rcfg: RunConfig, run_dir: Path) -> Dict[str, Any]:
     t_start = time.perf_counter()
     rd = RunDirectory(run_dir)
     rd.write_config(ctx.config_yaml)
-    pairs = randomwalk_pairs(ctx.task, ctx.tokenizer, rcfg.rm.num_pairs, rcfg.trainer.seed)
+    pairs, data_extra = _file_examples(ctx, rcfg, "preference")
+    if pairs is None:
+        pairs = [(p, c + [ctx.tokenizer.eos_id], r + [ctx.tokenizer.eos_id])
+                 for p, c, r in randomwalk_pairs(ctx.task, ctx.tokenizer, rcfg.rm.num_pairs, rcfg.trainer.seed)]
+    if len(pairs) < 2:
+        raise ConfigError(f"rm: {len(pairs)} preference pair(s); need at least 2 (training + held-out)")
     n_held = max(1, int(len(pairs) * rcfg.rm.heldout_fraction))
-    build = lambda ps: PreferenceDataset.build(ps, rcfg.model.seq_length, ctx.tokenizer.pad_id, ctx.tokenizer.eos_id)
+    build = lambda ps: PreferenceDataset.build(ps, rcfg.model.seq_length, ctx.tokenizer.pad_id, ctx.tokenizer.eos_id,
+                                               add_eos=False)
     train_set, heldout = build(pairs[:-n_held]), build(pairs[-n_held:])
     module = RewardModelModule(rcfg, train_set, heldout, ctx.tokenizer.vocab_size, rd, ctx.dp_rank, ctx.dp_size,
                                config_yaml=ctx.config_yaml)
@@ -238,30 +259,55 @@ def run_rm(ctx: _Context, rcfg: RunConfig, run_dir: Path) -> Dict[str, Any]:
         load_weights(rcfg.model.path, module.engine.chunks)          # the head starts fresh
         module.engine.optimizer.reload_model_params()
     _fit(module, ctx, rcfg, rd)
-    summary = _finish(module, rd, ctx, rcfg, t_start, {"num_pairs": len(train_set), "heldout_pairs": len(heldout)})
+    summary = _finish(module, rd, ctx, rcfg, t_start,
+                      {"num_pairs": len(train_set), "heldout_pairs": len(heldout), **data_extra})
     ctx.module = module
     return summary
 
 
 def run_dpo(ctx: _Context, rcfg: RunConfig, run_dir: Path) -> Dict[str, Any]:
+    """DPO and its variants (algorithm.name=dpo) or KTO (algorithm.name=kto) on pairs / labelled
+    completions from data.train_file or built from the task's walks."""
     from nemo_rlhf.checkpoint import CheckpointError
-    from nemo_rlhf.data.preference import PreferenceDataset, randomwalk_pairs
-    from nemo_rlhf.modules.dpo import DPOModule
+    from nemo_rlhf.data.preference import KTODataset, PreferenceDataset, randomwalk_pairs, unpair
+    from nemo_rlhf.modules.dpo import DPOModule, needs_reference
     from nemo_rlhf.modules.run_dir import RunDirectory
 
     t_start = time.perf_counter()
+    kto = rcfg.algorithm.name == "kto"
+    block = rcfg.kto if kto else rcfg.dpo
+    tok = ctx.tokenizer
     rd = RunDirectory(run_dir)
     rd.write_config(ctx.config_yaml)
     resume_from = _resume_path(rcfg, rd.checkpoint_dir)
-    init_path, sft_summary = _sft_warmup(ctx, rcfg, run_dir, rcfg.dpo, resume_from is not None)
-    pairs = randomwalk_pairs(ctx.task, ctx.tokenizer, rcfg.dpo.num_pairs, rcfg.trainer.seed)
-    dataset = PreferenceDataset.build(pairs, rcfg.model.seq_length, ctx.tokenizer.pad_id, ctx.tokenizer.eos_id)
-    module = DPOModule(rcfg, dataset, ctx.tokenizer.vocab_size, rd, ctx.evaluate_fn, ctx.dp_rank, ctx.dp_size,
+    examples, data_extra = _file_examples(ctx, rcfg, "kto" if kto else "preference")
+    init_path, sft_summary = _sft_warmup(ctx, rcfg, run_dir, block, resume_from is not None)
+    if examples is None:
+        examples = [(p, c + [tok.eos_id], r + [tok.eos_id])
+                    for p, c, r in randomwalk_pairs(ctx.task, tok, block.num_pairs, rcfg.trainer.seed)]
+        examples = unpair(examples) if kto else examples
+    try:
+        if kto:
+            dataset = KTODataset.build_unpaired(examples, rcfg.model.seq_length, tok.pad_id, tok.eos_id,
+                                                seed=rcfg.trainer.seed, add_eos=False)
+        else:
+            dataset = PreferenceDataset.build(examples, rcfg.model.seq_length, tok.pad_id, tok.eos_id, add_eos=False)
+    except ValueError as e:
+        raise ConfigError(f"{rcfg.algorithm.name}: {e}") from None
+    if kto:
+        n_d = int(dataset.desirable.sum())
+        n_u = len(dataset) - n_d
+        ratio = rcfg.kto.desirable_weight * n_d / max(rcfg.kto.undesirable_weight * n_u, 1e-9)
+        if not 1.0 <= ratio <= 4 / 3:
+            log.warning("kto: desirable_weight * n_desirable / (undesirable_weight * n_undesirable) = %.3f "
+                        "(%d desirable, %d undesirable); the KTO paper recommends [1, 4/3]", ratio, n_d, n_u)
+        data_extra = {**data_extra, "desirable": n_d, "undesirable": n_u}
+    module = DPOModule(rcfg, dataset, tok.vocab_size, rd, ctx.evaluate_fn, ctx.dp_rank, ctx.dp_size,
                        config_yaml=ctx.config_yaml)
     if resume_from is not None:
         extra = {"reference": ([module.reference], None, None)} if module.reference is not None else None
         _resume(module, module.engine, resume_from, rd, extra=extra)
-        if rcfg.dpo.reference == "precomputed" and rcfg.dpo.loss_type not in ("simpo", "orpo"):
+        if block.reference == "precomputed" and needs_reference(block):
             import torch
 
             ref_file = rd.path / "reference_logps.pt"
@@ -271,10 +317,11 @@ def run_dpo(ctx: _Context, rcfg: RunConfig, run_dir: Path) -> Dict[str, Any]:
     else:
         if init_path is not None:
             module.init_from(init_path)
-        if rcfg.dpo.reference == "precomputed" and rcfg.dpo.loss_type not in ("simpo", "orpo"):
+        if block.reference == "precomputed" and needs_reference(block):
             module.precompute_reference()
     _fit(module, ctx, rcfg, rd)
-    summary = _finish(module, rd, ctx, rcfg, t_start, {"num_pairs": len(dataset), **_sft_extra(sft_summary)})
+    count = {"num_examples": len(dataset)} if kto else {"num_pairs": len(dataset)}
+    summary = _finish(module, rd, ctx, rcfg, t_start, {**count, **data_extra, **_sft_extra(sft_summary)})
     ctx.module = module
     return summary
 
@@ -409,7 +456,7 @@ def run(cfg: DictConfig | RunConfig, run_dir: str | os.PathLike, reward_fn=None,
         summary = run_ppo(ctx, rcfg, ctx.run_dir, reward_fn, prompts, eval_prompts)
     elif rcfg.algorithm.name == "ilql":
         summary = run_ilql(ctx, rcfg, ctx.run_dir, samples, rewards)
-    elif rcfg.algorithm.name == "dpo":
+    elif rcfg.algorithm.name in ("dpo", "kto"):
         summary = run_dpo(ctx, rcfg, ctx.run_dir)
     elif rcfg.algorithm.name == "rm":
         summary = run_rm(ctx, rcfg, ctx.run_dir)

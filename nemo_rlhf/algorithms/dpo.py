@@ -101,6 +101,13 @@ def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: tor
     return torch.where(desirable.bool(), good, bad)
 
 
+def kto_kl_estimate(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -> torch.Tensor:
+    """KTO's reference point z0 (Ethayarajh et al. 2024, Sec. 4.1): the batch mean of
+    log pi(y'|x) - log pi_ref(y'|x) over mismatched pairs (x, y'), clamped at 0 and detached (no
+    gradient flows through the reference point)."""
+    return (policy_kl_logps - ref_kl_logps).mean().clamp(min=0).detach()
+
+
 def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
                        margin: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
     """Reward-model loss (Bradley & Terry 1952; Ouyang et al. 2022, Eq. 1):

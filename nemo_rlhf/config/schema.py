@@ -43,6 +43,27 @@ class ModelConfig:
     """learned_absolute | rope | none"""
     normalization: str = "LayerNorm"
     """LayerNorm | RMSNorm"""
+    num_query_groups: Optional[int] = None
+    """Key/value heads (grouped-query attention); null = num_attention_heads (multi-head)."""
+    activation: str = "gelu"
+    """MLP activation: gelu (exact) | gelu_tanh (GPT-2's gelu_new) | relu | silu | swiglu (gated
+    SiLU, Llama) | geglu (gated gelu)."""
+    add_bias_linear: bool = True
+    """Biases in the attention and MLP linear layers (GPT-2, GPT-NeoX: true; Llama: false)."""
+    add_qkv_bias: bool = False
+    """Bias on the QKV projection even when add_bias_linear=false (Qwen2)."""
+    layernorm_epsilon: float = 1e-5
+    rotary_base: float = 10000.0
+    """RoPE theta (HF rope_theta)."""
+    rotary_percent: float = 1.0
+    """Fraction of each head's dimensions that RoPE rotates (GPT-NeoX rotary_pct)."""
+    rope_scaling: Optional[str] = None
+    """null | llama3 (Llama 3.1 frequency scaling) | linear (position interpolation)."""
+    rope_scaling_factor: float = 8.0
+    vocab_size: Optional[int] = None
+    """Embedding rows before padding (an imported checkpoint's vocabulary); null = the tokenizer's."""
+    max_position_embeddings: Optional[int] = None
+    """Rows of the learned position table (GPT-2 n_positions); null = seq_length. Must be >= seq_length."""
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     init_method_std: float = 0.02
@@ -59,6 +80,15 @@ class ModelConfig:
     """null | selective | full (activation recompute)"""
     path: Optional[str] = None
     """Initial weights: a nemo_rlhf checkpoint directory (dist_checkpointing). null = random init."""
+    arch: str = "gpt"
+    """gpt (megatron GPTModel, decoder-only) | t5 (megatron T5Model: the prompt goes to the encoder,
+    the completion comes from the decoder; num_layers is the decoder depth)."""
+    encoder_num_layers: Optional[int] = None
+    """arch=t5: encoder layers; null = num_layers."""
+    relative_attention_num_buckets: int = 32
+    """arch=t5 with position_embedding_type=relative: T5's relative-position buckets."""
+    relative_attention_max_distance: int = 128
+    """arch=t5 with position_embedding_type=relative: distance beyond which all positions share a bucket."""
 
     def __post_init__(self):
         for key in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
@@ -66,9 +96,21 @@ class ModelConfig:
         _require(self.hidden_size % self.num_attention_heads == 0,
                  f"model.hidden_size={self.hidden_size} is not divisible by "
                  f"model.num_attention_heads={self.num_attention_heads}")
-        _require(self.position_embedding_type in ("learned_absolute", "rope", "none"),
-                 f"model.position_embedding_type must be learned_absolute|rope|none, "
-                 f"got {self.position_embedding_type!r}")
+        _require(self.position_embedding_type in ("learned_absolute", "rope", "none", "relative"),
+                 f"model.position_embedding_type must be learned_absolute|rope|none (or relative with "
+                 f"model.arch=t5), got {self.position_embedding_type!r}")
+        _require(self.arch in ("gpt", "t5"), f"model.arch must be gpt|t5, got {self.arch!r}")
+        if self.arch == "t5":
+            _require(self.position_embedding_type in ("learned_absolute", "rope", "relative"),
+                     f"model.arch=t5 needs model.position_embedding_type learned_absolute|rope|relative, "
+                     f"got {self.position_embedding_type!r}")
+            if self.encoder_num_layers is not None:
+                _positive(self.encoder_num_layers, "model.encoder_num_layers")
+            _positive(self.relative_attention_num_buckets, "model.relative_attention_num_buckets")
+            _positive(self.relative_attention_max_distance, "model.relative_attention_max_distance")
+        else:
+            _require(self.position_embedding_type != "relative",
+                     "model.position_embedding_type=relative (T5's relative attention bias) needs model.arch=t5")
         _require(self.normalization in ("LayerNorm", "RMSNorm"),
                  f"model.normalization must be LayerNorm|RMSNorm, got {self.normalization!r}")
         _require(self.precision in ("fp32", "bf16", "fp16"),
@@ -80,6 +122,25 @@ class ModelConfig:
                  f"model.recompute_granularity must be null|selective|full, "
                  f"got {self.recompute_granularity!r}")
         _positive(self.make_vocab_size_divisible_by, "model.make_vocab_size_divisible_by")
+        if self.num_query_groups is not None:
+            _positive(self.num_query_groups, "model.num_query_groups")
+            _require(self.num_attention_heads % self.num_query_groups == 0,
+                     f"model.num_attention_heads={self.num_attention_heads} is not divisible by "
+                     f"model.num_query_groups={self.num_query_groups}")
+        _require(self.activation in ("gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu"),
+                 f"model.activation must be gelu|gelu_tanh|relu|silu|swiglu|geglu, got {self.activation!r}")
+        _positive(self.layernorm_epsilon, "model.layernorm_epsilon")
+        _positive(self.rotary_base, "model.rotary_base")
+        _require(0.0 < self.rotary_percent <= 1.0,
+                 f"model.rotary_percent must be in (0, 1], got {self.rotary_percent!r}")
+        _require(self.rope_scaling in (None, "llama3", "linear"),
+                 f"model.rope_scaling must be null|llama3|linear, got {self.rope_scaling!r}")
+        _positive(self.rope_scaling_factor, "model.rope_scaling_factor")
+        if self.vocab_size is not None:
+            _positive(self.vocab_size, "model.vocab_size")
+        _require(self.max_position_embeddings is None or self.max_position_embeddings >= self.seq_length,
+                 f"model.max_position_embeddings={self.max_position_embeddings} is smaller than "
+                 f"model.seq_length={self.seq_length}")
 
 
 @dataclass
@@ -213,13 +274,13 @@ class LoggerConfig:
     """metrics.csv under <run dir>/csv (metrics.jsonl is always written)."""
 
 
-ALGORITHMS = ("sft", "ppo", "ilql", "dpo", "rm")
+ALGORITHMS = ("sft", "ppo", "ilql", "dpo", "kto", "rm")
 
 
 @dataclass
 class AlgorithmConfig:
     name: str = "sft"
-    """sft | ppo | ilql | dpo | rm (reward model)"""
+    """sft | ppo | ilql | dpo (and its variants ipo, hinge, robust, simpo, orpo) | kto | rm (reward model)"""
 
     def __post_init__(self):
         _require(self.name in ALGORITHMS,
@@ -375,6 +436,69 @@ class DPOConfig:
 
 
 @dataclass
+class KTOConfig:
+    """KTO (algorithm.name=kto; Ethayarajh et al. 2024) on unpaired completions labelled desirable
+    or undesirable. The reference point z0 is KL(policy || reference) estimated per micro-batch from
+    mismatched prompt/completion pairs (each prompt with another example's completion), detached."""
+
+    beta: float = 0.1
+    desirable_weight: float = 1.0
+    """lambda_D; the paper keeps lambda_D * n_D / (lambda_U * n_U) in [1, 4/3]."""
+    undesirable_weight: float = 1.0
+    """lambda_U."""
+    reference: str = "precomputed"
+    """precomputed (one pass before training, saved as reference_logps.pt) | model (frozen copy)"""
+    num_pairs: int = 4000
+    """Without data.train_file: preference pairs built from the task's walks, then unpaired (each
+    pair gives one desirable and one undesirable example, as TRL's unpair_preference_dataset)."""
+    sft_steps: int = 1000
+    """When model.path is null: SFT warm-up steps before KTO (the reference is that SFT policy)."""
+    sft_lr: float = 3e-3
+    sft_global_batch_size: int = 64
+    sft_micro_batch_size: int = 32
+
+    def __post_init__(self):
+        _require(self.beta > 0, f"kto.beta must be > 0, got {self.beta}")
+        _require(self.desirable_weight > 0 and self.undesirable_weight > 0,
+                 f"kto.desirable_weight and kto.undesirable_weight must be > 0, got "
+                 f"{self.desirable_weight} and {self.undesirable_weight}")
+        _require(self.reference in ("precomputed", "model"),
+                 f"kto.reference must be precomputed|model, got {self.reference!r}")
+        _positive(self.num_pairs, "kto.num_pairs")
+        _require(self.sft_steps >= 0, f"kto.sft_steps must be >= 0, got {self.sft_steps}")
+
+
+@dataclass
+class DataConfig:
+    """Training data from a file instead of the task (JSONL or parquet, read with Hugging Face
+    ``datasets``). Schemas by algorithm: sft prompt/completion; dpo and rm prompt/chosen/rejected;
+    kto prompt/completion/label (label true = desirable). Evaluation still uses the task."""
+
+    train_file: Optional[str] = None
+    """null = the task builds the data (randomwalks walks or pairs)."""
+    format: str = "auto"
+    """auto (from the extension: .jsonl/.json -> json, .parquet -> parquet) | json | parquet"""
+    prompt_key: str = "prompt"
+    completion_key: str = "completion"
+    chosen_key: str = "chosen"
+    rejected_key: str = "rejected"
+    label_key: str = "label"
+    overlong: str = "error"
+    """An example longer than model.seq_length (prompt + completion + EOS): error (name it) |
+    truncate (cut the completion, then the prompt's start; counted and reported) | drop (counted)."""
+    max_examples: Optional[int] = None
+    """Use only the first N examples."""
+
+    def __post_init__(self):
+        _require(self.format in ("auto", "json", "parquet"),
+                 f"data.format must be auto|json|parquet, got {self.format!r}")
+        _require(self.overlong in ("error", "truncate", "drop"),
+                 f"data.overlong must be error|truncate|drop, got {self.overlong!r}")
+        if self.max_examples is not None:
+            _positive(self.max_examples, "data.max_examples")
+
+
+@dataclass
 class RMConfig:
     """Reward-model training (algorithm.name=rm): Bradley-Terry on preference pairs, a scalar
     head on a megatron GPT read at the last completion token. PPO takes the result as
@@ -405,7 +529,9 @@ class RunConfig:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     ilql: ILQLConfig = field(default_factory=ILQLConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    kto: KTOConfig = field(default_factory=KTOConfig)
     rm: RMConfig = field(default_factory=RMConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     resume: Optional[str] = None
     """null (fresh run) | auto (latest complete checkpoint in this run dir, fresh if none) |
     a checkpoint directory path."""
@@ -443,6 +569,15 @@ class RunConfig:
         if self.algorithm.name == "ppo":
             _require(pp == 1, "algorithm.name=ppo needs parallel.pipeline_model_parallel_size=1 (rollout "
                               "generation and value heads run on a single pipeline stage)")
+        if self.model.arch == "t5":
+            _require(pp == 1, "model.arch=t5 needs parallel.pipeline_model_parallel_size=1 (pipeline "
+                              "parallelism is not supported for T5 policies)")
+            _require(not self.parallel.sequence_parallel,
+                     "model.arch=t5 does not support parallel.sequence_parallel=true yet")
+            _require(self.algorithm.name in ("sft", "dpo", "ppo", "ilql"),
+                     f"model.arch=t5 supports algorithm.name sft|dpo|ppo|ilql, got {self.algorithm.name!r}")
+            _require(self.algorithm.name != "ppo" or self.ppo.reward_model is None,
+                     "model.arch=t5 with ppo.reward_model is not supported (reward models are GPT)")
         _require(self.verbosity.upper() in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
                  f"verbosity must be DEBUG|INFO|WARNING|ERROR|CRITICAL, got {self.verbosity!r}")
         if self.resume not in (None, "auto"):

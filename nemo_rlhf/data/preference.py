@@ -24,8 +24,9 @@ class PreferenceDataset(torch.utils.data.Dataset):
 
     @classmethod
     def build(cls, pairs: Sequence[Tuple[List[int], List[int], List[int]]], seq_length: int, pad_id: int,
-              eos_id: int) -> "PreferenceDataset":
-        """``pairs`` of (prompt ids, chosen completion ids, rejected completion ids), EOS appended."""
+              eos_id: int, add_eos: bool = True) -> "PreferenceDataset":
+        """``pairs`` of (prompt ids, chosen completion ids, rejected completion ids); EOS is
+        appended unless ``add_eos=False`` (the file loader appends it itself)."""
         n = len(pairs)
         if n == 0:
             raise ValueError("no preference pairs")
@@ -33,7 +34,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
         mask = torch.zeros(n, 2, seq_length + 1)
         for i, (prompt, chosen, rejected) in enumerate(pairs):
             for j, completion in enumerate((chosen, rejected)):
-                seq = list(prompt) + list(completion) + [eos_id]
+                seq = list(prompt) + list(completion) + ([eos_id] if add_eos else [])
                 if len(seq) > seq_length + 1:
                     raise ValueError(f"pair {i}: {len(seq)} tokens, more than seq_length + 1 = {seq_length + 1}")
                 tokens[i, j, :len(seq)] = torch.tensor(seq)
@@ -60,3 +61,44 @@ def randomwalk_pairs(task, tokenizer, num_pairs: int, seed: int):
         enc = lambda w: tokenizer.encode(task.walk_text(w[1:]))
         pairs.append((tokenizer.encode(task.walk_text(a[:1])), enc(chosen), enc(rejected)))
     return pairs
+
+
+@dataclass
+class KTODataset(PreferenceDataset):
+    """Unpaired examples for KTO as [N, 2, S]: index 0 = (prompt, its completion), index 1 =
+    (the same prompt, another example's completion) for the KL reference point;
+    ``desirable`` [N] is 1.0 for desirable completions."""
+
+    desirable: torch.Tensor = None
+
+    def __getitem__(self, i) -> Dict[str, torch.Tensor]:
+        return {**super().__getitem__(i), "desirable": self.desirable[i]}
+
+    @classmethod
+    def build_unpaired(cls, examples: Sequence[Tuple[List[int], List[int], bool]], seq_length: int, pad_id: int,
+                       eos_id: int, seed: int, add_eos: bool = True) -> "KTODataset":
+        """``examples`` of (prompt ids, completion ids, desirable). The mismatched completion of
+        example i is that of example perm[i], a random derangement (never its own), cut to fit."""
+        n = len(examples)
+        if n < 2:
+            raise ValueError(f"KTO needs at least 2 examples (the KL term pairs prompts with other "
+                             f"examples' completions), got {n}")
+        rng = np.random.RandomState(seed)
+        perm = (np.arange(n) + rng.randint(1, n, size=n)) % n  # never i itself
+        budget = seq_length + 1
+        triples = []
+        for i, (prompt, completion, _) in enumerate(examples):
+            other = list(examples[perm[i]][1])
+            room = budget - len(prompt) - (1 if add_eos else 0)  # >= 1: example i itself fits
+            triples.append((prompt, completion, other[:room]))
+        base = PreferenceDataset.build(triples, seq_length, pad_id, eos_id, add_eos=add_eos)
+        desirable = torch.tensor([float(bool(d)) for _, _, d in examples])
+        return cls(base.tokens, base.labels, base.loss_mask, base.ref_logps, desirable)
+
+
+def unpair(pairs: Sequence[Tuple[List[int], List[int], List[int]]]):
+    """Preference pairs -> unpaired KTO examples: (prompt, chosen, True), (prompt, rejected, False)."""
+    out = []
+    for prompt, chosen, rejected in pairs:
+        out += [(prompt, chosen, True), (prompt, rejected, False)]
+    return out

@@ -28,13 +28,14 @@ class SFTDataset(torch.utils.data.Dataset):
 
     @classmethod
     def from_pairs(cls, pairs: Sequence[Tuple[List[int], List[int]]], seq_length: int, pad_id: int,
-                   eos_id: int) -> "SFTDataset":
-        """``pairs`` of (prompt ids, completion ids without EOS)."""
+                   eos_id: int, add_eos: bool = True) -> "SFTDataset":
+        """``pairs`` of (prompt ids, completion ids); EOS is appended unless ``add_eos=False``
+        (the file loader appends it itself, and leaves it off truncated completions)."""
         n = len(pairs)
         tokens = torch.full((n, seq_length + 1), pad_id, dtype=torch.long)
         mask = torch.zeros((n, seq_length + 1), dtype=torch.float32)
         for i, (prompt, completion) in enumerate(pairs):
-            seq = list(prompt) + list(completion) + [eos_id]
+            seq = list(prompt) + list(completion) + ([eos_id] if add_eos else [])
             if len(seq) > seq_length + 1:
                 raise ValueError(f"example {i} has {len(seq)} tokens (prompt + completion + EOS), "
                                  f"more than seq_length + 1 = {seq_length + 1}")

@@ -1,5 +1,7 @@
-"""DPO as a LightningModule: preference pairs, a megatron policy engine, a reference (precomputed
-log-probs or a frozen model), the loss from :mod:`nemo_rlhf.algorithms.dpo`."""
+"""DPO (and its variants) and KTO as a LightningModule: examples as [N, 2, S] token tensors
+(DPO: chosen / rejected; KTO: the completion / a mismatched completion for the KL reference
+point), a megatron policy engine, a reference (precomputed log-probs or a frozen model), the
+losses from :mod:`nemo_rlhf.algorithms.dpo`."""
 from __future__ import annotations
 
 import time
@@ -9,18 +11,22 @@ from typing import Any, Dict, Optional
 import pytorch_lightning as pl
 import torch
 
-from nemo_rlhf.algorithms.dpo import dpo_loss, orpo_loss, simpo_loss
-
-REFERENCE_FREE = ("simpo", "orpo")
-from nemo_rlhf.config.schema import DPOConfig, RunConfig
+from nemo_rlhf.algorithms.dpo import dpo_loss, kto_kl_estimate, kto_loss, orpo_loss, simpo_loss
+from nemo_rlhf.config.schema import DPOConfig, KTOConfig, RunConfig
 from nemo_rlhf.data.preference import PreferenceDataset
 from nemo_rlhf.logging import get_logger
-from nemo_rlhf.models.gpt import build_gpt_chunks
-from nemo_rlhf.modules.engine import MegatronEngine
+from nemo_rlhf.modules.engine import MegatronEngine, build_chunks, lm_forward
 from nemo_rlhf.modules.loop import dp_loader, end_of_step, record_eval, save_engine, start_clock
 from nemo_rlhf.modules.run_dir import RunDirectory
 
 log = get_logger(__name__)
+
+REFERENCE_FREE = ("simpo", "orpo")
+
+
+def needs_reference(cfg) -> bool:
+    """KTO and the DPO variants compare with a reference policy; SimPO and ORPO do not."""
+    return getattr(cfg, "loss_type", "kto") not in REFERENCE_FREE
 
 
 def sequence_logps(model, tokens, labels, loss_mask, length_normalize: bool = False) -> torch.Tensor:
@@ -28,8 +34,8 @@ def sequence_logps(model, tokens, labels, loss_mask, length_normalize: bool = Fa
     model's own cross-entropy gives -log p of each label)."""
     b, two, s = tokens.shape
     flat = tokens.reshape(b * two, s)
-    nll = model(flat, torch.arange(s, device=flat.device).expand_as(flat), None, labels=labels.reshape(b * two, s))
     mask = loss_mask.reshape(b * two, s)
+    nll = lm_forward(model, flat, labels.reshape(b * two, s), mask)
     logps = -(nll.float() * mask).sum(-1)
     if length_normalize:
         logps = logps / mask.sum(-1).clamp(min=1)
@@ -39,13 +45,14 @@ def sequence_logps(model, tokens, labels, loss_mask, length_normalize: bool = Fa
 def dpo_forward(batch: Dict[str, torch.Tensor], model, cfg: DPOConfig, reference=None):
     b, two, s = batch["tokens"].shape
     flat = batch["tokens"].reshape(b * two, s)
-    nll = model(flat, torch.arange(s, device=flat.device).expand_as(flat), None,
-                labels=batch["labels"].reshape(b * two, s))
+    nll = lm_forward(model, flat, batch["labels"].reshape(b * two, s), batch["loss_mask"].reshape(b * two, s))
     ref = batch["ref_logps"]
-    if reference is not None and cfg.loss_type not in REFERENCE_FREE:
+    if reference is not None and needs_reference(cfg):
         with torch.no_grad():
-            ref = sequence_logps(reference, batch["tokens"], batch["labels"], batch["loss_mask"], cfg.length_normalize)
-    return nll, partial(dpo_loss_func, batch, cfg, ref)
+            ref = sequence_logps(reference, batch["tokens"], batch["labels"], batch["loss_mask"],
+                                 getattr(cfg, "length_normalize", False))
+    loss_func = kto_loss_func if isinstance(cfg, KTOConfig) else dpo_loss_func
+    return nll, partial(loss_func, batch, cfg, ref)
 
 
 def dpo_loss_func(batch, cfg: DPOConfig, ref_logps, nll):
@@ -75,18 +82,43 @@ def dpo_loss_func(batch, cfg: DPOConfig, ref_logps, nll):
     return losses.sum(), n.to(torch.int), report
 
 
+def kto_loss_func(batch, cfg: KTOConfig, ref_logps, nll):
+    """KTO on a micro-batch: index 0 of each example is its completion, index 1 a mismatched
+    completion whose policy/reference log-ratio estimates KL(policy || reference) (z0)."""
+    b, two, s = batch["tokens"].shape
+    mask = batch["loss_mask"].reshape(b * two, s)
+    logps = (-(nll.float() * mask).sum(-1)).view(b, two)
+    kl = kto_kl_estimate(logps[:, 1], ref_logps[:, 1])
+    desirable = batch["desirable"].bool()
+    losses = kto_loss(logps[:, 0], ref_logps[:, 0], desirable, kl, cfg.beta, cfg.desirable_weight,
+                      cfg.undesirable_weight)
+    rewards = cfg.beta * (logps[:, 0] - ref_logps[:, 0]).detach()
+    d = desirable.to(rewards.dtype)
+    n = torch.tensor(float(b), device=losses.device)
+    both = lambda total, count: torch.stack([total.detach().double(), count.double()])
+    report = {"loss": both(losses.sum(), n), "kl": both(kl * b, n),
+              "rewards/chosen": both((rewards * d).sum(), d.sum()),
+              "rewards/rejected": both((rewards * (1 - d)).sum(), (1 - d).sum()),
+              "logps/chosen": both((logps[:, 0] * d).sum(), d.sum()),
+              "logps/rejected": both((logps[:, 0] * (1 - d)).sum(), (1 - d).sum())}
+    return losses.sum(), n.to(torch.int), report
+
+
 class DPOModule(pl.LightningModule):
+    """DPO and its variants (algorithm.name=dpo) or KTO (algorithm.name=kto)."""
+
     def __init__(self, cfg: RunConfig, dataset: PreferenceDataset, vocab_size: int, run_dir: RunDirectory,
                  evaluate_fn, dp_rank: int, dp_size: int, config_yaml: str = ""):
         super().__init__()
-        self.cfg, self.dpo, self.dataset, self.run_dir = cfg, cfg.dpo, dataset, run_dir
+        self.cfg, self.dataset, self.run_dir = cfg, dataset, run_dir
+        self.dpo = cfg.kto if cfg.algorithm.name == "kto" else cfg.dpo
         self.evaluate_fn, self.dp_rank, self.dp_size, self.config_yaml = evaluate_fn, dp_rank, dp_size, config_yaml
         self.automatic_optimization = False
         self.engine = MegatronEngine(cfg.model, cfg.parallel, cfg.optim, vocab_size, cfg.trainer.max_steps)
         self.chunks = torch.nn.ModuleList(self.engine.chunks)
         self.reference = None
-        if self.dpo.reference == "model" and self.dpo.loss_type not in REFERENCE_FREE:
-            self.reference = build_gpt_chunks(cfg.model, cfg.parallel, vocab_size)[0].eval()
+        if self.dpo.reference == "model" and needs_reference(self.dpo):
+            self.reference = build_chunks(cfg.model, cfg.parallel, vocab_size)[0].eval()
             for p in self.reference.parameters():
                 p.requires_grad_(False)
         self.step = 0
@@ -111,7 +143,7 @@ class DPOModule(pl.LightningModule):
         for i in range(0, len(ds), batch_size):
             sl = slice(i, i + batch_size)
             ds.ref_logps[sl] = sequence_logps(model, ds.tokens[sl], ds.labels[sl], ds.loss_mask[sl],
-                                              self.dpo.length_normalize)
+                                              getattr(self.dpo, "length_normalize", False))
         model.train()
         path = self.run_dir.path / "reference_logps.pt"
         if self.dp_rank == 0:
