@@ -25,6 +25,22 @@ def transformer_engine_available() -> bool:
     return True
 
 
+def _activation(name: str):
+    """(activation_func, gated_linear_unit) for ModelConfig.activation."""
+    import torch.nn.functional as F
+    from functools import partial
+
+    table = {
+        "gelu": (F.gelu, False),
+        "gelu_tanh": (partial(F.gelu, approximate="tanh"), False),
+        "relu": (F.relu, False),
+        "silu": (F.silu, False),
+        "swiglu": (F.silu, True),
+        "geglu": (F.gelu, True),
+    }
+    return table[name]
+
+
 def padded_vocab_size(vocab_size: int, model: ModelConfig) -> int:
     multiple = model.make_vocab_size_divisible_by
     return ((vocab_size + multiple - 1) // multiple) * multiple
@@ -38,12 +54,19 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig):
     if dtype != torch.float32 and not torch.cuda.is_available():
         raise ConfigError(f"model.precision={model.precision} is a GPU path; use model.precision=fp32 on CPU")
     pp = parallel.pipeline_model_parallel_size
+    activation_func, gated = _activation(model.activation)
     config = TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
         num_attention_heads=model.num_attention_heads,
         ffn_hidden_size=model.ffn_hidden_size,
         normalization=model.normalization,
+        num_query_groups=model.num_query_groups,
+        activation_func=activation_func,
+        gated_linear_unit=gated,
+        add_bias_linear=model.add_bias_linear,
+        add_qkv_bias=model.add_qkv_bias,
+        layernorm_epsilon=model.layernorm_epsilon,
         hidden_dropout=model.hidden_dropout,
         attention_dropout=model.attention_dropout,
         init_method_std=model.init_method_std,
@@ -90,10 +113,16 @@ def layer_spec(model: ModelConfig):
 
 def build_gpt_chunks(model: ModelConfig, parallel: ParallelConfig, vocab_size: int) -> List[torch.nn.Module]:
     """GPTModel chunks owned by this rank (one, or virtual_pipeline_model_parallel_size with
-    interleaving), in fp32/bf16 on the current device. Call after parallel_state is initialised."""
+    interleaving), in fp32/bf16 on the current device. Call after parallel_state is initialised.
+    ``vocab_size`` is the tokenizer's; ``model.vocab_size`` (an imported checkpoint's embedding
+    rows) takes precedence and must hold it."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
+    if model.vocab_size is not None:
+        if vocab_size > model.vocab_size:
+            raise ConfigError(f"the tokenizer has {vocab_size} tokens but model.vocab_size={model.vocab_size}")
+        vocab_size = model.vocab_size
     config = transformer_config(model, parallel)
     spec = layer_spec(model)
     vpp = parallel.virtual_pipeline_model_parallel_size or 1
@@ -104,11 +133,16 @@ def build_gpt_chunks(model: ModelConfig, parallel: ParallelConfig, vocab_size: i
             config=config,
             transformer_layer_spec=spec,
             vocab_size=padded_vocab_size(vocab_size, model),
-            max_sequence_length=model.seq_length,
+            max_sequence_length=model.max_position_embeddings or model.seq_length,
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
             post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
             share_embeddings_and_output_weights=model.share_embeddings_and_output_weights,
             position_embedding_type=model.position_embedding_type,
+            rotary_percent=model.rotary_percent,
+            rotary_base=model.rotary_base,
+            rope_scaling=model.rope_scaling == "llama3",
+            rope_scaling_factor=model.rope_scaling_factor,
+            seq_len_interpolation_factor=model.rope_scaling_factor if model.rope_scaling == "linear" else None,
             vp_stage=vp,
         )
         if torch.cuda.is_available():
