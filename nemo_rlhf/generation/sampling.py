@@ -110,6 +110,13 @@ def generate(model: torch.nn.Module, prompts: torch.Tensor, params: SamplingPara
     right after each forward (e.g. ILQL's Q/V shift, which reads the heads of that forward)."""
     from megatron.core import parallel_state as ps
 
+    from nemo_rlhf.models.t5 import is_t5
+
+    if is_t5(model):  # encoder-decoder policies decode from the decoder (generation/seq2seq.py)
+        from nemo_rlhf.generation.seq2seq import generate_seq2seq
+
+        return generate_seq2seq(model, prompts, params, generator, vocab_size, prompt_lengths, decode,
+                                padding_side, logits_processor)
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be left or right, got {padding_side!r}")
     if padding_side == "right" and prompt_lengths is not None:

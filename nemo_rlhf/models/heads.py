@@ -1,4 +1,5 @@
-"""Heads attached to a stock megatron GPTModel by composition (no subclassing).
+"""Heads attached to a stock megatron GPTModel (or T5Model: its ``decoder`` is hooked the same way)
+by composition (no subclassing).
 
 ``attach_value_head(gpt)`` registers ``gpt.value_head`` (a Linear(hidden, 1), replicated over
 TP ranks) and a forward hook on ``gpt.decoder`` that keeps the decoder's output (after the final
@@ -53,7 +54,14 @@ def value_head_output(gpt: torch.nn.Module) -> torch.Tensor:
     head._hidden = None
     if gpt.config.sequence_parallel:
         hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
-    return head(hidden).transpose(0, 1).contiguous()
+    return _to_causal(gpt, head(hidden).transpose(0, 1).contiguous())
+
+
+def _to_causal(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Encoder-decoder models (models/t5.py) leave ``causal_layout`` after a training forward:
+    decoder positions -> the causal [B, S] layout of the batch. Identity for GPT."""
+    layout = getattr(model, "causal_layout", None)
+    return x if layout is None else layout.to_causal(x)
 
 
 class ILQLHeads(torch.nn.Module):
@@ -116,4 +124,5 @@ def ilql_heads_output(gpt: torch.nn.Module):
     if hidden is None:
         raise RuntimeError("ilql_heads_output called before a forward of the model")
     heads._hidden = None
-    return heads(hidden)
+    qs, target_qs, v = heads(hidden)
+    return ([_to_causal(gpt, q) for q in qs], [_to_causal(gpt, q) for q in target_qs], _to_causal(gpt, v))

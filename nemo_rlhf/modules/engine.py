@@ -11,6 +11,14 @@ import torch.distributed as dist
 
 from nemo_rlhf.config.schema import ModelConfig, OptimConfig, ParallelConfig
 from nemo_rlhf.models.gpt import build_gpt_chunks, unwrap, wrap_ddp
+from nemo_rlhf.models.t5 import build_t5_chunks, is_t5, t5_causal_forward
+
+# model.arch -> builder(model, parallel, vocab_size) -> chunks owned by this rank
+BUILDERS = {"gpt": build_gpt_chunks, "t5": build_t5_chunks}
+
+
+def build_chunks(model: ModelConfig, parallel: ParallelConfig, vocab_size: int) -> List[torch.nn.Module]:
+    return BUILDERS[model.arch](model, parallel, vocab_size)
 
 # forward_step(batch, model) -> (output_tensor, loss_func); loss_func(output) -> (loss_sum, num_tokens, stats)
 ForwardStep = Callable[[Dict[str, torch.Tensor], torch.nn.Module], Tuple[torch.Tensor, Callable]]
@@ -45,9 +53,10 @@ class MegatronEngine:
 
     def __init__(self, model: ModelConfig, parallel: ParallelConfig, optim: OptimConfig, vocab_size: int,
                  max_steps: int, setup: Callable[[torch.nn.Module], object] | None = None):
-        """``setup(gpt)`` runs on each GPTModel chunk before DDP wrapping (e.g. to attach a head)."""
+        """``setup(model)`` runs on each model chunk (GPTModel, or T5Model with model.arch=t5)
+        before DDP wrapping (e.g. to attach a head)."""
         self.model_cfg, self.parallel = model, parallel
-        chunks = build_gpt_chunks(model, parallel, vocab_size)
+        chunks = build_chunks(model, parallel, vocab_size)
         for chunk in chunks:
             if setup is not None:
                 setup(chunk)
@@ -147,10 +156,22 @@ def ps_broadcast_keys(keys: List[str]) -> List[str]:
     return box[0]
 
 
+def lm_forward(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor | None,
+               completion_mask: torch.Tensor) -> torch.Tensor | None:
+    """The causal-LM call of every trainer: per-token NLL [B, S] of ``labels`` (or, without
+    labels, a forward for the heads only). GPT runs on ``tokens`` as is; T5 puts the prompt (the
+    positions before ``completion_mask``'s first 1) into the encoder and the rest into the decoder,
+    returning the NLL in the same causal layout (see models/t5.py)."""
+    if is_t5(model):
+        return t5_causal_forward(model, tokens, labels, completion_mask)
+    position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+    if labels is None:
+        return model(tokens, position_ids, None)
+    return model(tokens, position_ids, None, labels=labels)
+
+
 def lm_forward_step(batch: Dict[str, torch.Tensor], model: torch.nn.Module, loss_fn: Callable):
     """Megatron forward step for a causal LM whose loss needs the per-token NLL:
     returns the model output (per-token NLL on the last stage) and a loss closure."""
-    tokens = batch["tokens"]
-    position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-    output = model(tokens, position_ids, None, labels=batch["labels"])
+    output = lm_forward(model, batch["tokens"], batch["labels"], batch["loss_mask"])
     return output, partial(loss_fn, batch)

@@ -15,7 +15,7 @@ from nemo_rlhf.data.ilql import ILQLDataset
 from nemo_rlhf.logging import get_logger
 from nemo_rlhf.models.gpt import unwrap
 from nemo_rlhf.models.heads import attach_ilql_heads, ilql_heads_output
-from nemo_rlhf.modules.engine import MegatronEngine
+from nemo_rlhf.modules.engine import MegatronEngine, lm_forward
 from nemo_rlhf.modules.loop import dp_loader, end_of_step, record_eval, save_engine, start_clock
 from nemo_rlhf.modules.run_dir import RunDirectory
 
@@ -24,8 +24,7 @@ log = get_logger(__name__)
 
 def ilql_forward(batch: Dict[str, torch.Tensor], model, cfg: ILQLConfig):
     tokens = batch["tokens"]
-    nll = model(tokens, torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens), None,
-                labels=batch["labels"])
+    nll = lm_forward(model, tokens, batch["labels"], batch["mask"])
     heads = ilql_heads_output(unwrap(model))
     return nll, partial(ilql_loss_func, batch, cfg, heads)
 

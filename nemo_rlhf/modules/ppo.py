@@ -20,9 +20,9 @@ from nemo_rlhf.algorithms.ppo import gae, kl_penalized_rewards, make_kl_controll
 from nemo_rlhf.config.schema import PPOConfig, RunConfig
 from nemo_rlhf.generation.sampling import SamplingParams, generate
 from nemo_rlhf.logging import get_logger
-from nemo_rlhf.models.gpt import build_gpt_chunks, unwrap
+from nemo_rlhf.models.gpt import unwrap
 from nemo_rlhf.models.heads import attach_value_head, value_head_output
-from nemo_rlhf.modules.engine import MegatronEngine
+from nemo_rlhf.modules.engine import MegatronEngine, build_chunks, lm_forward
 from nemo_rlhf.modules.loop import dp_loader, end_of_step, record_eval, save_engine, start_clock
 from nemo_rlhf.modules.run_dir import RunDirectory
 from nemo_rlhf.rewards import score as score_samples
@@ -49,10 +49,6 @@ class Rollout:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def _positions(t: torch.Tensor) -> torch.Tensor:
-    return torch.arange(t.shape[1], device=t.device).expand_as(t)
-
-
 def _stats_report(loss: torch.Tensor, stats: Dict[str, torch.Tensor], mask: torch.Tensor):
     """Megatron loss-closure output: (token sum, token count, {name: [sum, count]})."""
     n = mask.sum()
@@ -64,7 +60,7 @@ def _stats_report(loss: torch.Tensor, stats: Dict[str, torch.Tensor], mask: torc
 
 
 def actor_forward(batch: Dict[str, torch.Tensor], model, ppo: PPOConfig, with_value: bool):
-    nll = model(batch["inputs"], _positions(batch["inputs"]), None, labels=batch["labels"])
+    nll = lm_forward(model, batch["inputs"], batch["labels"], batch["mask"])
     values = value_head_output(unwrap(model)) if with_value else None
     return nll, partial(actor_loss, batch, ppo, values)
 
@@ -80,7 +76,7 @@ def actor_loss(batch, ppo: PPOConfig, values, nll):
 
 
 def critic_forward(batch: Dict[str, torch.Tensor], model, ppo: PPOConfig):
-    model(batch["inputs"], _positions(batch["inputs"]), None)
+    lm_forward(model, batch["inputs"], None, batch["mask"])
     values = value_head_output(unwrap(model))
     return values, partial(critic_loss, batch, ppo)
 
@@ -133,7 +129,7 @@ class PPOModule(pl.LightningModule):
                 type(cfg.optim)(**{**cfg.optim.__dict__, "lr": self.ppo.critic_lr})
             self.critic = MegatronEngine(cfg.model, cfg.parallel, critic_optim, vocab, cfg.trainer.max_steps,
                                          setup=lambda gpt: attach_value_head(gpt, cfg.model.hidden_size))
-        self.reference = build_gpt_chunks(cfg.model, cfg.parallel, vocab)[0].eval()
+        self.reference = build_chunks(cfg.model, cfg.parallel, vocab)[0].eval()
         for p in self.reference.parameters():
             p.requires_grad_(False)
         self.models = torch.nn.ModuleList(self.actor.chunks + (self.critic.chunks if self.critic else []))
@@ -220,18 +216,17 @@ class PPOModule(pl.LightningModule):
         if ppo.scale_reward == "running":
             self.reward_moments.update(self._dp_gather(scores))
             scores = scores / self.reward_moments.std
-        pos = _positions(inputs)
         policy = self.actor.module
         policy.eval()
-        logprobs = -policy(inputs, pos, None, labels=labels).float()
+        logprobs = -lm_forward(policy, inputs, labels, mask).float()
         if self.critic is None:
             values = value_head_output(policy)
         else:
             critic = self.critic.module
             critic.eval()
-            critic(inputs, pos, None)
+            lm_forward(critic, inputs, None, mask)
             values = value_head_output(critic)
-        ref_logprobs = -self.reference(inputs, pos, None, labels=labels).float()
+        ref_logprobs = -lm_forward(self.reference, inputs, labels, mask).float()
         logprobs, ref_logprobs, values = logprobs * mask, ref_logprobs * mask, values * mask
         rewards, _ = kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, self.kl_ctl.value)
         advantages, returns = gae(values, rewards, mask, ppo.gamma, ppo.lam)
