@@ -6,15 +6,19 @@ computed on each rank from the same weights and the same batch of randomwalks da
   tp2        TP=2: logits, loss, gradients, parameters after one optimizer step
   tp2_sp     TP=2 with sequence parallel: loss, gradients, parameters after one step
   pp2        PP=2 (1F1B, 2 micro-batches): loss, gradients, parameters after one step
+  pp2_vpp2   PP=2 with 2 virtual chunks per stage (interleaved 1F1B, 4 layers, 4 micro-batches):
+             the same, against a 4-layer single process
   dp2        DP=2 (each rank half the batch): loss, gradients, parameters after one step,
              replicas identical
   dp2_distopt  DP=2 with the distributed optimizer: the same
   ckpt_tp2_to_tp1 / ckpt_tp1_to_tp2  dist checkpoint saved at one TP, loaded at the other
   gen_tp2    greedy KV-cached generation at TP=2 equals TP=1
+  t5_tp2     T5 (model.arch=t5): logits, SFT loss, grads and greedy decoding at TP=2 equal TP=1
 Rank 0 writes {check: {metric: value}} to OUT.json; the pytest side asserts on the numbers.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import tempfile
@@ -37,6 +41,7 @@ MODEL = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hid
 # (DDP reduce, finalize, optimizer) without Adam's g / sqrt(v) amplifying 1e-8 noise in tiny grads.
 OPTIM = OptimConfig(name="sgd", lr=0.5, clip_grad=0.0)
 BATCH = 8
+T5_MODEL = dataclasses.replace(MODEL, arch="t5", encoder_num_layers=1)
 
 
 def data():
@@ -212,6 +217,24 @@ def main(out_path):
         _, out = run_layout(ParallelConfig(pipeline_model_parallel_size=2), vocab, batch, ref, mbs=BATCH // 2)
         return out
 
+    def pp2_vpp2():
+        """Interleaved 1F1B: 4 layers as 2 stages x 2 virtual chunks, 4 micro-batches (2 groups of
+        PP per chunk: the case that once drifted by 0.0074), against a 4-layer single process."""
+        global MODEL
+        from nemo_rlhf.models.gpt import unwrap
+
+        two_layers = MODEL
+        MODEL = dataclasses.replace(two_layers, num_layers=4)
+        try:
+            ref4 = reference(vocab, batch)
+            vpp = ParallelConfig(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2)
+            engine, out = run_layout(vpp, vocab, batch, ref4, mbs=BATCH // 4)
+            out["chunks"] = len(engine.chunks)
+            out["layers_per_chunk"] = [len(unwrap(c).decoder.layers) for c in engine.chunks]
+            return out
+        finally:
+            MODEL = two_layers
+
     def dp2():
         engine, out = run_layout(ParallelConfig(), vocab, batch, ref, dp_split=True)
         p = torch.cat([q.detach().flatten() for _, q in named_params(engine)])
@@ -300,6 +323,7 @@ def main(out_path):
     check("tp2_logits", tp2_logits)
     check("tp2_sp", tp2_sp)
     check("pp2", pp2)
+    check("pp2_vpp2", pp2_vpp2)
     check("dp2", dp2)
     check("dp2_distopt", dp2_distopt)
     check("ckpt_tp2_to_tp1", lambda: ckpt(2, 1))
@@ -415,6 +439,52 @@ def main(out_path):
     check("ilql_tp2", lambda: ilql_tp(2))
     check("gen_tp1", lambda: gen(1))
     check("gen_tp2", lambda: gen(2))
+
+    def t5_tp(tp):
+        """T5 (model.arch=t5) at TP=tp on the TP=1 weights: logits, SFT loss and grads, greedy decoding."""
+        from nemo_rlhf.generation.sampling import SamplingParams, generate
+        from nemo_rlhf.generation.seq2seq import _gather_vocab
+        from nemo_rlhf.models.t5 import attention_masks, split_causal_batch
+
+        parallel = ParallelConfig(tensor_model_parallel_size=tp)
+        initialize_model_parallel(parallel, seed=11)
+        torch.manual_seed(11)
+        engine = MegatronEngine(T5_MODEL, parallel, OPTIM, vocab, max_steps=10)
+        t5 = engine.module
+        if tp == 1:
+            t5_ref["params"] = {n: p.detach().clone() for n, p in t5.named_parameters()}
+        else:
+            from megatron.core import parallel_state as ps
+
+            rank_ = ps.get_tensor_model_parallel_rank()
+            with torch.no_grad():
+                for n, p in t5.named_parameters():
+                    full = t5_ref["params"][n]
+                    p.copy_(full.chunk(tp, dim=p.partition_dim)[rank_]
+                            if getattr(p, "tensor_model_parallel", False) else full)
+            engine.optimizer.reload_model_params()
+        sb = split_causal_batch(batch["tokens"], batch["labels"], batch["loss_mask"])
+        enc_mask, cross = attention_masks(sb.enc_valid, sb.dec_tokens.shape[1])
+        with torch.no_grad():
+            logits = _gather_vocab(t5(sb.enc_tokens, sb.dec_tokens, enc_mask, None, cross))
+        stats = engine.forward_backward(batch, BATCH, partial(lm_forward_step, loss_fn=sft_loss_func))
+        grads = {n: tp_full(p.main_grad, p) for n, p in t5.named_parameters()}
+        prompts = torch.tensor([[tok.ids[c]] for c in "bcdefghijk"])
+        out = generate(t5, prompts, SamplingParams(max_new_tokens=9, greedy=True, eos_id=tok.eos_id),
+                       vocab_size=tok.vocab_size)
+        if tp == 1:
+            t5_ref.update(logits=logits, loss=stats["loss"], grads=grads, tokens=out.tokens, logprobs=out.logprobs)
+            return {"loss": stats["loss"], "n_grads": len(grads),
+                    "grad_norm": float(sum(g.norm() ** 2 for g in grads.values()) ** 0.5)}
+        return {"logits_max_abs_diff": float((logits - t5_ref["logits"]).abs().max()),
+                "loss_diff": abs(stats["loss"] - t5_ref["loss"]),
+                "grad_max_abs_diff": max(float((grads[n] - t5_ref["grads"][n]).abs().max()) for n in grads),
+                "n_grads": len(grads), "tokens_equal": bool(torch.equal(out.tokens, t5_ref["tokens"])),
+                "logprobs_max_abs_diff": float((out.logprobs - t5_ref["logprobs"]).abs().max())}
+
+    t5_ref = {}
+    check("t5_tp1", lambda: t5_tp(1))
+    check("t5_tp2", lambda: t5_tp(2))
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(results, f, indent=1)

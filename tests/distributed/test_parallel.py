@@ -124,3 +124,14 @@ def test_dpo_step_tp2_and_pp2_equal_tp1(results, name):
     r = _ok(results, name)
     assert r["max_stat_abs_diff"] < 1e-5
     assert r["grad_max_abs_diff"] < 1e-6
+
+
+def test_t5_tp2_logits_loss_grads_and_decoding_equal_tp1(results):
+    base = _ok(results, "t5_tp1")
+    assert base["loss"] > 0 and base["grad_norm"] > 1e-3
+    r = _ok(results, "t5_tp2")
+    assert r["n_grads"] == base["n_grads"]
+    assert r["logits_max_abs_diff"] < 1e-5
+    assert r["loss_diff"] < EXACT
+    assert r["grad_max_abs_diff"] < EXACT
+    assert r["tokens_equal"] and r["logprobs_max_abs_diff"] < 1e-5
