@@ -7,12 +7,13 @@
     trainer.generate(["b", "d"], greedy=True)
     trainer.save_pretrained("out/")
 
-``model_path`` is a nemo_rlhf / megatron dist checkpoint directory (``.../checkpoints/step_X``);
+``model_path`` is a nemo_rlhf / megatron dist checkpoint directory (``.../checkpoints/step_X``), a
+Hugging Face model directory (config.json + safetensors; the architecture and tokenizer come from
+it), a NeMo ``.nemo`` file or a NeMo 2 / Megatron-LM dist checkpoint;
 with none, PPO starts with an SFT warm-up on the task's data (``config.ppo.sft_steps``).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
@@ -84,18 +85,28 @@ class Trainer:
             decode=tok.decode, logits_processor=processor)
         return [tok.decode(c[m.bool()].tolist()) for c, m in zip(out.completions, out.mask)]
 
-    def save_pretrained(self, directory) -> Path:
-        """The policy as a megatron dist checkpoint (loadable at any TP/PP with ``model.path=``),
-        plus config.yaml and the tokenizer vocabulary. (Hugging Face export comes with the
-        checkpoint-interop work.)"""
+    def save_pretrained(self, directory, megatron: bool = True) -> Path:
+        """The policy as a Hugging Face model in ``directory`` (config.json, model.safetensors and
+        the tokenizer files: the imported model's when ``model.path`` was a Hugging Face directory,
+        else the task's character vocabulary as tokenizer.json) that
+        ``transformers.AutoModelForCausalLM.from_pretrained(directory)`` loads, gathered from any
+        TP/PP (heads such as the PPO value head stay out). With ``megatron`` (default) also the
+        megatron dist checkpoint under ``directory/checkpoints`` (loadable at any TP/PP with
+        ``model.path=``) and config.yaml; returns that checkpoint's path, else ``directory``."""
         from nemo_rlhf.checkpoint import save_checkpoint
+        from nemo_rlhf.interop import export_hf, is_hf_dir
 
         directory = Path(directory)
         engine = self._engine
+        model = self.config.model
+        source = model.path if model.path is not None and is_hf_dir(model.path) else None
+        export_hf(directory, engine.chunks, model, model.vocab_size or self.tokenizer.vocab_size,
+                  source_dir=source, tokenizer=self.tokenizer)
+        if not megatron:
+            return directory
         path = save_checkpoint(directory / "checkpoints", self.module.step, engine.chunks,
                                config_yaml=self.module.config_yaml)
         (directory / "config.yaml").write_text(self.module.config_yaml)
-        (directory / "tokenizer.json").write_text(json.dumps({"type": "char", "tokens": self.tokenizer.tokens}))
         return path
 
 
@@ -119,12 +130,21 @@ def train(model_path: Optional[str] = None, reward_fn: Optional[Callable] = None
                  else "sft" if samples is not None else None)   # None: whatever the config says
     if rewards is not None and samples is None:
         raise ValueError("rewards need samples (one reward per sample)")
+    default_config = config is None
     if config is None:
         config = {"ppo": default_ppo_config, "ilql": default_ilql_config}.get(algorithm, default_sft_config)()
     if algorithm is not None and config.algorithm.name != algorithm:
         config = dataclasses.replace(config, algorithm=dataclasses.replace(config.algorithm, name=algorithm))
     if model_path is not None:
-        config = dataclasses.replace(config, model=dataclasses.replace(config.model, path=str(model_path)))
+        model = config.model
+        if default_config:   # the recipe's tiny architecture gives way to the checkpoint's own
+            from nemo_rlhf.interop import ARCH_FIELDS
+            from nemo_rlhf.interop.formats import checkpoint_format
+
+            if checkpoint_format(model_path) in ("hf", "nemo1"):
+                defaults = type(model)()
+                model = dataclasses.replace(model, **{k: getattr(defaults, k) for k in ARCH_FIELDS})
+        config = dataclasses.replace(config, model=dataclasses.replace(model, path=str(model_path)))
     run_dir = run_dir or f"runs/api_{config.algorithm.name}/{time.strftime('%Y-%m-%d_%H-%M-%S')}"
     summary, ctx = run(config, run_dir, reward_fn=reward_fn, prompts=prompts, eval_prompts=eval_prompts,
                        samples=samples, rewards=rewards, return_context=True)

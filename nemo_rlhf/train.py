@@ -67,7 +67,7 @@ class _Context:
         import torch
         from megatron.core import parallel_state as ps
 
-        from nemo_rlhf.data.tokenizers import CharTokenizer
+        from nemo_rlhf.data.tokenizers import tokenizer_for
         from nemo_rlhf.parallel import broadcast_object, init_distributed, initialize_model_parallel
         from nemo_rlhf.tasks.randomwalks import RandomWalks
 
@@ -80,7 +80,8 @@ class _Context:
         torch.manual_seed(rcfg.trainer.seed)
         tc = rcfg.task
         self.task = RandomWalks(tc.num_nodes, tc.edge_prob, tc.max_length, tc.num_walks, tc.seed)
-        self.tokenizer = CharTokenizer(self.task.vocab)
+        # the checkpoint's tokenizer when model.path is a Hugging Face directory with one
+        self.tokenizer = tokenizer_for(rcfg.model.path, self.task.vocab)
 
     def evaluate_fn(self, engine, step):
         from nemo_rlhf.evaluation import evaluate_randomwalks
@@ -449,7 +450,9 @@ def run(cfg: DictConfig | RunConfig, run_dir: str | os.PathLike, reward_fn=None,
         eval_prompts=None, samples=None, rewards=None, return_context: bool = False):
     """Run one job described by ``cfg`` into ``run_dir``; returns the summary (also in
     summary.json), and the context holding the trained module when ``return_context``."""
-    rcfg = to_run_config(cfg)
+    from nemo_rlhf.interop.formats import resolve_run_config
+
+    rcfg = resolve_run_config(to_run_config(cfg))   # architecture from an HF / .nemo model.path
     set_verbosity(os.environ.get("NEMO_RLHF_VERBOSITY", rcfg.verbosity))
     ctx = _Context(rcfg, Path(run_dir))
     if rcfg.algorithm.name == "ppo":

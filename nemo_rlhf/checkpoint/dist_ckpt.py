@@ -274,6 +274,11 @@ def load_weights(path: str | os.PathLike, chunks: List[torch.nn.Module], skip_pr
     from nemo_rlhf.models.gpt import unwrap
 
     path = Path(path)
+    from nemo_rlhf.interop.formats import foreign_checkpoint_loader
+
+    foreign = foreign_checkpoint_loader(path)   # a Hugging Face directory, a .nemo file, a NeMo 2 / Megatron checkpoint
+    if foreign is not None:
+        return foreign(path, chunks, skip_prefixes)
     read_meta(path)
     state = _model_sharded_state_dict(chunks)
     for key in list(state):
