@@ -89,6 +89,11 @@ class ModelConfig:
     """arch=t5 with position_embedding_type=relative: T5's relative-position buckets."""
     relative_attention_max_distance: int = 128
     """arch=t5 with position_embedding_type=relative: distance beyond which all positions share a bucket."""
+    kv_channels: Optional[int] = None
+    """arch=t5: width of each attention head's q/k/v (T5's d_kv); null = hidden_size / num_attention_heads."""
+    attention_softmax_scale: Optional[float] = None
+    """arch=t5: multiplier of q.k before the softmax; null = 1/sqrt(kv_channels). Hugging Face T5
+    uses 1.0 (the scale lives in its query weights)."""
 
     def __post_init__(self):
         for key in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
@@ -108,7 +113,13 @@ class ModelConfig:
                 _positive(self.encoder_num_layers, "model.encoder_num_layers")
             _positive(self.relative_attention_num_buckets, "model.relative_attention_num_buckets")
             _positive(self.relative_attention_max_distance, "model.relative_attention_max_distance")
+            if self.kv_channels is not None:
+                _positive(self.kv_channels, "model.kv_channels")
+            if self.attention_softmax_scale is not None:
+                _positive(self.attention_softmax_scale, "model.attention_softmax_scale")
         else:
+            _require(self.kv_channels is None and self.attention_softmax_scale is None,
+                     "model.kv_channels / model.attention_softmax_scale are arch=t5 settings")
             _require(self.position_embedding_type != "relative",
                      "model.position_embedding_type=relative (T5's relative attention bias) needs model.arch=t5")
         _require(self.normalization in ("LayerNorm", "RMSNorm"),

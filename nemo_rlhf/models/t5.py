@@ -39,6 +39,15 @@ def t5_transformer_configs(model: ModelConfig, parallel: ParallelConfig):
     if parallel.pipeline_model_parallel_size > 1:
         raise ConfigError("model.arch=t5 needs parallel.pipeline_model_parallel_size=1")
     decoder = transformer_config(model, parallel)
+    extra = {}
+    if model.kv_channels is not None:
+        extra["kv_channels"] = model.kv_channels
+    if model.attention_softmax_scale is not None:
+        extra["softmax_scale"] = model.attention_softmax_scale
+    if extra:
+        finalize = decoder.finalize_model_grads_func
+        decoder = dataclasses.replace(decoder, **extra)
+        decoder.finalize_model_grads_func = finalize
     encoder = dataclasses.replace(decoder, num_layers=model.encoder_num_layers or model.num_layers)
     encoder.finalize_model_grads_func = decoder.finalize_model_grads_func
     return decoder, encoder
@@ -57,12 +66,55 @@ def t5_layer_specs(model: ModelConfig):
                               "use model.transformer_impl=local (or auto)")
         return (t5_spec.encoder_model_with_transformer_engine_default_spec(),
                 t5_spec.decoder_model_with_transformer_engine_default_spec())
+    encoder, decoder = t5_spec.encoder_model_with_local_spec(), t5_spec.decoder_model_with_local_spec()
     if model.position_embedding_type == "relative":
         # megatron's local DotProductAttention asserts attention_bias is None (only TE's takes it)
-        raise ConfigError("model.position_embedding_type=relative (T5's relative attention bias) needs "
-                          "Transformer Engine attention (CUDA); megatron-core's local DotProductAttention "
-                          "does not take an attention bias. Use learned_absolute or rope on CPU")
-    return t5_spec.encoder_model_with_local_spec(), t5_spec.decoder_model_with_local_spec()
+        for spec in (encoder, decoder):
+            spec.submodules.self_attention.submodules.core_attention = _biased_attention_class()
+    return encoder, decoder
+
+
+class _BiasedSoftmax(torch.nn.Module):
+    """megatron's FusedScaleMaskSoftmax with an additive bias on the (already scaled) scores."""
+
+    def __init__(self, softmax: torch.nn.Module):
+        super().__init__()
+        self.softmax = softmax
+        self.bias: Optional[torch.Tensor] = None
+
+    def forward(self, scores, mask, *args):
+        if self.bias is not None:
+            scores = scores + self.bias.to(scores.dtype)      # [b, np, sq, sk] + [1, np, sq, sk]
+        return self.softmax(scores, mask, *args)
+
+
+_BIASED = None
+
+
+def _biased_attention_class():
+    """megatron's local DotProductAttention that also takes ``attention_bias`` (T5's relative
+    position bias, [1, heads / TP, sq, sk], added to q.k * scale before the mask and softmax, as
+    Transformer Engine's core_attention_bias does). Built lazily: megatron imports are heavy."""
+    global _BIASED
+    if _BIASED is None:
+        from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+        class DotProductAttentionWithBias(DotProductAttention):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                self.scale_mask_softmax = _BiasedSoftmax(self.scale_mask_softmax)
+
+            def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                        packed_seq_params=None):
+                self.scale_mask_softmax.bias = attention_bias
+                try:
+                    return super().forward(query, key, value, attention_mask, attn_mask_type, None,
+                                           packed_seq_params)
+                finally:
+                    self.scale_mask_softmax.bias = None
+
+        _BIASED = DotProductAttentionWithBias
+    return _BIASED
 
 
 def build_t5_chunks(model: ModelConfig, parallel: ParallelConfig, vocab_size: int) -> List[torch.nn.Module]:

@@ -146,8 +146,27 @@ def test_config_errors_name_the_key(dist1):
     with pytest.raises(ConfigError, match="algorithm.name sft\\|dpo\\|ppo\\|ilql"):
         RunConfig(model=t5, algorithm=AlgorithmConfig(name="rm"))
     RunConfig(model=t5, algorithm=AlgorithmConfig(name="dpo"))                  # fine
-    from nemo_rlhf.models.t5 import build_t5_chunks
+    with pytest.raises(ConfigError, match="are arch=t5 settings"):
+        ModelConfig(kv_channels=8)
 
-    # megatron's local attention takes no bias: T5's relative attention bias is refused by name
-    with pytest.raises(ConfigError, match="position_embedding_type=relative"):
-        build_t5_chunks(dataclasses.replace(T5, position_embedding_type="relative"), ParallelConfig(), 12)
+
+def test_relative_attention_bias_on_the_local_attention_trains(mp):
+    """megatron's local DotProductAttention refuses attention_bias; ours adds it to the scores."""
+    from nemo_rlhf.models.t5 import build_t5_chunks
+    from nemo_rlhf.modules.engine import lm_forward
+
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(T5, position_embedding_type="relative", kv_channels=4, attention_softmax_scale=1.0)
+    t5 = build_t5_chunks(cfg, ParallelConfig(), vocab_size=12)[0]
+    attn = t5.encoder.layers[0].self_attention.core_attention
+    assert type(attn).__name__ == "DotProductAttentionWithBias" and attn.softmax_scale == 1.0
+    tokens, labels, mask = _batch()
+    nll = lm_forward(t5, tokens, labels, mask)
+    (nll * mask).sum().backward()
+    for emb in (t5.encoder_relative_pos_emb, t5.decoder_relative_pos_emb):
+        assert float(emb.relative_attention_bias.weight.grad.norm()) > 0
+    # the bias matters: zeroing it changes the output
+    with torch.no_grad():
+        for emb in (t5.encoder_relative_pos_emb, t5.decoder_relative_pos_emb):
+            emb.relative_attention_bias.weight.zero_()
+        assert not torch.allclose(lm_forward(t5, tokens, labels, mask), nll)
