@@ -161,7 +161,8 @@ class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     virtual_pipeline_model_parallel_size: Optional[int] = None
-    """Model chunks per pipeline stage (interleaved 1F1B). Not supported yet: must be null."""
+    """Model chunks per pipeline stage (interleaved 1F1B; null = plain 1F1B). Needs PP > 1, num_layers
+    divisible by PP * this, and micro-batches per step and DP rank a multiple of PP."""
     sequence_parallel: bool = False
     """Shard layernorm/dropout activations along the sequence over the TP group (needs TP > 1)."""
     use_distributed_optimizer: bool = False
@@ -179,12 +180,6 @@ class ParallelConfig:
             _require(self.pipeline_model_parallel_size > 1,
                      "parallel.virtual_pipeline_model_parallel_size needs "
                      "parallel.pipeline_model_parallel_size > 1")
-            # The interleaved schedule builds and its forward matches the single-process loss,
-            # but its training step disagrees with it (and can hang) on CPU/gloo: refuse it
-            # rather than train silently wrong until a parity test passes.
-            raise ConfigError("parallel.virtual_pipeline_model_parallel_size (interleaved pipeline) is not "
-                              "supported yet: its training step fails the single-process parity check; "
-                              "use virtual_pipeline_model_parallel_size=null")
         _require(not self.sequence_parallel or self.tensor_model_parallel_size > 1,
                  "parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1")
         _require(self.backend in ("auto", "nccl", "gloo"),

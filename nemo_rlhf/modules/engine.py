@@ -9,7 +9,7 @@ from typing import Callable, Dict, List, Tuple
 import torch
 import torch.distributed as dist
 
-from nemo_rlhf.config.schema import ModelConfig, OptimConfig, ParallelConfig
+from nemo_rlhf.config.schema import ConfigError, ModelConfig, OptimConfig, ParallelConfig
 from nemo_rlhf.models.gpt import build_gpt_chunks, unwrap, wrap_ddp
 from nemo_rlhf.models.t5 import build_t5_chunks, is_t5, t5_causal_forward
 
@@ -91,7 +91,13 @@ class MegatronEngine:
         num_micro = n // micro_batch_size
         micro = [{k: v[i * micro_batch_size:(i + 1) * micro_batch_size] for k, v in batch.items()}
                  for i in range(num_micro)]
-        seq_length = next(v for v in micro[0].values() if v.dim() >= 2).shape[-1]
+        first = next(v for v in micro[0].values() if v.dim() >= 2)
+        seq_length, schedule_mbs = first.shape[-1], micro_batch_size
+        if len(self.chunks) > 1:
+            # Interleaved schedule: fixed activation shapes [seq, rows, hidden] (see
+            # transformer_config); rows = sequences one micro-batch feeds the model (DPO: 2 per pair).
+            schedule_mbs = first.numel() // seq_length
+            check_interleaved_microbatches(num_micro, self.parallel.pipeline_model_parallel_size)
         for chunk in self.chunks:
             chunk.train(not forward_only)
             if not forward_only:
@@ -108,7 +114,7 @@ class MegatronEngine:
                 forward_step_func=step_fn,
                 data_iterator=iters if len(self.chunks) > 1 else iters[0],
                 model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
-                num_microbatches=num_micro, seq_length=seq_length, micro_batch_size=micro_batch_size,
+                num_microbatches=num_micro, seq_length=seq_length, micro_batch_size=schedule_mbs,
                 forward_only=forward_only,
             )
         return self._reduce_stats(outputs)
@@ -142,6 +148,17 @@ class MegatronEngine:
         if "loss" in keys:
             result["num_tokens"] = float(totals[keys.index("loss"), 1])
         return result
+
+
+def check_interleaved_microbatches(num_micro: int, pp: int) -> None:
+    """Megatron's interleaved 1F1B runs micro-batches in groups of PP per model chunk; a step
+    needs a whole number of groups."""
+    if num_micro % pp:
+        raise ConfigError(
+            f"interleaved pipeline (parallel.virtual_pipeline_model_parallel_size) needs the micro-batches "
+            f"per step and data-parallel rank ({num_micro}) to be a multiple of "
+            f"parallel.pipeline_model_parallel_size={pp}: change trainer.global_batch_size or "
+            f"trainer.micro_batch_size")
 
 
 def ps_broadcast_keys(keys: List[str]) -> List[str]:

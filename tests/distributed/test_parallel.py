@@ -54,6 +54,15 @@ def test_pp2_loss_and_grads(results):
     assert r["param_after_step_max_abs_diff"] < STEP
 
 
+def test_pp2_interleaved_vpp2_loss_and_grads(results):
+    """Interleaved 1F1B (2 stages x 2 virtual chunks, 4 micro-batches) equals the 4-layer single process."""
+    r = _ok(results, "pp2_vpp2")
+    assert r["chunks"] == 2 and r["layers_per_chunk"] == [1, 1]
+    assert r["loss_diff"] < EXACT
+    assert r["grad_max_abs_diff"] < EXACT
+    assert r["param_after_step_max_abs_diff"] < STEP
+
+
 def test_dp2_replicas_identical_and_equal_single_process(results):
     r = _ok(results, "dp2")
     assert r["loss_diff"] < EXACT
