@@ -1,6 +1,6 @@
 """Bookkeeping every training system shares (functions, not a base class): the DP-aware
-resumable dataloader, the end-of-step cadence (progress bar, metrics, evaluation, checkpoints),
-recording an evaluation, and saving an engine's checkpoint."""
+resumable dataloader, the end-of-step cadence (progress bar, metrics, evaluation, checkpoints,
+stopping on SIGTERM/SIGUSR1), recording an evaluation, and saving an engine's checkpoint."""
 from __future__ import annotations
 
 import time
@@ -8,6 +8,7 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 
+from nemo_rlhf import fault
 from nemo_rlhf.checkpoint import save_checkpoint
 from nemo_rlhf.data.sampler import GlobalBatchSampler
 from nemo_rlhf.logging import get_logger
@@ -18,6 +19,7 @@ log = get_logger(__name__)
 def dp_loader(dataset, module, global_batch_size: Optional[int] = None) -> torch.utils.data.DataLoader:
     """Global batches from ``module.step`` to trainer.max_steps; this rank gets its DP slice."""
     t = module.cfg.trainer
+    fault.install_signal_handlers()  # from here on (initial evaluation included) a signal stops at a step boundary
     sampler = GlobalBatchSampler(len(dataset), global_batch_size or t.global_batch_size, module.dp_rank,
                                  module.dp_size, seed=t.seed, start_step=module.step, end_step=t.max_steps)
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=0)
@@ -25,7 +27,9 @@ def dp_loader(dataset, module, global_batch_size: Optional[int] = None) -> torch
 
 def end_of_step(module, stats: Dict[str, float], prog_bar: Sequence[str] = ("loss",)) -> None:
     """After ``module.step`` was incremented: progress bar, train record every log_every_n_steps
-    (with the mean step time since the last record), evaluation and checkpoint cadence."""
+    (with the mean step time since the last record), evaluation and checkpoint cadence; then, if
+    any rank received SIGTERM/SIGUSR1 (see :mod:`nemo_rlhf.fault`), a checkpoint and
+    :class:`~nemo_rlhf.fault.Preempted` (exit code 75) on every rank."""
     t = module.cfg.trainer
     for key in prog_bar:
         module.log(key, stats[key], prog_bar=True, logger=False, batch_size=1)
@@ -39,9 +43,18 @@ def end_of_step(module, stats: Dict[str, float], prog_bar: Sequence[str] = ("los
         module.evaluate()
     if t.checkpoint_every_n_steps and module.step % t.checkpoint_every_n_steps == 0:
         module.save()
+    # Last, so that the step's records and evaluation are the same as in an uninterrupted run.
+    signum = fault.agreed_stop_signal()
+    if signum is not None:
+        log.warning("%s: writing a checkpoint at step %d, then exiting with code %d",
+                    fault.signal_name(signum), module.step, fault.EXIT_PREEMPTED)
+        module.save()
+        raise fault.Preempted(module.step, signum)
 
 
 def start_clock(module) -> None:
+    """At training start (on_train_start, after Lightning set its own signal handlers)."""
+    fault.install_signal_handlers()
     module._last_log = (module.step, time.perf_counter())
 
 

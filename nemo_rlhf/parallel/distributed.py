@@ -54,12 +54,16 @@ def detect_launch_env(environ=None) -> LaunchEnv:
                          local_world_size=int(env.get("LOCAL_WORLD_SIZE", world)),
                          master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
                          master_port=int(env.get("MASTER_PORT", 29500)), launcher="torchrun")
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        world = int(env["SLURM_NTASKS"])
-        per_node = env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0] or str(world)
+    # An srun task has SLURM_STEP_ID; the batch script's own shell has SLURM_PROCID=0 and the
+    # job's SLURM_NTASKS but no step: a process started there directly is a single process.
+    world = int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or 1)
+    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env and world > 1:
+        per_node = (env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_NTASKS_PER_NODE")
+                    or env.get("SLURM_TASKS_PER_NODE") or str(world))
         job_id = int(env.get("SLURM_JOB_ID", "0"))
         return LaunchEnv(rank=int(env["SLURM_PROCID"]), world_size=world,
-                         local_rank=int(env.get("SLURM_LOCALID", 0)), local_world_size=int(per_node),
+                         local_rank=int(env.get("SLURM_LOCALID", 0)),
+                         local_world_size=int(per_node.split("(")[0].split(",")[0]),  # "4(x2)", "4,3"
                          master_addr=env.get("MASTER_ADDR") or _slurm_master_addr(env),
                          master_port=int(env.get("MASTER_PORT", 20000 + job_id % 20000)), launcher="slurm")
     return LaunchEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, master_addr="127.0.0.1",

@@ -73,7 +73,7 @@ def test_launch_env_from_torchrun_and_slurm():
     env = detect_launch_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
                              "MASTER_ADDR": "n1", "MASTER_PORT": "1234"})
     assert (env.rank, env.world_size, env.local_rank, env.num_nodes, env.launcher) == (3, 8, 1, 4, "torchrun")
-    env = detect_launch_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
+    env = detect_launch_env({"SLURM_PROCID": "5", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
                              "SLURM_NTASKS_PER_NODE": "4(x2)", "SLURM_JOB_NODELIST": "gpu[07-08]",
                              "SLURM_JOB_ID": "42"})
     assert (env.rank, env.world_size, env.local_world_size, env.num_nodes) == (5, 8, 4, 2)
