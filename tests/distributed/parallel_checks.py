@@ -13,6 +13,7 @@ computed on each rank from the same weights and the same batch of randomwalks da
   dp2_distopt  DP=2 with the distributed optimizer: the same
   ckpt_tp2_to_tp1 / ckpt_tp1_to_tp2  dist checkpoint saved at one TP, loaded at the other
   gen_tp2    greedy KV-cached generation at TP=2 equals TP=1
+  hf_tp2 / hf_pp2  Hugging Face models imported / exported at TP=2 and PP=2 (hf_checks.py)
   t5_tp2     T5 (model.arch=t5): logits, SFT loss, grads and greedy decoding at TP=2 equal TP=1
 Rank 0 writes {check: {metric: value}} to OUT.json; the pytest side asserts on the numbers.
 """
@@ -439,6 +440,10 @@ def main(out_path):
     check("ilql_tp2", lambda: ilql_tp(2))
     check("gen_tp1", lambda: gen(1))
     check("gen_tp2", lambda: gen(2))
+    from tests.distributed.hf_checks import hf_checks   # HF import/export at TP=2 and PP=2
+
+    for name, fn in hf_checks(str(out_path) + ".hf"):
+        check(name, fn)
 
     def t5_tp(tp):
         """T5 (model.arch=t5) at TP=tp on the TP=1 weights: logits, SFT loss and grads, greedy decoding."""

@@ -144,3 +144,17 @@ def test_t5_tp2_logits_loss_grads_and_decoding_equal_tp1(results):
     assert r["loss_diff"] < EXACT
     assert r["grad_max_abs_diff"] < EXACT
     assert r["tokens_equal"] and r["logprobs_max_abs_diff"] < 1e-5
+
+
+@pytest.mark.parametrize("layout", ["hf_tp2", "hf_pp2"])
+def test_hugging_face_import_and_export_at_tp2_and_pp2(results, layout):
+    """GPT-2, Llama (GQA, tied), Mistral, Qwen2 (QKV bias), GPT-NeoX built with transformers:
+    imported at TP=2 the logits equal transformers'; exported (gathered) from TP=2 / PP=2 the
+    tensors equal the original files."""
+    _ok(results, "hf_prepare")
+    r = _ok(results, layout)
+    assert sorted(r) == ["gpt2", "gpt_neox", "llama", "mistral", "qwen2"]
+    for arch, m in r.items():
+        if layout == "hf_tp2":
+            assert 0.0 <= m["logits_max_abs_diff"] < 1e-4, arch
+        assert m["export_max_abs_diff"] == 0.0, arch
