@@ -47,7 +47,7 @@ class ModelConfig:
     """Key/value heads (grouped-query attention); null = num_attention_heads (multi-head)."""
     activation: str = "gelu"
     """MLP activation: gelu (exact) | gelu_tanh (GPT-2's gelu_new) | relu | silu | swiglu (gated
-    SiLU, Llama) | geglu (gated gelu)."""
+    SiLU, Llama) | geglu (gated gelu) | geglu_tanh (gated tanh-gelu: T5 v1.1 / flan-T5 gated-gelu)."""
     add_bias_linear: bool = True
     """Biases in the attention and MLP linear layers (GPT-2, GPT-NeoX: true; Llama: false)."""
     add_qkv_bias: bool = False
@@ -138,8 +138,8 @@ class ModelConfig:
             _require(self.num_attention_heads % self.num_query_groups == 0,
                      f"model.num_attention_heads={self.num_attention_heads} is not divisible by "
                      f"model.num_query_groups={self.num_query_groups}")
-        _require(self.activation in ("gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu"),
-                 f"model.activation must be gelu|gelu_tanh|relu|silu|swiglu|geglu, got {self.activation!r}")
+        _require(self.activation in ("gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu", "geglu_tanh"),
+                 f"model.activation must be gelu|gelu_tanh|relu|silu|swiglu|geglu|geglu_tanh, got {self.activation!r}")
         _positive(self.layernorm_epsilon, "model.layernorm_epsilon")
         _positive(self.rotary_base, "model.rotary_base")
         _require(0.0 < self.rotary_percent <= 1.0,

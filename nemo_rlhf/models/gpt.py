@@ -37,6 +37,7 @@ def _activation(name: str):
         "silu": (F.silu, False),
         "swiglu": (F.silu, True),
         "geglu": (F.gelu, True),
+        "geglu_tanh": (partial(F.gelu, approximate="tanh"), True),
     }
     return table[name]
 

@@ -1,0 +1,198 @@
+"""Hugging Face T5 (v1.0 t5-small style and v1.1 / flan-T5 style) -> megatron-core T5Model.
+
+What maps where (HF ``T5ForConditionalGeneration`` -> our ``model.arch=t5``):
+
+    shared.weight                              embedding.word_embeddings.weight (padded rows: 0)
+    {enc,dec}.block.i.layer.0.SelfAttention.q/k/v   {enc,dec}oder.layers.i.self_attention.linear_qkv
+                                               (per head [q_h; k_h; v_h], megatron's layout)
+    ...SelfAttention.o                         ...self_attention.linear_proj
+    block.0...relative_attention_bias          {encoder,decoder}_relative_pos_emb.relative_attention_bias
+                                               (HF computes it in block 0 and shares it; so does megatron)
+    dec.block.i.layer.1.EncDecAttention.q      decoder.layers.i.cross_attention.linear_q
+    ...EncDecAttention.k/v                     ...cross_attention.linear_kv (per head [k_h; v_h])
+    layer.N.layer_norm (RMSNorm, no bias)      input_layernorm / pre_cross_attn_layernorm / pre_mlp_layernorm
+    DenseReluDense.wi | wi_0, wi_1 ; wo        mlp.linear_fc1 ([wi_0; wi_1] gated) ; mlp.linear_fc2
+    {enc,dec}.final_layer_norm                 {encoder,decoder}.final_layernorm
+    lm_head.weight                             lm_head.output_layer.weight (untied) | the embedding (tied)
+
+and the settings: RMSNorm (``layer_norm_epsilon``), no linear biases, ``d_kv`` -> model.kv_channels,
+no 1/sqrt(d) in attention (model.attention_softmax_scale=1.0), relative attention bias (on our
+bias-taking local attention, models/t5.py), relu (v1.0) or gated tanh-gelu (v1.1, "gated-gelu").
+T5 v1.0 multiplies the decoder output by d_model**-0.5 before the tied LM head; megatron has no such
+scale, so it is folded into the decoder's final RMSNorm weight (exact: the norm is linear in its
+weight). megatron's tied LM head has a bias; it is set to 0.
+
+Anything else (other feed-forward activations, a vocabulary the tokenizer cannot hold) fails with a
+ConfigError naming the config.json field.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, List
+
+import torch
+
+from nemo_rlhf.config.schema import ConfigError, ModelConfig
+
+Tensor = torch.Tensor
+StateDict = Dict[str, Tensor]
+
+# HF feed_forward_proj -> ModelConfig.activation
+_ACTIVATIONS = {"relu": "relu", "gated-gelu": "geglu_tanh", "gated-relu": None, "gelu": "gelu"}
+
+
+def model_config_from_hf_t5(hf: Dict[str, Any], base: ModelConfig | None = None, tied: bool = True,
+                            where: str = "config.json") -> ModelConfig:
+    """ModelConfig (arch=t5) for an HF T5 config dict. ``base`` supplies the training-side fields
+    (seq_length, precision, ...); ``tied``: whether the weights tie the LM head to the embedding
+    (:func:`lm_head_is_tied`; transformers >= 5 always writes tie_word_embeddings=true)."""
+    mt = hf.get("model_type")
+    if mt != "t5":
+        raise ConfigError(f"{where}: model_type={mt!r} is not t5 (mt5/umt5 are not supported yet)")
+    ffp = hf.get("feed_forward_proj", "relu")
+    act = _ACTIVATIONS.get(ffp)
+    if act is None:
+        raise ConfigError(f"{where}: feed_forward_proj={ffp!r} is not supported (relu | gated-gelu | gelu)")
+    base = base or ModelConfig()
+    return dataclasses.replace(
+        base, arch="t5", num_layers=hf.get("num_decoder_layers") or hf["num_layers"],
+        encoder_num_layers=hf["num_layers"], hidden_size=hf["d_model"], num_attention_heads=hf["num_heads"],
+        kv_channels=hf["d_kv"], ffn_hidden_size=hf["d_ff"], normalization="RMSNorm",
+        layernorm_epsilon=hf.get("layer_norm_epsilon", 1e-6), activation=act, add_bias_linear=False,
+        position_embedding_type="relative",
+        relative_attention_num_buckets=hf.get("relative_attention_num_buckets", 32),
+        relative_attention_max_distance=hf.get("relative_attention_max_distance", 128),
+        attention_softmax_scale=1.0, hidden_dropout=0.0, attention_dropout=0.0,
+        vocab_size=hf["vocab_size"], share_embeddings_and_output_weights=tied)
+
+
+def lm_head_is_tied(hf_sd: StateDict) -> bool:
+    """T5 v1.0 ties the LM head to the embedding; flan-T5 / v1.1 checkpoints carry their own."""
+    head = hf_sd.get("lm_head.weight")
+    return head is None or head.data_ptr() == hf_sd["shared.weight"].data_ptr() or torch.equal(head, hf_sd["shared.weight"])
+
+
+def scales_decoder_output(hf: Dict[str, Any]) -> bool:
+    """Whether HF multiplies the decoder output by d_model**-0.5 before the LM head (v1.0: yes)."""
+    if "scale_decoder_outputs" in hf:           # transformers >= 5 saves it explicitly
+        return bool(hf["scale_decoder_outputs"])
+    return hf.get("tie_word_embeddings", True) is not False
+
+
+def _pack_heads(parts: List[Tensor], heads: int) -> Tensor:
+    """[heads*d, h] each -> [heads * (len(parts)*d), h] with each head's rows together."""
+    d = parts[0].shape[0] // heads
+    return torch.cat([p.reshape(heads, d, -1) for p in parts], dim=1).reshape(-1, parts[0].shape[1])
+
+
+def hf_t5_to_megatron(hf_sd: StateDict, hf: Dict[str, Any], padded_vocab: int) -> StateDict:
+    """Full (unsharded) megatron T5Model state dict from an HF T5 state dict. Pure tensor moves."""
+    heads = hf["num_heads"]
+    gated = str(hf.get("feed_forward_proj", "relu")).startswith("gated")
+    out: StateDict = {}
+
+    def get(name):
+        if name not in hf_sd:
+            raise ConfigError(f"the Hugging Face T5 weights lack {name}")
+        return hf_sd[name]
+
+    emb = get("shared.weight")
+    if emb.shape[0] > padded_vocab:
+        raise ConfigError(f"config.json vocab_size={emb.shape[0]} exceeds the padded vocabulary {padded_vocab}")
+    padded = torch.zeros(padded_vocab, emb.shape[1], dtype=emb.dtype)
+    padded[:emb.shape[0]] = emb
+    out["embedding.word_embeddings.weight"] = padded
+
+    def mlp(src, dst):
+        if gated:
+            out[f"{dst}.mlp.linear_fc1.weight"] = torch.cat([get(f"{src}.DenseReluDense.wi_0.weight"),
+                                                             get(f"{src}.DenseReluDense.wi_1.weight")], 0)
+        else:
+            out[f"{dst}.mlp.linear_fc1.weight"] = get(f"{src}.DenseReluDense.wi.weight")
+        out[f"{dst}.mlp.linear_fc2.weight"] = get(f"{src}.DenseReluDense.wo.weight")
+        out[f"{dst}.pre_mlp_layernorm.weight"] = get(f"{src}.layer_norm.weight")
+
+    def self_attn(src, dst):
+        a = f"{src}.SelfAttention"
+        out[f"{dst}.self_attention.linear_qkv.weight"] = _pack_heads(
+            [get(f"{a}.q.weight"), get(f"{a}.k.weight"), get(f"{a}.v.weight")], heads)
+        out[f"{dst}.self_attention.linear_proj.weight"] = get(f"{a}.o.weight")
+        out[f"{dst}.input_layernorm.weight"] = get(f"{src}.layer_norm.weight")
+
+    for i in range(hf["num_layers"]):
+        self_attn(f"encoder.block.{i}.layer.0", f"encoder.layers.{i}")
+        mlp(f"encoder.block.{i}.layer.1", f"encoder.layers.{i}")
+    for i in range(hf.get("num_decoder_layers") or hf["num_layers"]):
+        src, dst = f"decoder.block.{i}.layer", f"decoder.layers.{i}"
+        self_attn(f"{src}.0", dst)
+        c = f"{src}.1.EncDecAttention"
+        out[f"{dst}.cross_attention.linear_q.weight"] = get(f"{c}.q.weight")
+        out[f"{dst}.cross_attention.linear_kv.weight"] = _pack_heads([get(f"{c}.k.weight"), get(f"{c}.v.weight")], heads)
+        out[f"{dst}.cross_attention.linear_proj.weight"] = get(f"{c}.o.weight")
+        out[f"{dst}.pre_cross_attn_layernorm.weight"] = get(f"{src}.1.layer_norm.weight")
+        mlp(f"{src}.2", dst)
+    for stack in ("encoder", "decoder"):
+        out[f"{stack}_relative_pos_emb.relative_attention_bias.weight"] = get(
+            f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
+    out["encoder.final_layernorm.weight"] = get("encoder.final_layer_norm.weight")
+    final = get("decoder.final_layer_norm.weight")
+    if scales_decoder_output(hf):
+        final = final * hf["d_model"] ** -0.5     # (x * w) * s == x * (w * s): the v1.0 output scale
+    out["decoder.final_layernorm.weight"] = final
+    if lm_head_is_tied(hf_sd):
+        out["lm_head.output_layer.bias"] = torch.zeros(padded_vocab, dtype=emb.dtype)
+    else:
+        head = get("lm_head.weight")
+        padded_head = torch.zeros(padded_vocab, head.shape[1], dtype=head.dtype)
+        padded_head[:head.shape[0]] = head
+        out["lm_head.output_layer.weight"] = padded_head
+    return out
+
+
+def _shard(full: Tensor, param: Tensor, name: str, gated: bool, tp: int, rank: int) -> Tensor:
+    if tp == 1 or not getattr(param, "tensor_model_parallel", False):
+        return full
+    dim = param.partition_dim
+    if gated and name.endswith("mlp.linear_fc1.weight"):      # [gate; up] -> [gate_r; up_r]
+        return torch.cat([h.chunk(tp, dim=dim)[rank] for h in full.chunk(2, dim=dim)], dim=dim)
+    return full.chunk(tp, dim=dim)[rank]
+
+
+def load_hf_t5(full: StateDict, t5: torch.nn.Module, gated: bool) -> None:
+    """Copy this rank's TP shards of ``full`` (from :func:`hf_t5_to_megatron`) into an unwrapped
+    T5Model; every parameter must be filled with the right shape."""
+    from megatron.core import parallel_state as ps
+
+    from nemo_rlhf.checkpoint import CheckpointError
+
+    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    names = dict(t5.named_parameters())
+    missing = sorted(set(names) - set(full))
+    unused = sorted(set(full) - set(names))
+    if missing or unused:
+        raise CheckpointError(f"Hugging Face T5 -> megatron: parameters without weights {missing[:10]}, "
+                              f"weights without parameters {unused[:10]}")
+    with torch.no_grad():
+        for name, param in names.items():
+            shard = _shard(full[name], param, name, gated, tp, rank)
+            if shard.shape != param.shape:
+                raise CheckpointError(f"Hugging Face T5 -> megatron: {name} has shape {tuple(shard.shape)} "
+                                      f"for a parameter of {tuple(param.shape)}")
+            param.copy_(shard.to(param.dtype))
+
+
+def import_hf_t5(path, chunks: List[torch.nn.Module], model: ModelConfig) -> None:
+    """Fill T5 ``chunks`` (built from ``model``, e.g. :func:`model_config_from_hf_t5`) with the HF
+    T5 checkpoint in directory ``path`` (config.json + safetensors / .bin)."""
+    from nemo_rlhf.interop.hf_config import read_hf_config
+    from nemo_rlhf.interop.hf_gpt import read_hf_weights
+    from nemo_rlhf.models.gpt import padded_vocab_size, unwrap
+
+    hf = read_hf_config(path)
+    hf_sd = read_hf_weights(path)
+    t5 = unwrap(chunks[0])
+    if model.share_embeddings_and_output_weights != lm_head_is_tied(hf_sd):
+        raise ConfigError(f"{path}: the checkpoint's LM head is {'tied' if lm_head_is_tied(hf_sd) else 'untied'}; "
+                          f"set model.share_embeddings_and_output_weights={lm_head_is_tied(hf_sd)}")
+    full = hf_t5_to_megatron(hf_sd, hf, padded_vocab_size(model.vocab_size or hf["vocab_size"], model))
+    load_hf_t5(full, t5, gated=str(hf.get("feed_forward_proj", "relu")).startswith("gated"))
