@@ -254,12 +254,15 @@ def has_tokenizer(directory) -> bool:
 
 
 def tokenizer_for(model_path, symbols: Sequence[str]):
-    """The run's tokenizer: the checkpoint's when ``model_path`` is a directory with tokenizer
-    files (a Hugging Face model), else the task's :class:`CharTokenizer`. A checkpoint tokenizer
+    """The run's tokenizer: the checkpoint's when ``model_path`` is a Hugging Face directory or a
+    converted checkpoint (scripts/convert_checkpoint.py) with tokenizer files, else the task's
+    :class:`CharTokenizer`. A checkpoint tokenizer
     must encode each task symbol as one token (the randomwalks task scores token by token)."""
     from pathlib import Path
 
-    if model_path is None or not (Path(model_path) / "config.json").is_file() or not has_tokenizer(model_path):
+    ckpt = model_path is not None and any((Path(model_path) / f).is_file()
+                                          for f in ("config.json", "nemo_rlhf_meta.json"))
+    if not ckpt or not has_tokenizer(model_path):
         return CharTokenizer(symbols)
     tok = load_tokenizer(model_path)
     bad = [s for s in symbols if len(tok.encode(s)) != 1 or tok.decode(tok.encode(s)) != s]

@@ -218,14 +218,16 @@ def hf_config_from_model(model: ModelConfig, vocab_size: int, template: Optional
         elif m.rope_scaling == "llama3":
             rope.update(rope_type="llama3", factor=m.rope_scaling_factor, low_freq_factor=1.0,
                         high_freq_factor=4.0, original_max_position_embeddings=8192)
-        cfg.pop("rope_scaling", None)
-        cfg.pop("rope_theta", None)
+        # transformers 5 reads rope_parameters; 4.x reads rope_theta / rope_scaling (written too)
+        cfg["rope_theta"] = m.rotary_base
+        cfg["rope_scaling"] = None if rope["rope_type"] == "default" else \
+            {k: v for k, v in rope.items() if k != "rope_theta"}
         cfg.update(hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
                    num_attention_heads=m.num_attention_heads, intermediate_size=ffn,
                    max_position_embeddings=max(positions, cfg.get("max_position_embeddings") or 0),
                    hidden_act=rev_act[m.activation], attention_dropout=0.0, rope_parameters=rope)
         if mt == "gpt_neox":
-            cfg.pop("rotary_pct", None)
+            cfg.update(rotary_pct=m.rotary_percent, rotary_emb_base=m.rotary_base)
             cfg["rope_parameters"]["partial_rotary_factor"] = m.rotary_percent
             cfg.update(architectures=["GPTNeoXForCausalLM"], layer_norm_eps=m.layernorm_epsilon,
                        use_parallel_residual=False, attention_bias=True, hidden_dropout=0.0)

@@ -99,10 +99,12 @@ def hf_checks(work_dir):
     refs: Dict[str, torch.Tensor] = {}
 
     def prepare():
-        if dist.get_rank() == 0:
-            for name in hf_configs():
-                refs[name] = make_hf_model(name, work / name)(input_ids()).logits.detach()
-        dist.barrier()
+        try:
+            if dist.get_rank() == 0:
+                for name in hf_configs():
+                    refs[name] = make_hf_model(name, work / name)(input_ids()).logits.detach()
+        finally:
+            dist.barrier()   # rank 1 must not wait forever if rank 0 failed
 
     def layout(parallel, tag, logits: bool):
         out = {}
