@@ -15,6 +15,7 @@ computed on each rank from the same weights and the same batch of randomwalks da
   gen_tp2    greedy KV-cached generation at TP=2 equals TP=1
   hf_tp2 / hf_pp2  Hugging Face models imported / exported at TP=2 and PP=2 (hf_checks.py)
   t5_tp2     T5 (model.arch=t5): logits, SFT loss, grads and greedy decoding at TP=2 equal TP=1
+  t5_hf_*    Hugging Face T5 (v1.0, v1.1/flan) imported at TP=2: logits equal transformers
 Rank 0 writes {check: {metric: value}} to OUT.json; the pytest side asserts on the numbers.
 """
 from __future__ import annotations
@@ -406,35 +407,47 @@ def main(out_path):
                 "v_head_grad_norm": float(grads["ilql_heads.v_head.weight"].norm()),
                 "n_grads": len(grads)}
 
-    def dpo_layout(parallel, mbs):
-        """One DPO step (sigmoid loss, precomputed reference) on the same 4 pairs."""
-        from nemo_rlhf.config.schema import DPOConfig
-        from nemo_rlhf.data.preference import PreferenceDataset, randomwalk_pairs
+    def dpo_layout(parallel, mbs, kto=False):
+        """One DPO step (sigmoid loss, precomputed reference) on the same 4 pairs, or one KTO step on
+        them unpaired (8 examples, z0 from each micro-batch's mismatched pairs)."""
+        from nemo_rlhf.config.schema import DPOConfig, KTOConfig
+        from nemo_rlhf.data.preference import KTODataset, PreferenceDataset, randomwalk_pairs, unpair
         from nemo_rlhf.modules.dpo import dpo_forward
 
         pairs = randomwalk_pairs(RandomWalks(seed=1000), tok, 4, seed=0)
-        ds = PreferenceDataset.build(pairs, MODEL.seq_length, tok.pad_id, tok.eos_id)
+        if kto:
+            ds = KTODataset.build_unpaired(unpair(pairs), MODEL.seq_length, tok.pad_id, tok.eos_id, seed=0)
+        else:
+            ds = PreferenceDataset.build(pairs, MODEL.seq_length, tok.pad_id, tok.eos_id)
         g = torch.Generator().manual_seed(5)
         pbatch = {"tokens": ds.tokens, "labels": ds.labels, "loss_mask": ds.loss_mask,
-                  "ref_logps": -6 + torch.randn(4, 2, generator=g)}
+                  "ref_logps": -6 + torch.randn(len(ds), 2, generator=g)}
+        if kto:
+            pbatch["desirable"] = ds.desirable
         engine = engine_for(parallel, vocab)
         load_reference_weights(engine, ref["params"])
-        stats = engine.forward_backward(pbatch, mbs, partial(dpo_forward, cfg=DPOConfig(beta=0.1)))
+        cfg = KTOConfig(beta=0.1) if kto else DPOConfig(beta=0.1)
+        stats = engine.forward_backward(pbatch, mbs, partial(dpo_forward, cfg=cfg))
         grads = {n: tp_full(p.main_grad, p) for n, p in named_params(engine)}
         return stats, grads
 
-    def dpo_check(parallel, mbs):
-        stats, grads = dpo_layout(parallel, mbs)
-        if "stats" not in dpo_ref:
-            dpo_ref["stats"], dpo_ref["grads"] = stats, grads
+    def dpo_check(parallel, mbs, kto=False):
+        stats, grads = dpo_layout(parallel, mbs, kto)
+        base = kto_ref if kto else dpo_ref
+        if "stats" not in base:
+            base["stats"], base["grads"] = stats, grads
             return {k: v for k, v in stats.items()}
-        return {"max_stat_abs_diff": max(abs(stats[k] - dpo_ref["stats"][k]) for k in stats if k != "num_tokens"),
-                "grad_max_abs_diff": max(float((grads[n] - dpo_ref["grads"][n]).abs().max()) for n in grads)}
+        return {"max_stat_abs_diff": max(abs(stats[k] - base["stats"][k]) for k in stats if k != "num_tokens"),
+                "grad_max_abs_diff": max(float((grads[n] - base["grads"][n]).abs().max()) for n in grads)}
 
     dpo_ref = {}
     check("dpo_tp1", lambda: dpo_check(ParallelConfig(), 4))
     check("dpo_tp2", lambda: dpo_check(ParallelConfig(tensor_model_parallel_size=2), 4))
     check("dpo_pp2", lambda: dpo_check(ParallelConfig(pipeline_model_parallel_size=2), 2))
+    kto_ref = {}   # two micro-batches of 4 everywhere: z0 is estimated per micro-batch
+    check("kto_tp1", lambda: dpo_check(ParallelConfig(), 4, kto=True))
+    check("kto_tp2", lambda: dpo_check(ParallelConfig(tensor_model_parallel_size=2), 4, kto=True))
+    check("kto_pp2", lambda: dpo_check(ParallelConfig(pipeline_model_parallel_size=2), 4, kto=True))
     ilql_ref = {}
     check("ilql_tp1", lambda: ilql_tp(1))
     check("ilql_tp2", lambda: ilql_tp(2))
@@ -487,9 +500,45 @@ def main(out_path):
                 "n_grads": len(grads), "tokens_equal": bool(torch.equal(out.tokens, t5_ref["tokens"])),
                 "logprobs_max_abs_diff": float((out.logprobs - t5_ref["logprobs"]).abs().max())}
 
+    def t5_hf(tp, variant):
+        """A tiny random Hugging Face T5 imported at TP=tp: logits vs transformers' (v1.1 = gated
+        tanh-gelu + untied head, whose fc1 and head shard differently from v1.0's)."""
+        from transformers import T5Config, T5ForConditionalGeneration
+
+        from nemo_rlhf.interop.hf_t5 import hf_t5_to_megatron, lm_head_is_tied, load_hf_t5, model_config_from_hf_t5
+        from nemo_rlhf.models.t5 import attention_masks, build_t5_chunks
+        from nemo_rlhf.generation.seq2seq import _gather_vocab
+
+        v = 90
+        torch.manual_seed(0)
+        hf = T5ForConditionalGeneration(T5Config(
+            vocab_size=v, d_model=32, d_kv=6, d_ff=48, num_layers=2, num_decoder_layers=2, num_heads=4,
+            relative_attention_num_buckets=8, relative_attention_max_distance=12, dropout_rate=0.0,
+            feed_forward_proj="relu" if variant == "v1.0" else "gated-gelu",
+            tie_word_embeddings=variant == "v1.0")).eval()
+        if variant == "v1.1":
+            hf.lm_head.weight = torch.nn.Parameter(0.05 * torch.randn(v, 32))
+        sd, hf_cfg = hf.state_dict(), hf.config.to_dict()
+        parallel = ParallelConfig(tensor_model_parallel_size=tp)
+        initialize_model_parallel(parallel, seed=3)
+        model = model_config_from_hf_t5(hf_cfg, ModelConfig(seq_length=16), tied=lm_head_is_tied(sd))
+        t5 = build_t5_chunks(model, parallel, v)[0].eval()
+        load_hf_t5(hf_t5_to_megatron(sd, hf_cfg, t5.vocab_size), t5, gated=variant == "v1.1")
+        g = torch.Generator().manual_seed(1)
+        enc, dec = torch.randint(2, v, (2, 9), generator=g), torch.randint(2, v, (2, 5), generator=g)
+        valid = torch.ones(2, 9, dtype=torch.bool)
+        valid[1, 6:] = False
+        enc_mask, cross = attention_masks(valid, dec.shape[1])
+        with torch.no_grad():
+            want = hf(input_ids=enc, attention_mask=valid.long(), decoder_input_ids=dec).logits
+            got = _gather_vocab(t5(enc, dec, enc_mask, None, cross))[..., :v]
+        return {"logits_max_abs_diff": float((got - want).abs().max()), "logits_max_abs": float(want.abs().max())}
+
     t5_ref = {}
     check("t5_tp1", lambda: t5_tp(1))
     check("t5_tp2", lambda: t5_tp(2))
+    check("t5_hf_v1.0_tp2", lambda: t5_hf(2, "v1.0"))
+    check("t5_hf_v1.1_tp2", lambda: t5_hf(2, "v1.1"))
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(results, f, indent=1)

@@ -135,6 +135,15 @@ def test_dpo_step_tp2_and_pp2_equal_tp1(results, name):
     assert r["grad_max_abs_diff"] < 1e-6
 
 
+@pytest.mark.parametrize("name", ["kto_tp2", "kto_pp2"])
+def test_kto_step_tp2_and_pp2_equal_tp1(results, name):
+    base = _ok(results, "kto_tp1")
+    assert 0 < base["loss"] < 1 and base["kl"] >= 0            # each KTO loss is in (0, w)
+    r = _ok(results, name)
+    assert r["max_stat_abs_diff"] < 1e-5
+    assert r["grad_max_abs_diff"] < 1e-6
+
+
 def test_t5_tp2_logits_loss_grads_and_decoding_equal_tp1(results):
     base = _ok(results, "t5_tp1")
     assert base["loss"] > 0 and base["grad_norm"] > 1e-3
@@ -158,3 +167,10 @@ def test_hugging_face_import_and_export_at_tp2_and_pp2(results, layout):
         if layout == "hf_tp2":
             assert 0.0 <= m["logits_max_abs_diff"] < 1e-4, arch
         assert m["export_max_abs_diff"] == 0.0, arch
+
+
+@pytest.mark.parametrize("name", ["t5_hf_v1.0_tp2", "t5_hf_v1.1_tp2"])
+def test_hf_t5_imported_at_tp2_matches_transformers(results, name):
+    r = _ok(results, name)
+    assert r["logits_max_abs"] > 0.1
+    assert r["logits_max_abs_diff"] < 1e-4
