@@ -116,6 +116,12 @@ def apply(force: bool = False) -> bool:
     mcore_random._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
     # D) hard-coded device="cuda" literals and .cuda() calls (default causal mask, optimizer
     #    scalars, clip_grads, schedules' token counts, dist_checkpointing exchange buffers)
+    # `with torch.device("meta"):` recognises factories by identity in a cached set built on first
+    # use; build it from the originals first, or it would hold our wrappers and create real tensors
+    # (transformers' from_pretrained then left RoPE inv_freq buffers uninitialised: garbage logits).
+    from torch.utils import _device as torch_device
+
+    torch_device._device_constructors()
     for name in _FACTORIES:
         setattr(torch, name, _redirect_to_cpu(getattr(torch, name)))
     torch.Tensor.cuda = lambda self, *a, **k: self

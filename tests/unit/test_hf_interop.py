@@ -181,3 +181,16 @@ def test_model_path_resolution_takes_the_architecture(tmp_path):
     m = resolve_model_config(ModelConfig(path=str(path), seq_length=32))
     assert (m.position_embedding_type, m.rotary_percent, m.share_embeddings_and_output_weights) == ("rope", 0.25, False)
     assert resolve_model_config(ModelConfig()) == ModelConfig()      # no path: untouched
+
+
+def test_from_pretrained_in_the_same_process_after_megatron_init(hf_models, mp):
+    """The CPU compatibility layer wraps torch factories; `with torch.device("meta")` (used by
+    from_pretrained) must still see them, or non-persistent RoPE buffers come out uninitialised."""
+    import torch.utils._device
+
+    original = getattr(torch.arange, "__wrapped__", torch.arange)
+    assert original in torch.utils._device._device_constructors()
+    path, ref = hf_models["llama"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    with torch.no_grad():
+        assert float((model(input_ids()).logits - ref).abs().max()) < 1e-5
