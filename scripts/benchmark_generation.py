@@ -4,8 +4,8 @@
     python scripts/benchmark_generation.py --layers 4 --hidden 256 --batch 32 --new-tokens 64
 
 Builds one megatron-core GPT (learned positions, LayerNorm, GELU MLP, tied embeddings: GPT-2's
-architecture), copies the same weights into ``transformers.GPT2LMHeadModel`` when transformers
-is installed, and times greedy generation of ``--new-tokens`` tokens for ``--batch`` prompts with
+architecture), exports the same weights as a Hugging Face GPT-2 directory (nemo_rlhf.interop) and
+loads it with ``transformers.AutoModelForCausalLM`` when transformers is installed, and times greedy generation of ``--new-tokens`` tokens for ``--batch`` prompts with
 each, in one run. Prints tokens/s and ratios against our KV-cached generation, and checks that
 all three produce the same tokens.
 """
@@ -33,45 +33,19 @@ def build(args):
     return model, cfg
 
 
-def to_hf_gpt2(model, cfg, vocab):
-    """The same weights in transformers' GPT-2 (megatron's fused QKV is [heads, (q,k,v), head_dim])."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+def to_hf(model, cfg, vocab):
+    """The same weights as a transformers model: exported with nemo_rlhf.interop (GPT-2 format for
+    this architecture) and loaded back with AutoModelForCausalLM, as a user would."""
+    import tempfile
 
-    sd = {k: v.detach() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
-    h, nh = cfg.hidden_size, cfg.num_attention_heads
-    hd = h // nh
-    padded = sd["embedding.word_embeddings.weight"].shape[0]
-    hf_cfg = GPT2Config(vocab_size=padded, n_positions=cfg.seq_length, n_embd=h, n_layer=cfg.num_layers,
-                        n_head=nh, n_inner=cfg.ffn_hidden_size, activation_function="gelu",
-                        layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                        tie_word_embeddings=True, bos_token_id=0, eos_token_id=None)
-    hf = GPT2LMHeadModel(hf_cfg).eval()
-    out = {"transformer.wte.weight": sd["embedding.word_embeddings.weight"],
-           "transformer.wpe.weight": sd["embedding.position_embeddings.weight"],
-           "transformer.ln_f.weight": sd["decoder.final_layernorm.weight"],
-           "transformer.ln_f.bias": sd["decoder.final_layernorm.bias"]}
-    for i in range(cfg.num_layers):
-        m, t = f"decoder.layers.{i}.", f"transformer.h.{i}."
-        qkv_w = sd[m + "self_attention.linear_qkv.weight"].view(nh, 3, hd, h)
-        qkv_b = sd[m + "self_attention.linear_qkv.bias"].view(nh, 3, hd)
-        out[t + "attn.c_attn.weight"] = torch.cat([qkv_w[:, j].reshape(h, h) for j in range(3)], 0).t()
-        out[t + "attn.c_attn.bias"] = torch.cat([qkv_b[:, j].reshape(h) for j in range(3)], 0)
-        out[t + "attn.c_proj.weight"] = sd[m + "self_attention.linear_proj.weight"].t()
-        out[t + "attn.c_proj.bias"] = sd[m + "self_attention.linear_proj.bias"]
-        out[t + "mlp.c_fc.weight"] = sd[m + "mlp.linear_fc1.weight"].t()
-        out[t + "mlp.c_fc.bias"] = sd[m + "mlp.linear_fc1.bias"]
-        out[t + "mlp.c_proj.weight"] = sd[m + "mlp.linear_fc2.weight"].t()
-        out[t + "mlp.c_proj.bias"] = sd[m + "mlp.linear_fc2.bias"]
-        out[t + "ln_1.weight"] = sd[m + "self_attention.linear_qkv.layer_norm_weight"] \
-            if m + "self_attention.linear_qkv.layer_norm_weight" in sd else sd[m + "input_layernorm.weight"]
-        out[t + "ln_1.bias"] = sd.get(m + "self_attention.linear_qkv.layer_norm_bias", sd.get(m + "input_layernorm.bias"))
-        out[t + "ln_2.weight"] = sd.get(m + "mlp.linear_fc1.layer_norm_weight", sd.get(m + "pre_mlp_layernorm.weight"))
-        out[t + "ln_2.bias"] = sd.get(m + "mlp.linear_fc1.layer_norm_bias", sd.get(m + "pre_mlp_layernorm.bias"))
-    out["lm_head.weight"] = out["transformer.wte.weight"]
-    missing, unexpected = hf.load_state_dict(out, strict=False)
-    missing = [k for k in missing if not k.endswith(".attn.bias") and not k.endswith("masked_bias")]
-    assert not missing and not unexpected, (missing, unexpected)
-    return hf
+    from transformers import AutoModelForCausalLM
+
+    from nemo_rlhf.interop import export_hf
+
+    with tempfile.TemporaryDirectory() as d:
+        export_hf(d, [model], cfg, vocab, extra_config={"bos_token_id": 0, "eos_token_id": None,
+                                                      "pad_token_id": 0})
+        return AutoModelForCausalLM.from_pretrained(d).eval()
 
 
 def timed(fn, repeats):
@@ -113,16 +87,16 @@ def main():
         rows["nemo_rlhf no cache"] = t_nc
         same = {"no cache": torch.equal(out_kv.tokens, out_nc.tokens)}
         try:
-            hf = to_hf_gpt2(model, cfg, args.vocab)
+            hf = to_hf(model, cfg, args.vocab)
         except ImportError:
             hf = None
             print("transformers is not installed: skipping the Hugging Face comparison "
                   "(pip install transformers)")
         if hf is not None:
-            bad = torch.arange(args.vocab, hf.config.vocab_size)  # the padded vocabulary tail
+            # the export cuts megatron's padded vocabulary tail: HF sees exactly args.vocab tokens
             t_hf, out_hf = timed(lambda: hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
                                                      max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                                                     suppress_tokens=bad.tolist(), pad_token_id=0),
+                                                     pad_token_id=0),
                                  args.repeats)
             rows["transformers generate"] = t_hf
             same["transformers"] = torch.equal(out_hf, out_kv.tokens)
