@@ -63,9 +63,16 @@ def _load_hf(path, chunks, skip_prefixes):
     from nemo_rlhf.interop import import_hf
     from nemo_rlhf.interop.hf_config import model_config_from_hf, read_hf_config
 
-    mt = read_hf_config(path).get("model_type")
+    hf = read_hf_config(path)
+    mt = hf.get("model_type")
+    if mt == "t5":
+        from nemo_rlhf.interop.hf_t5 import import_hf_t5, model_config_from_hf_t5_dir
+
+        import_hf_t5(path, chunks, model_config_from_hf_t5_dir(path, ModelConfig(seq_length=1)),
+                     skip_prefixes=tuple(skip_prefixes))
+        return
     if mt in SEQ2SEQ_TYPES:
-        raise ConfigError(f"{path} is a {mt} (encoder-decoder) model: use model.arch=t5")
+        raise ConfigError(f"{path} is a {mt} (encoder-decoder) model: only t5 is supported")
     # the chunks were built from the resolved run config; the defaults + config.json describe the
     # same architecture (training fields do not matter for the weights)
     model = model_config_from_hf(path, ModelConfig(seq_length=1))
@@ -75,6 +82,10 @@ def _load_hf(path, chunks, skip_prefixes):
 def resolve_model_config(model: ModelConfig) -> ModelConfig:
     """``model`` with the architecture of the checkpoint at ``model.path`` when that is a Hugging
     Face directory or a NeMo 1.x archive (other formats carry no architecture we read)."""
+    if model.path is not None and getattr(model, "arch", "gpt") == "t5" and checkpoint_format(model.path) == "hf":
+        from nemo_rlhf.interop.hf_t5 import model_config_from_hf_t5_dir
+
+        return model_config_from_hf_t5_dir(model.path, model)
     if model.path is None or getattr(model, "arch", "gpt") != "gpt":
         return model
     fmt = checkpoint_format(model.path)

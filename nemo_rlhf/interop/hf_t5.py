@@ -66,6 +66,16 @@ def model_config_from_hf_t5(hf: Dict[str, Any], base: ModelConfig | None = None,
         vocab_size=hf["vocab_size"], share_embeddings_and_output_weights=tied)
 
 
+def model_config_from_hf_t5_dir(path, base: ModelConfig | None = None) -> ModelConfig:
+    """:func:`model_config_from_hf_t5` for an HF directory (reads the weights to see whether the LM
+    head is tied); used when ``model.path`` of an arch=t5 run is a Hugging Face T5 directory."""
+    from nemo_rlhf.interop.hf_config import read_hf_config
+    from nemo_rlhf.interop.hf_gpt import read_hf_weights
+
+    return model_config_from_hf_t5(read_hf_config(path), base, tied=lm_head_is_tied(read_hf_weights(path)),
+                                   where=f"{path}/config.json")
+
+
 def lm_head_is_tied(hf_sd: StateDict) -> bool:
     """T5 v1.0 ties the LM head to the embedding; flan-T5 / v1.1 checkpoints carry their own."""
     head = hf_sd.get("lm_head.weight")
@@ -158,15 +168,21 @@ def _shard(full: Tensor, param: Tensor, name: str, gated: bool, tp: int, rank: i
     return full.chunk(tp, dim=dim)[rank]
 
 
-def load_hf_t5(full: StateDict, t5: torch.nn.Module, gated: bool) -> None:
+# heads we attach to the T5 decoder (models/heads.py) start fresh on import
+HEAD_PREFIXES = ("value_head.", "ilql_heads.")
+
+
+def load_hf_t5(full: StateDict, t5: torch.nn.Module, gated: bool, skip_prefixes=()) -> None:
     """Copy this rank's TP shards of ``full`` (from :func:`hf_t5_to_megatron`) into an unwrapped
-    T5Model; every parameter must be filled with the right shape."""
+    T5Model; every parameter (but attached heads and ``skip_prefixes``) must be filled with the
+    right shape."""
     from megatron.core import parallel_state as ps
 
     from nemo_rlhf.checkpoint import CheckpointError
 
     tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-    names = dict(t5.named_parameters())
+    skip = HEAD_PREFIXES + tuple(skip_prefixes)
+    names = {n: p for n, p in t5.named_parameters() if not n.startswith(skip)}
     missing = sorted(set(names) - set(full))
     unused = sorted(set(full) - set(names))
     if missing or unused:
@@ -181,7 +197,7 @@ def load_hf_t5(full: StateDict, t5: torch.nn.Module, gated: bool) -> None:
             param.copy_(shard.to(param.dtype))
 
 
-def import_hf_t5(path, chunks: List[torch.nn.Module], model: ModelConfig) -> None:
+def import_hf_t5(path, chunks: List[torch.nn.Module], model: ModelConfig, skip_prefixes=()) -> None:
     """Fill T5 ``chunks`` (built from ``model``, e.g. :func:`model_config_from_hf_t5`) with the HF
     T5 checkpoint in directory ``path`` (config.json + safetensors / .bin)."""
     from nemo_rlhf.interop.hf_config import read_hf_config
@@ -195,4 +211,5 @@ def import_hf_t5(path, chunks: List[torch.nn.Module], model: ModelConfig) -> Non
         raise ConfigError(f"{path}: the checkpoint's LM head is {'tied' if lm_head_is_tied(hf_sd) else 'untied'}; "
                           f"set model.share_embeddings_and_output_weights={lm_head_is_tied(hf_sd)}")
     full = hf_t5_to_megatron(hf_sd, hf, padded_vocab_size(model.vocab_size or hf["vocab_size"], model))
-    load_hf_t5(full, t5, gated=str(hf.get("feed_forward_proj", "relu")).startswith("gated"))
+    load_hf_t5(full, t5, gated=str(hf.get("feed_forward_proj", "relu")).startswith("gated"),
+               skip_prefixes=skip_prefixes)

@@ -74,9 +74,14 @@ def test_import_from_a_saved_directory_and_named_errors(mp, tmp_path):
 
     hf = _hf("v1.0")
     hf.save_pretrained(tmp_path)
-    model = model_config_from_hf_t5(read_hf_config(tmp_path), ModelConfig(seq_length=16), tied=True)
+    from nemo_rlhf.checkpoint import load_weights
+    from nemo_rlhf.interop.formats import resolve_model_config
+
+    # model.path=<HF T5 dir> with model.arch=t5: the architecture comes from config.json + weights
+    model = resolve_model_config(ModelConfig(arch="t5", path=str(tmp_path), seq_length=16))
+    assert model == model_config_from_hf_t5(read_hf_config(tmp_path), ModelConfig(seq_length=16, path=str(tmp_path)))
     t5 = build_t5_chunks(model, ParallelConfig(), V)[0].eval()
-    import_hf_t5(tmp_path, [t5], model)
+    load_weights(tmp_path, [t5])                     # the loader every trainer uses
     enc, dec, enc_valid = _inputs()
     with torch.no_grad():
         want = hf(input_ids=enc, attention_mask=enc_valid.long(), decoder_input_ids=dec).logits
