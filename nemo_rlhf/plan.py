@@ -28,8 +28,9 @@ DEFAULT_GPUS_PER_NODE = 8
 @dataclass
 class PlanOptions:
     gpu_memory_gb: float = 80.0
-    gpus_per_node: int = DEFAULT_GPUS_PER_NODE
-    """Used when trainer.devices is null (the launcher decides at run time)."""
+    gpus_per_node: Optional[int] = None
+    """Used when trainer.devices is null (the launcher decides at run time); None = 8 for bf16/fp16
+    (GPU) recipes, 1 for fp32 ones (the CPU recipes run as one process)."""
     overhead_gb: float = 4.0
     flash_attention: Optional[bool] = None
     vocab_size: Optional[int] = None
@@ -49,17 +50,24 @@ def compose(config_name: str, overrides: Sequence[str] = ()) -> RunConfig:
     return to_run_config(cfg)
 
 
-def world_size(cfg: RunConfig, gpus_per_node: int) -> int:
-    return cfg.trainer.num_nodes * (cfg.trainer.devices or gpus_per_node)
+def devices_per_node(cfg: RunConfig, gpus_per_node: Optional[int]) -> int:
+    if cfg.trainer.devices:
+        return cfg.trainer.devices
+    if gpus_per_node:
+        return gpus_per_node
+    return 1 if cfg.model.precision == "fp32" else DEFAULT_GPUS_PER_NODE
 
 
-def check_layout(cfg: RunConfig, world: int) -> List[str]:
+def world_size(cfg: RunConfig, gpus_per_node: Optional[int]) -> int:
+    return cfg.trainer.num_nodes * devices_per_node(cfg, gpus_per_node)
+
+
+def check_layout(cfg: RunConfig, world: int, gpn: int = DEFAULT_GPUS_PER_NODE) -> List[str]:
     """Raise ConfigError naming the key for an impossible layout or batch split; return warnings."""
     from nemo_rlhf.parallel.distributed import validate_layout
 
     dp = validate_layout(cfg.parallel, world)
     t, warnings = cfg.trainer, []
-    per_node = cfg.trainer.devices
     if cfg.algorithm.name == "ppo":
         ppo = cfg.ppo
         if ppo.num_rollouts % dp:
@@ -79,7 +87,6 @@ def check_layout(cfg: RunConfig, world: int) -> List[str]:
         from nemo_rlhf.modules.engine import check_interleaved_microbatches
 
         check_interleaved_microbatches(layout_of(cfg, world).num_micro, cfg.parallel.pipeline_model_parallel_size)
-    gpn = per_node or DEFAULT_GPUS_PER_NODE
     if cfg.parallel.tensor_model_parallel_size > gpn:
         warnings.append(f"parallel.tensor_model_parallel_size={cfg.parallel.tensor_model_parallel_size} spans nodes "
                         f"({gpn} GPUs per node): TP all-reduces then cross the network")
@@ -106,7 +113,7 @@ def vocab_size_of(cfg: RunConfig, opts: PlanOptions) -> Tuple[int, str]:
 
 def plan(cfg: RunConfig, opts: PlanOptions, vocab: int) -> Tuple[MemoryEstimate, List[str]]:
     world = world_size(cfg, opts.gpus_per_node)
-    warnings = check_layout(cfg, world)
+    warnings = check_layout(cfg, world, devices_per_node(cfg, opts.gpus_per_node))
     est = estimate_memory(cfg, world, vocab, opts.gpu_memory_gb, opts.overhead_gb, opts.flash_attention)
     return est, warnings
 
@@ -117,7 +124,7 @@ def candidate_knobs(cfg: RunConfig, opts: PlanOptions) -> List[Tuple[str, RunCon
     """Single changes that can lower memory per GPU: (override, config), each re-validated."""
     par, m, t = cfg.parallel, cfg.model, cfg.trainer
     tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
-    gpn = t.devices or opts.gpus_per_node
+    gpn = devices_per_node(cfg, opts.gpus_per_node)
     algo = cfg.algorithm.name
     out: List[Tuple[str, dict]] = []
     if tp * 2 <= gpn:
@@ -154,7 +161,7 @@ def candidate_knobs(cfg: RunConfig, opts: PlanOptions) -> List[Tuple[str, RunCon
     for label, changes in out:
         try:
             new = with_overrides(cfg, **changes)
-            check_layout(new, world_size(new, opts.gpus_per_node))
+            check_layout(new, world_size(new, opts.gpus_per_node), gpn)
         except ConfigError:
             continue
         valid.append((label, new))
@@ -204,7 +211,11 @@ def _merge_overrides(labels: List[str]) -> List[str]:
 # ------------------------------------------------------------------------------------------ report
 
 def _gib(b: float) -> str:
-    return f"{b / GIB:8.2f} GiB"
+    return f"{b / GIB:8.2f} GiB" if b >= GIB / 100 else f"{b / 2 ** 20:8.2f} MiB"
+
+
+def _count(n: float) -> str:
+    return f"{n / 1e9:.3f} B" if n >= 1e8 else f"{n / 1e6:.3f} M"
 
 
 def report(name: str, cfg: RunConfig, est: MemoryEstimate, warnings: List[str], vocab_source: str,
@@ -215,7 +226,7 @@ def report(name: str, cfg: RunConfig, est: MemoryEstimate, warnings: List[str], 
     lines = [f"nemo_rlhf.plan: {name} (algorithm={cfg.algorithm.name}, {m.arch} {m.num_layers} layers x "
              f"{m.hidden_size}, {m.num_attention_heads} heads, seq {m.seq_length}, {m.precision}, "
              f"vocab {est.vocab_size} from {vocab_source})"]
-    per_node = cfg.trainer.devices or opts.gpus_per_node
+    per_node = devices_per_node(cfg, opts.gpus_per_node)
     lines.append(f"layout: {lay.world_size} GPUs = trainer.num_nodes {cfg.trainer.num_nodes} x {per_node} per node; "
                  f"TP={lay.tp} PP={lay.pp} VPP={par.virtual_pipeline_model_parallel_size or '-'} DP={lay.dp}; "
                  f"sequence_parallel={str(par.sequence_parallel).lower()}, "
@@ -231,7 +242,7 @@ def report(name: str, cfg: RunConfig, est: MemoryEstimate, warnings: List[str], 
         lines.append(f"batch: global {t.global_batch_size} = micro {t.micro_batch_size} x {lay.num_micro} "
                      f"micro-batch(es) x DP {lay.dp}" + (f" ({lay.rows_per_micro} sequences per micro-batch)"
                                                         if lay.rows_per_micro != t.micro_batch_size else ""))
-    lines.append(f"parameters: {full.total / 1e9:.3f} B in the model, {pc.rank_max / 1e9:.3f} B on the fullest GPU")
+    lines.append(f"parameters: {_count(full.total)} in the model, {_count(pc.rank_max)} on the fullest GPU")
     lines.append("memory per GPU, largest first:")
     for term in est.sorted_terms():
         phase = "" if term.phase == "static" else f" [{term.phase} phase]"
@@ -242,7 +253,7 @@ def report(name: str, cfg: RunConfig, est: MemoryEstimate, warnings: List[str], 
     peak = est.peak_phase
     lines.append(f"total: {est.total_bytes / GIB:.2f} GiB of {opts.gpu_memory_gb:g} GiB per GPU "
                  f"(static {est.static_bytes / GIB:.2f}" + (f" + peak phase '{peak}' {phases[peak] / GIB:.2f}" if peak else "")
-                 + f" + overhead {est.overhead_bytes / GIB:.2f})")
+                 + f" + overhead {est.overhead_bytes / GIB:.2f} GiB)")
     for w in warnings:
         lines.append(f"warning: {w}")
     return "\n".join(lines)
@@ -253,14 +264,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-name", "-cn", default="sft_tiny", help="top-level config in conf/ (as nemo_rlhf.train)")
     parser.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory of one GPU in GiB (default 80)")
-    parser.add_argument("--gpus-per-node", type=int, default=DEFAULT_GPUS_PER_NODE,
-                        help="GPUs per node when trainer.devices is null (default 8)")
+    parser.add_argument("--gpus-per-node", type=int, default=None,
+                        help="GPUs per node when trainer.devices is null (default 8 for bf16/fp16 recipes, "
+                             "1 for the fp32 CPU recipes)")
     parser.add_argument("--overhead-gb", type=float, default=4.0,
                         help="CUDA context + NCCL buffers + allocator fragmentation per GPU (default 4)")
     parser.add_argument("--vocab-size", type=int, default=None,
                         help="vocabulary before padding (default: model.vocab_size, else the tokenizer's)")
     parser.add_argument("--flash-attention", choices=("auto", "yes", "no"), default="auto",
-                        help="fused attention keeping no s^2 probabilities (auto: model.transformer_impl != local)")
+                        help="fused attention keeping no s^2 probabilities (auto: when Transformer Engine "
+                             "runs: transformer_impl=transformer_engine, or auto with bf16/fp16)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for nemo_rlhf.train")
     args = parser.parse_args(argv)
     opts = PlanOptions(gpu_memory_gb=args.gpu_memory_gb, gpus_per_node=args.gpus_per_node,

@@ -1,7 +1,8 @@
 """Memory per GPU of a run, from its config alone (pure functions, no torch, no megatron).
 
-Model: megatron-core GPTModel with the local or Transformer Engine layer spec (the parameter count
-is exact for arch=gpt: tests compare it with the real model's numel). Parallelism: tensor (TP=t),
+Model: megatron-core GPTModel (or T5Model) with the local or Transformer Engine layer spec; the
+parameter count is exact (tests compare it with the real models' numel); T5 activations are
+approximate (encoder layers + 1.5 x decoder layers). Parallelism: tensor (TP=t),
 pipeline (PP=p, virtual chunks v), data (DP=d) and sequence parallelism, as megatron shards them.
 
 Terms (bytes per GPU, on the pipeline stage that needs the most):
@@ -78,6 +79,16 @@ def layer_params(m: ModelConfig) -> Dict[str, int]:
     return {"sharded": sharded, "replicated": replicated}
 
 
+def cross_attention_params(m: ModelConfig) -> Dict[str, int]:
+    """T5 decoder cross-attention: norm, q [a*d, h], kv [2*g*d, h], proj [h, a*d] (+ biases)."""
+    h, a, d = m.hidden_size, m.num_attention_heads, kv_channels(m)
+    g = m.num_query_groups or a
+    bias = m.add_bias_linear
+    sharded = a * d * h + 2 * g * d * h + h * a * d + ((a * d + 2 * g * d) if bias else 0)
+    replicated = (2 * h if m.normalization == "LayerNorm" else h) + (h if bias else 0)
+    return {"sharded": sharded, "replicated": replicated}
+
+
 @dataclass(frozen=True)
 class ParamCount:
     """Parameters of the whole model (TP=PP=1) and of one rank of the stage that holds the most."""
@@ -109,6 +120,18 @@ def param_count(m: ModelConfig, vocab_size: int, tp: int = 1, pp: int = 1) -> Pa
     final_norm = 2 * h if m.normalization == "LayerNorm" else h
     tied = m.share_embeddings_and_output_weights
     output = 0 if tied else v * h
+    if m.arch == "t5":   # encoder + decoder (with cross-attention), two final norms, LM-head bias
+        enc_layers = m.encoder_num_layers or m.num_layers
+        cross = cross_attention_params(m)
+        rel = 2 * m.relative_attention_num_buckets * m.num_attention_heads \
+            if m.position_embedding_type == "relative" else 0
+        total = ((enc_layers + m.num_layers) * per_layer + m.num_layers * (cross["sharded"] + cross["replicated"])
+                 + word + positions + rel + 2 * final_norm + output + v)
+        rank = ((enc_layers + m.num_layers) * (lp["sharded"] // tp + lp["replicated"])
+                + m.num_layers * (cross["sharded"] // tp + cross["replicated"])
+                + (word + output + v) // tp + positions + rel + 2 * final_norm)
+        return ParamCount(total=total, per_layer=per_layer, embedding=word + positions, output_layer=output,
+                          rank_first_stage=rank, rank_last_stage=rank)
     total = m.num_layers * per_layer + word + positions + final_norm + output
     layers_rank = (m.num_layers // pp) * (lp["sharded"] // tp + lp["replicated"])
     first = layers_rank + word // tp + positions
@@ -282,11 +305,13 @@ def _training_state_terms(cfg: RunConfig, prefix: str, n_params: float, dp: int)
 def estimate_memory(cfg: RunConfig, world_size: int, vocab_size: int, gpu_memory_gb: float = 80.0,
                     overhead_gb: float = 4.0, flash_attention: Optional[bool] = None) -> MemoryEstimate:
     """Memory per GPU of ``cfg`` on ``world_size`` GPUs. ``flash_attention`` (fused attention that
-    keeps no s^2 probabilities) defaults to model.transformer_impl != local (TE on the cluster)."""
+    keeps no s^2 probabilities) defaults to Transformer Engine: model.transformer_impl=transformer_engine,
+    or auto with bf16/fp16 (a GPU recipe; fp32 recipes run the local spec on CPU)."""
     m, par = cfg.model, cfg.parallel
     lay = layout_of(cfg, world_size)
     if flash_attention is None:
-        flash_attention = m.transformer_impl != "local"
+        flash_attention = m.transformer_impl == "transformer_engine" or (
+            m.transformer_impl == "auto" and m.precision != "fp32")
     pc = param_count(m, vocab_size, lay.tp, lay.pp)
     v = padded_vocab(vocab_size, m.make_vocab_size_divisible_by)
     w = WEIGHT_BYTES[m.precision]
@@ -303,6 +328,8 @@ def estimate_memory(cfg: RunConfig, world_size: int, vocab_size: int, gpu_memory
 
     # training activations (first stage holds the in-flight micro-batches, the last the logits)
     layers_stage = m.num_layers // lay.pp
+    if m.arch == "t5":   # approximate: encoder layers + decoder layers (cross-attention as ~half a layer)
+        layers_stage = (m.encoder_num_layers or m.num_layers) + (3 * m.num_layers) // 2
     seq = m.seq_length
     first = activation_bytes_one_microbatch(m, layers_stage, v, seq, lay.rows_per_micro, lay.tp,
                                             par.sequence_parallel, flash_attention, last_stage=lay.pp == 1)

@@ -54,6 +54,15 @@ def test_param_count_equals_megatron_numel(mp, name):
     assert param_count(m, vocab).total == sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.parametrize("position", ["learned_absolute", "relative"])
+def test_t5_param_count_equals_megatron_numel(mp, position):
+    from nemo_rlhf.models.t5 import build_t5_chunks
+
+    m = dataclasses.replace(compose("t5_sft_tiny").model, position_embedding_type=position, encoder_num_layers=3)
+    model = build_t5_chunks(m, ParallelConfig(), 23)[0]
+    assert param_count(m, 23).total == sum(p.numel() for p in model.parameters())
+
+
 def test_activation_elements_by_hand():
     # s=4, b=2, h=8, a=2, f=32, local attention: split = s*b*(q h + k,v 2h + ctx h + mlp 2f) + a*s^2*b
     # = 8 * 96 + 64 = 832; norms' inputs/outputs 4*s*b*h = 256
@@ -189,7 +198,7 @@ def test_every_recipe_composes_and_is_planned():
     for name in RECIPES:
         cfg = compose(name)
         big = name.endswith(("_20b", "_70b"))
-        opts = PlanOptions(gpus_per_node=8 if big else 1)        # tiny recipes: one CPU process
+        opts = PlanOptions()                  # 8 GPUs per node for bf16 recipes, 1 process for the fp32 CPU ones
         vocab, _ = vocab_size_of(cfg, opts)
         est, _ = plan(cfg, opts, vocab)
         assert est.total_bytes > est.overhead_bytes, name
