@@ -3,10 +3,12 @@ returns for GPT, so evaluation and the trainers use either unchanged.
 
 The prompt goes to the encoder once; its hidden states are reused at every step (passed back as
 ``encoder_hidden_states``). The decoder starts from ``DECODER_START_ID`` and is re-run over the
-tokens generated so far at each step: the encoder is cached, the decoder is not (no decoder KV
-cache: megatron's ``StaticInferenceContext`` is wired up for GPT here, not yet for T5's self- and
-cross-attention). Greedy and sampled decoding are exact; the cost is O(N^2) decoder positions for
-N new tokens instead of O(N), small for the short completions of the tiny tasks.
+tokens generated so far at each step: the encoder is cached, the decoder is not. megatron-core
+0.16's static KV cache (``StaticInferenceContext``, used for GPT in generation/sampling.py) keys its
+buffers by ``layer_number`` alone, and a T5 decoder layer's self- and cross-attention share that
+number (as do encoder layers), so their caches would overwrite each other. Greedy and sampled
+decoding are exact; the cost is O(N^2) decoder positions for N new tokens instead of O(N), small for
+the short completions of the tiny tasks.
 
 Ragged prompts: ``prompt_lengths`` [B] with left (default) or right padding; the encoder sees each
 prompt right-padded with its padding masked out of attention (T5 positions count from the first
