@@ -127,13 +127,15 @@ def candidate_knobs(cfg: RunConfig, opts: PlanOptions) -> List[Tuple[str, RunCon
     gpn = devices_per_node(cfg, opts.gpus_per_node)
     algo = cfg.algorithm.name
     out: List[Tuple[str, dict]] = []
-    if tp * 2 <= gpn:
-        changes = {"tensor_model_parallel_size": tp * 2}
-        label = f"parallel.tensor_model_parallel_size={tp * 2}"
+    new_tp = tp * 2
+    while new_tp <= gpn:   # TP stays inside a node
+        changes = {"tensor_model_parallel_size": new_tp}
+        label = f"parallel.tensor_model_parallel_size={new_tp}"
         if par.sequence_parallel or (m.arch == "gpt" and algo != "ilql"):
             changes["sequence_parallel"] = True
             label += " parallel.sequence_parallel=true"
         out.append((label, {"parallel": changes}))
+        new_tp *= 2
     if tp > 1 and not par.sequence_parallel and m.arch == "gpt" and algo != "ilql":
         out.append(("parallel.sequence_parallel=true", {"parallel": {"sequence_parallel": True}}))
     if algo not in ("ppo", "ilql") and m.arch == "gpt":

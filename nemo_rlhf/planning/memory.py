@@ -283,10 +283,12 @@ def layout_of(cfg: RunConfig, world_size: int) -> Layout:
         per_rank = cfg.ppo.num_rollouts // cfg.ppo.num_minibatches // dp
         mbs = max(1, min(t.micro_batch_size, per_rank))
         num_micro = max(1, per_rank // mbs)
+        rows = mbs
     else:
         num_micro = max(1, t.global_batch_size // (t.micro_batch_size * dp))
+        rows = rows_per_microbatch(cfg)
     return Layout(world_size=world_size, tp=tp, pp=pp, vpp=cfg.parallel.virtual_pipeline_model_parallel_size or 1,
-                  dp=dp, num_micro=num_micro, rows_per_micro=rows_per_microbatch(cfg))
+                  dp=dp, num_micro=num_micro, rows_per_micro=rows)
 
 
 def _training_state_terms(cfg: RunConfig, prefix: str, n_params: float, dp: int) -> List[Term]:
@@ -343,7 +345,7 @@ def estimate_memory(cfg: RunConfig, world_size: int, vocab_size: int, gpu_memory
         acts += (2 if cfg.ilql.two_qs else 1) * 2 * seq * lay.rows_per_micro * v / lay.tp * 4
     recompute = m.recompute_granularity or "none"
     est.terms.append(Term("activations (training)", acts, phase="train",
-                          note=f"micro-batch {cfg.trainer.micro_batch_size} x seq {seq}, recompute={recompute}, "
+                          note=f"micro-batch of {lay.rows_per_micro} x seq {seq}, recompute={recompute}, "
                                f"SP={'on' if par.sequence_parallel else 'off'}, "
                                f"{'flash' if flash_attention else 'unfused'} attention, "
                                f"{inflight:g} micro-batch(es) in flight"))

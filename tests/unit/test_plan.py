@@ -180,7 +180,8 @@ def test_20b_at_tp1_does_not_fit_and_names_the_knob(capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--config-name", "ppo_20b", "trainer.num_nodes=3", "trainer.devices=3"], "world size 9 is not divisible"),
-    (["--config-name", "dpo_20b", "trainer.global_batch_size=102"], "trainer.global_batch_size=102 is not divisible by trainer.micro_batch_size * data-parallel size = 2 * 2"),
+    (["--config-name", "dpo_20b", "trainer.global_batch_size=102"],
+     "trainer.global_batch_size=102 is not divisible by trainer.micro_batch_size * data-parallel size = 2 * 2"),
     (["--config-name", "dpo_70b", "trainer.global_batch_size=6"], "multiple of parallel.pipeline_model_parallel_size=4"),
     (["--config-name", "ppo_20b", "parallel.tensor_model_parallel_size=5"], "num_attention_heads=64 is not divisible"),
     (["--config-name", "ppo_20b", "trainer.num_nodez=4"], "num_nodez"),
