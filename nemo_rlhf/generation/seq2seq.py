@@ -6,7 +6,10 @@ The prompt goes to the encoder once; its hidden states are reused at every step 
 tokens generated so far at each step: the encoder is cached, the decoder is not. megatron-core
 0.16's static KV cache (``StaticInferenceContext``, used for GPT in generation/sampling.py) keys its
 buffers by ``layer_number`` alone, and a T5 decoder layer's self- and cross-attention share that
-number (as do encoder layers), so their caches would overwrite each other. Greedy and sampled
+number (as do encoder layers), so their caches would overwrite each other; the cross-attention
+keys would be appended at each step instead of kept; and ``T5Model.forward`` derives decoder
+positions (learned or relative bias) from the length of the tokens it is given, so a one-token
+decode step would sit at position 0. Greedy and sampled
 decoding are exact; the cost is O(N^2) decoder positions for N new tokens instead of O(N), small for
 the short completions of the tiny tasks.
 
