@@ -54,6 +54,10 @@ def export_hf(directory, chunks: List[torch.nn.Module], model: ModelConfig, voca
     returns the directory there, None on other ranks."""
     from safetensors.torch import save_file
 
+    if getattr(model, "arch", "gpt") == "t5":   # encoder-decoder: AutoModelForSeq2SeqLM (interop/hf_t5.py)
+        from nemo_rlhf.interop.hf_t5 import export_hf_t5
+
+        return export_hf_t5(directory, chunks, model, vocab_size)
     full = gather_full_state(chunks, model)
     if full is None:
         return None

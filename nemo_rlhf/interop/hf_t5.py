@@ -195,6 +195,11 @@ def load_hf_t5(full: StateDict, t5: torch.nn.Module, gated: bool, skip_prefixes=
                 raise CheckpointError(f"Hugging Face T5 -> megatron: {name} has shape {tuple(shard.shape)} "
                                       f"for a parameter of {tuple(param.shape)}")
             param.copy_(shard.to(param.dtype))
+    bias = names.get("lm_head.output_layer.bias")
+    if bias is not None:
+        # megatron's tied T5 LM head has a bias; HF T5 has none: keep it at 0 (no gradient), so a
+        # fine-tuned model still exports to Hugging Face exactly
+        bias.requires_grad_(False)
 
 
 def import_hf_t5(path, chunks: List[torch.nn.Module], model: ModelConfig, skip_prefixes=()) -> None:
@@ -213,3 +218,136 @@ def import_hf_t5(path, chunks: List[torch.nn.Module], model: ModelConfig, skip_p
     full = hf_t5_to_megatron(hf_sd, hf, padded_vocab_size(model.vocab_size or hf["vocab_size"], model))
     load_hf_t5(full, t5, gated=str(hf.get("feed_forward_proj", "relu")).startswith("gated"),
                skip_prefixes=skip_prefixes)
+
+
+# ---------------------------------------------------------------------------------------------
+# export: megatron T5Model -> Hugging Face T5 directory (AutoModelForSeq2SeqLM loads it)
+
+def hf_t5_config_from_model(model: ModelConfig, vocab_size: int) -> Dict[str, Any]:
+    """config.json for a T5-compatible ``model``; a field HF T5 cannot express raises, named."""
+    need = {"arch": "t5", "normalization": "RMSNorm", "add_bias_linear": False,
+            "position_embedding_type": "relative", "attention_softmax_scale": 1.0}
+    for key, want in need.items():
+        if getattr(model, key) != want:
+            raise ConfigError(f"Hugging Face T5 export needs model.{key}={want!r}, got {getattr(model, key)!r}")
+    acts = {"relu": "relu", "geglu_tanh": "gated-gelu", "gelu": "gelu"}
+    if model.activation not in acts:
+        raise ConfigError(f"Hugging Face T5 export: model.activation={model.activation!r} has no T5 "
+                          f"feed_forward_proj (relu | geglu_tanh | gelu)")
+    tied = model.share_embeddings_and_output_weights
+    return {"model_type": "t5", "architectures": ["T5ForConditionalGeneration"], "is_encoder_decoder": True,
+            "vocab_size": vocab_size, "d_model": model.hidden_size,
+            "d_kv": model.kv_channels or model.hidden_size // model.num_attention_heads,
+            "d_ff": model.ffn_hidden_size or 4 * model.hidden_size,
+            "num_layers": model.encoder_num_layers or model.num_layers, "num_decoder_layers": model.num_layers,
+            "num_heads": model.num_attention_heads,
+            "relative_attention_num_buckets": model.relative_attention_num_buckets,
+            "relative_attention_max_distance": model.relative_attention_max_distance,
+            "dropout_rate": 0.0, "layer_norm_epsilon": model.layernorm_epsilon,
+            "feed_forward_proj": acts[model.activation],
+            # tied: T5 v1.0's convention (output scale); untied: v1.1's (no scale)
+            "tie_word_embeddings": tied, "scale_decoder_outputs": tied,
+            "decoder_start_token_id": 0, "pad_token_id": 0, "eos_token_id": 1}
+
+
+def _unpack_heads(x: Tensor, heads: int, parts: int) -> List[Tensor]:
+    g = x.reshape(heads, -1, x.shape[1])
+    d = g.shape[1] // parts
+    return [g[:, i * d:(i + 1) * d].reshape(-1, x.shape[1]) for i in range(parts)]
+
+
+def megatron_to_hf_t5(full: StateDict, hf: Dict[str, Any]) -> StateDict:
+    """Inverse of :func:`hf_t5_to_megatron` for the config ``hf`` (:func:`hf_t5_config_from_model`)."""
+    heads, v = hf["num_heads"], hf["vocab_size"]
+    gated = hf["feed_forward_proj"].startswith("gated")
+    out: StateDict = {"shared.weight": full["embedding.word_embeddings.weight"][:v]}
+
+    def mlp(src, dst):
+        fc1 = full[f"{src}.mlp.linear_fc1.weight"]
+        if gated:
+            out[f"{dst}.DenseReluDense.wi_0.weight"], out[f"{dst}.DenseReluDense.wi_1.weight"] = fc1.chunk(2, 0)
+        else:
+            out[f"{dst}.DenseReluDense.wi.weight"] = fc1
+        out[f"{dst}.DenseReluDense.wo.weight"] = full[f"{src}.mlp.linear_fc2.weight"]
+        out[f"{dst}.layer_norm.weight"] = full[f"{src}.pre_mlp_layernorm.weight"]
+
+    def self_attn(src, dst):
+        q, k, vv = _unpack_heads(full[f"{src}.self_attention.linear_qkv.weight"], heads, 3)
+        a = f"{dst}.SelfAttention"
+        out[f"{a}.q.weight"], out[f"{a}.k.weight"], out[f"{a}.v.weight"] = q, k, vv
+        out[f"{a}.o.weight"] = full[f"{src}.self_attention.linear_proj.weight"]
+        out[f"{dst}.layer_norm.weight"] = full[f"{src}.input_layernorm.weight"]
+
+    for i in range(hf["num_layers"]):
+        self_attn(f"encoder.layers.{i}", f"encoder.block.{i}.layer.0")
+        mlp(f"encoder.layers.{i}", f"encoder.block.{i}.layer.1")
+    for i in range(hf["num_decoder_layers"]):
+        src, dst = f"decoder.layers.{i}", f"decoder.block.{i}.layer"
+        self_attn(src, f"{dst}.0")
+        c = f"{dst}.1.EncDecAttention"
+        out[f"{c}.q.weight"] = full[f"{src}.cross_attention.linear_q.weight"]
+        out[f"{c}.k.weight"], out[f"{c}.v.weight"] = _unpack_heads(full[f"{src}.cross_attention.linear_kv.weight"], heads, 2)
+        out[f"{c}.o.weight"] = full[f"{src}.cross_attention.linear_proj.weight"]
+        out[f"{dst}.1.layer_norm.weight"] = full[f"{src}.pre_cross_attn_layernorm.weight"]
+        mlp(src, f"{dst}.2")
+    for stack in ("encoder", "decoder"):
+        out[f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = \
+            full[f"{stack}_relative_pos_emb.relative_attention_bias.weight"]
+    out["encoder.final_layer_norm.weight"] = full["encoder.final_layernorm.weight"]
+    final = full["decoder.final_layernorm.weight"]
+    out["decoder.final_layer_norm.weight"] = final / hf["d_model"] ** -0.5 if hf["scale_decoder_outputs"] else final
+    if hf["tie_word_embeddings"]:
+        bias = full.get("lm_head.output_layer.bias")
+        if bias is not None and bool(bias.abs().max() > 0):
+            raise ConfigError("Hugging Face T5 export: megatron's tied LM head has a nonzero bias "
+                              "(lm_head.output_layer.bias), which T5 has no place for")
+    else:
+        out["lm_head.weight"] = full["lm_head.output_layer.weight"][:v]
+    return {k: t.detach().clone().contiguous() for k, t in out.items()}
+
+
+def gather_t5_full_state(t5: torch.nn.Module, gated: bool) -> StateDict:
+    """Collective over the TP group: the full (unsharded) tensors of an unwrapped T5Model."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    tp = ps.get_tensor_model_parallel_world_size()
+    full: StateDict = {}
+    for name, p in t5.named_parameters():
+        if name.startswith(HEAD_PREFIXES):
+            continue
+        x = p.detach()
+        if tp > 1 and getattr(p, "tensor_model_parallel", False):
+            parts = [torch.empty_like(x) for _ in range(tp)]
+            dist.all_gather(parts, x.contiguous(), group=ps.get_tensor_model_parallel_group())
+            dim = p.partition_dim
+            if gated and name.endswith("mlp.linear_fc1.weight"):       # [gate_r; up_r] per rank
+                halves = [q.chunk(2, dim=dim) for q in parts]
+                x = torch.cat([torch.cat([h[0] for h in halves], dim), torch.cat([h[1] for h in halves], dim)], dim)
+            else:
+                x = torch.cat(parts, dim=dim)
+        full[name] = x.float().cpu()
+    return full
+
+
+def export_hf_t5(directory, chunks: List[torch.nn.Module], model: ModelConfig, vocab_size: int):
+    """Collective: write ``directory`` (config.json + model.safetensors) for transformers'
+    ``AutoModelForSeq2SeqLM``. Rank 0 writes and returns the path; other ranks return None."""
+    import json
+    from pathlib import Path
+
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    from nemo_rlhf.models.gpt import unwrap
+
+    hf = hf_t5_config_from_model(model, vocab_size)
+    full = gather_t5_full_state(unwrap(chunks[0]), gated=hf["feed_forward_proj"].startswith("gated"))
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    tensors = megatron_to_hf_t5(full, hf)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
+    return directory

@@ -92,3 +92,35 @@ def test_import_from_a_saved_directory_and_named_errors(mp, tmp_path):
         model_config_from_hf_t5({**hf.config.to_dict(), "feed_forward_proj": "gated-relu"})
     with pytest.raises(ConfigError, match="model_type='mt5'"):
         model_config_from_hf_t5({**hf.config.to_dict(), "model_type": "mt5"})
+
+
+@pytest.mark.parametrize("variant", ["v1.0", "v1.1"])
+def test_export_reloads_in_transformers_with_the_same_logits(mp, tmp_path, variant):
+    from transformers import AutoModelForSeq2SeqLM
+
+    from nemo_rlhf.interop import export_hf
+    from nemo_rlhf.models.t5 import build_t5_chunks
+
+    hf = _hf(variant)
+    sd, hf_cfg = hf.state_dict(), hf.config.to_dict()
+    model = model_config_from_hf_t5(hf_cfg, ModelConfig(seq_length=16), tied=lm_head_is_tied(sd))
+    t5 = build_t5_chunks(model, ParallelConfig(), V)[0].eval()
+    load_hf_t5(hf_t5_to_megatron(sd, hf_cfg, t5.vocab_size), t5, gated=variant == "v1.1")
+    if variant == "v1.0":   # the tied head's megatron-only bias stays 0 through training
+        assert not t5.lm_head.output_layer.bias.requires_grad
+    with torch.no_grad():   # a "trained" model: move every exported weight
+        for n, p in t5.named_parameters():
+            if p.requires_grad:
+                p.add_(0.01 * torch.randn_like(p))
+    enc, dec, enc_valid = _inputs()
+    ours = _megatron_logits(t5, enc, dec, enc_valid)
+    out = export_hf(tmp_path / "export", [t5], model, V)
+    back = AutoModelForSeq2SeqLM.from_pretrained(out).eval()
+    assert (back.lm_head.weight is back.shared.weight) == (variant == "v1.0")
+    with torch.no_grad():
+        theirs = back(input_ids=enc, attention_mask=enc_valid.long(), decoder_input_ids=dec).logits
+    assert (ours - theirs).abs().max() < 1e-4, float((ours - theirs).abs().max())
+    # and HF T5 cannot express ours: a named error, nothing written
+    with pytest.raises(ConfigError, match="model.position_embedding_type='relative'"):
+        export_hf(tmp_path / "bad", [t5], dataclasses.replace(model, position_embedding_type="rope"), V)
+    assert not (tmp_path / "bad").exists()
