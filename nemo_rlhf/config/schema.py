@@ -79,7 +79,9 @@ class ModelConfig:
     recompute_granularity: Optional[str] = None
     """null | selective | full (activation recompute)"""
     path: Optional[str] = None
-    """Initial weights: a nemo_rlhf checkpoint directory (dist_checkpointing). null = random init."""
+    """Initial weights: a nemo_rlhf checkpoint directory (dist_checkpointing), a Hugging Face model
+    directory (config.json + safetensors/.bin; its architecture and tokenizer are used, see
+    nemo_rlhf/interop), a NeMo .nemo file or a NeMo 2 / Megatron dist checkpoint. null = random init."""
     arch: str = "gpt"
     """gpt (megatron GPTModel, decoder-only) | t5 (megatron T5Model: the prompt goes to the encoder,
     the completion comes from the decoder; num_layers is the decoder depth)."""

@@ -37,8 +37,7 @@ def import_hf(path, chunks: List[torch.nn.Module], model: ModelConfig,
     from nemo_rlhf.models.gpt import padded_vocab_size
 
     hf_cfg = read_hf_config(path)
-    expected = model_config_from_hf(path, model)   # raises if model disagrees with config.json
-    del expected
+    model_config_from_hf(path, model)   # raises if ``model`` disagrees with config.json
     full = hf_to_megatron(read_hf_weights(path), hf_cfg["model_type"], model,
                           padded_vocab_size(hf_cfg["vocab_size"], model), where=str(path))
     load_full_state(full, chunks, model, skip_prefixes=skip_prefixes, where=str(path))

@@ -194,3 +194,14 @@ def test_from_pretrained_in_the_same_process_after_megatron_init(hf_models, mp):
     model = transformers.AutoModelForCausalLM.from_pretrained(str(path)).eval()
     with torch.no_grad():
         assert float((model(input_ids()).logits - ref).abs().max()) < 1e-5
+
+
+def test_model_hf_config_group_takes_everything_from_config_json(hf_models):
+    from nemo_rlhf.api import _compose
+    from nemo_rlhf.interop.formats import resolve_run_config
+
+    path = hf_models["mistral"][0]
+    with pytest.raises(ConfigError, match=r"model.ffn_hidden_size=256 \(config.json says 96\)"):
+        resolve_run_config(_compose("sft_tiny", [f"model.path={path}"]))    # gpt_tiny's own ffn size
+    rcfg = resolve_run_config(_compose("sft_tiny", ["model=hf", f"model.path={path}", "model.seq_length=24"]))
+    assert (rcfg.model.ffn_hidden_size, rcfg.model.num_query_groups, rcfg.model.seq_length) == (96, 2, 24)
