@@ -205,3 +205,30 @@ def test_model_hf_config_group_takes_everything_from_config_json(hf_models):
         resolve_run_config(_compose("sft_tiny", [f"model.path={path}"]))    # gpt_tiny's own ffn size
     rcfg = resolve_run_config(_compose("sft_tiny", ["model=hf", f"model.path={path}", "model.seq_length=24"]))
     assert (rcfg.model.ffn_hidden_size, rcfg.model.num_query_groups, rcfg.model.seq_length) == (96, 2, 24)
+
+
+def test_sharded_safetensors_and_pytorch_bin_files(hf_models, tmp_path):
+    """The same weights from a sharded safetensors checkpoint (with its index), a pytorch_model.bin,
+    and GPT-2's hub layout without the 'transformer.' prefix."""
+    from safetensors.torch import load_file
+
+    from nemo_rlhf.interop import hf_to_megatron, model_config_from_hf, read_hf_weights
+
+    path, _ = hf_models["qwen2"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path))
+    model.save_pretrained(str(tmp_path / "sharded"), max_shard_size="40KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    want = load_file(str(path / "model.safetensors"))
+    got = read_hf_weights(tmp_path / "sharded")
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    (tmp_path / "bin").mkdir()
+    torch.save(want, tmp_path / "bin" / "pytorch_model.bin")
+    got = read_hf_weights(tmp_path / "bin")
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        read_hf_weights(tmp_path)
+    gpt2_dir = hf_models["gpt2"][0]
+    sd, cfg = read_hf_weights(gpt2_dir), model_config_from_hf(gpt2_dir)
+    bare = {k.removeprefix("transformer."): v for k, v in sd.items()}   # GPT2Model.save_pretrained
+    a, b = hf_to_megatron(sd, "gpt2", cfg, 256), hf_to_megatron(bare, "gpt2", cfg, 256)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
