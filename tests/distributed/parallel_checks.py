@@ -15,7 +15,8 @@ computed on each rank from the same weights and the same batch of randomwalks da
   gen_tp2    greedy KV-cached generation at TP=2 equals TP=1
   hf_tp2 / hf_pp2  Hugging Face models imported / exported at TP=2 and PP=2 (hf_checks.py)
   t5_tp2     T5 (model.arch=t5): logits, SFT loss, grads and greedy decoding at TP=2 equal TP=1
-  t5_hf_*    Hugging Face T5 (v1.0, v1.1/flan) imported at TP=2: logits equal transformers
+  t5_hf_*    Hugging Face T5 (v1.0, v1.1/flan) imported at TP=2: logits equal transformers; exported
+             from TP=2, transformers reloads it with our logits
 Rank 0 writes {check: {metric: value}} to OUT.json; the pytest side asserts on the numbers.
 """
 from __future__ import annotations
@@ -532,7 +533,27 @@ def main(out_path):
         with torch.no_grad():
             want = hf(input_ids=enc, attention_mask=valid.long(), decoder_input_ids=dec).logits
             got = _gather_vocab(t5(enc, dec, enc_mask, None, cross))[..., :v]
-        return {"logits_max_abs_diff": float((got - want).abs().max()), "logits_max_abs": float(want.abs().max())}
+        res = {"logits_max_abs_diff": float((got - want).abs().max()), "logits_max_abs": float(want.abs().max())}
+        # move every weight (same noise on every rank: replicated tensors stay equal), export from TP=2
+        # (a collective: shards gathered, gated fc1 de-interleaved) and reload in transformers
+        from transformers import AutoModelForSeq2SeqLM
+
+        from nemo_rlhf.interop import export_hf
+
+        noise = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            for p in t5.parameters():
+                if p.requires_grad:
+                    p.add_(0.01 * torch.randn(p.shape, generator=noise))
+            ours = _gather_vocab(t5(enc, dec, enc_mask, None, cross))[..., :v]
+        out = export_hf(f"{out_path}.t5_{variant}_tp{tp}", [t5], model, v)
+        if out is not None:
+            back = AutoModelForSeq2SeqLM.from_pretrained(out).eval()
+            with torch.no_grad():
+                theirs = back(input_ids=enc, attention_mask=valid.long(), decoder_input_ids=dec).logits
+            res["export_reload_max_abs_diff"] = float((theirs - ours).abs().max())
+            res["export_moved"] = float((ours - got).abs().max())
+        return res
 
     t5_ref = {}
     check("t5_tp1", lambda: t5_tp(1))

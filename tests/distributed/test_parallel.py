@@ -174,3 +174,5 @@ def test_hf_t5_imported_at_tp2_matches_transformers(results, name):
     r = _ok(results, name)
     assert r["logits_max_abs"] > 0.1
     assert r["logits_max_abs_diff"] < 1e-4
+    assert r["export_moved"] > 1e-3                       # the exported weights are not the imported ones
+    assert r["export_reload_max_abs_diff"] < 1e-4
