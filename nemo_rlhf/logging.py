@@ -36,6 +36,8 @@ def _quiet_dependencies(level: int) -> None:
         warnings.filterwarnings("ignore", category=FutureWarning, module="megatron.core.dist_checkpointing")
         warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
         warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+        # Lightning's hint on machines with Slurm installed: we detect srun/torchrun ourselves
+        warnings.filterwarnings("ignore", message=".*The `srun` command is available on your system.*")
 
 
 def _configure() -> logging.Logger:
