@@ -11,9 +11,11 @@ COPY nemo_rlhf ./nemo_rlhf
 COPY conf ./conf
 COPY launchers ./launchers
 COPY scripts ./scripts
-# Keep the container's own torch / TE / apex: install our package without resolving torch.
+# Keep the container's own torch / TE / apex: install our package without resolving torch, then
+# every other dependency listed in pyproject.toml (read from it, so the two never drift apart).
 RUN pip install --no-cache-dir --no-deps -e . && \
-    pip install --no-cache-dir "megatron-core>=0.16.1,<0.20" "hydra-core>=1.3,<1.4" "omegaconf>=2.3,<2.4" \
-        "pytorch-lightning>=2.6,<2.7" "sentencepiece>=0.2,<0.3" psutil tqdm tensorboard
+    python -c "import re, tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; \
+print('\n'.join(d for d in deps if not re.match(r'torch\b', d)))" > /tmp/requirements.txt && \
+    pip install --no-cache-dir -r /tmp/requirements.txt
 ENV NEMO_RLHF_VERBOSITY=INFO
 CMD ["python", "-m", "nemo_rlhf.train", "--config-name", "sft_tiny"]
