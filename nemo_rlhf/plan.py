@@ -32,7 +32,7 @@ class PlanOptions:
     """Used when trainer.devices is null (the launcher decides at run time); None = 8 for bf16/fp16
     (GPU) recipes, 1 for fp32 ones (the CPU recipes run as one process)."""
     overhead_gb: float = 4.0
-    flash_attention: Optional[bool] = None
+    fused_kernels: Optional[bool] = None
     vocab_size: Optional[int] = None
 
 
@@ -114,7 +114,7 @@ def vocab_size_of(cfg: RunConfig, opts: PlanOptions) -> Tuple[int, str]:
 def plan(cfg: RunConfig, opts: PlanOptions, vocab: int) -> Tuple[MemoryEstimate, List[str]]:
     world = world_size(cfg, opts.gpus_per_node)
     warnings = check_layout(cfg, world, devices_per_node(cfg, opts.gpus_per_node))
-    est = estimate_memory(cfg, world, vocab, opts.gpu_memory_gb, opts.overhead_gb, opts.flash_attention)
+    est = estimate_memory(cfg, world, vocab, opts.gpu_memory_gb, opts.overhead_gb, opts.fused_kernels)
     return est, warnings
 
 
@@ -273,14 +273,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="CUDA context + NCCL buffers + allocator fragmentation per GPU (default 4)")
     parser.add_argument("--vocab-size", type=int, default=None,
                         help="vocabulary before padding (default: model.vocab_size, else the tokenizer's)")
-    parser.add_argument("--flash-attention", choices=("auto", "yes", "no"), default="auto",
-                        help="fused attention keeping no s^2 probabilities (auto: when Transformer Engine "
-                             "runs: transformer_impl=transformer_engine, or auto with bf16/fp16)")
+    parser.add_argument("--fused-kernels", choices=("auto", "yes", "no"), default="auto",
+                        help="Transformer Engine kernels: flash attention (no s^2 probabilities), fused "
+                             "norms and SwiGLU (auto: transformer_impl=transformer_engine, or auto with bf16/fp16)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for nemo_rlhf.train")
     args = parser.parse_args(argv)
     opts = PlanOptions(gpu_memory_gb=args.gpu_memory_gb, gpus_per_node=args.gpus_per_node,
                        overhead_gb=args.overhead_gb, vocab_size=args.vocab_size,
-                       flash_attention={"auto": None, "yes": True, "no": False}[args.flash_attention])
+                       fused_kernels={"auto": None, "yes": True, "no": False}[args.fused_kernels])
     from hydra.errors import HydraException
 
     try:

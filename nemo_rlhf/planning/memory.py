@@ -13,12 +13,16 @@ Terms (bytes per GPU, on the pipeline stage that needs the most):
   activations   per micro-batch and layer, in elements of s*b*h (s = seq, b = rows per micro-batch,
                 h = hidden, a = heads, f = ffn), after Korthikanti et al. 2022 "Reducing Activation
                 Recomputation in Large Transformer Models" (Eq. 2-5), counted for megatron's code:
-                  4 s*b*h        inputs and outputs of the two norms    (/t only with SP)
+                  4 s*b*h        inputs and outputs of the two norms    (/t only with SP;
+                                 +2 s*b*h for the local spec's composite RMSNorm)
                   s*b*(h + kv + h + mlp) / t   q, k+v (2h with the local spec, which repeats GQA
-                                 heads; 2h*g/a with TE), attention context, MLP (2f; 4f gated)
-                  + 2 s*b*h / t  RoPE's rotated q, k
+                                 heads; 2h*g/a with TE), attention context, MLP (2f; gated 5f
+                                 local, 3f with TE's fused SwiGLU)
+                  + 2 s*b*h / t  RoPE's rotated q, k (local spec with GQA: none, measured)
                   + a*s^2*b / t  softmax probabilities: local (unfused) attention only; flash /
                                  fused attention (TE) and selective recompute keep none
+                "fused kernels" = Transformer Engine (flash attention, fused norms and activations),
+                what NGC containers run; "local" = megatron's local spec, what runs on CPU here.
                 full recompute keeps only each layer's input (s*b*h, /t with SP) plus one layer's
                 activations while it is recomputed. The last stage adds the final norm (2 s*b*h) and
                 the logits kept by the vocab-parallel cross entropy (s*b*V/t in fp32). 1F1B keeps
@@ -144,26 +148,32 @@ def param_count(m: ModelConfig, vocab_size: int, tp: int = 1, pp: int = 1) -> Pa
 
 
 def activation_elements_per_layer(m: ModelConfig, seq: int, rows: int, tp: int, sp: bool,
-                                  flash_attention: bool) -> float:
+                                  fused_kernels: bool) -> float:
     """Activation elements one transformer layer keeps for backward for one micro-batch of
     ``rows`` sequences (no recompute; see the module docstring)."""
     s, b, h, a = seq, rows, m.hidden_size, m.num_attention_heads
     g = m.num_query_groups or a
-    kv = 2 * h * g / a if flash_attention else 2 * h
-    mlp = 4 * ffn_size(m) if _gated(m) else 2 * ffn_size(m)
-    rope = 2 * h if m.position_embedding_type == "rope" else 0
+    kv = 2 * h * g / a if fused_kernels else 2 * h
+    # fc1 output and fc2 input (2f); gated: fc1 output 2f + act(x0) f + product f, and the local
+    # path keeps one more f (measured); TE's fused bias-SwiGLU recomputes act(x0)
+    mlp = (3 if fused_kernels else 5) * ffn_size(m) if _gated(m) else 2 * ffn_size(m)
+    # RoPE's rotated q and k, next to the qkv output that v (a view of it) keeps alive; with GQA the
+    # local spec's repeated k, v replace that output instead (measured: no extra)
+    rope = 2 * h if m.position_embedding_type == "rope" and (fused_kernels or g == a) else 0
     split = s * b * (h + kv + h + mlp + rope)
-    if not flash_attention and m.recompute_granularity != "selective":
+    if not fused_kernels and m.recompute_granularity != "selective":
         split += a * s * s * b
     replicated = 4 * s * b * h
+    if m.normalization == "RMSNorm" and not fused_kernels:
+        replicated += 2 * s * b * h      # torch's composite RMSNorm keeps x * rsqrt(mean(x^2)) too
     return replicated / (tp if sp else 1) + split / tp
 
 
 def dropout_mask_bytes_per_layer(m: ModelConfig, seq: int, rows: int, tp: int, sp: bool,
-                                 flash_attention: bool) -> float:
+                                 fused_kernels: bool) -> float:
     s, b, h, a = seq, rows, m.hidden_size, m.num_attention_heads
     out = 2 * s * b * h / (tp if sp else 1) if m.hidden_dropout > 0 else 0.0
-    if m.attention_dropout > 0 and not flash_attention and m.recompute_granularity != "selective":
+    if m.attention_dropout > 0 and not fused_kernels and m.recompute_granularity != "selective":
         out += a * s * s * b / tp
     return out
 
@@ -173,12 +183,12 @@ def act_bytes(m: ModelConfig) -> int:
 
 
 def activation_bytes_one_microbatch(m: ModelConfig, layers: int, vocab_padded: int, seq: int, rows: int,
-                                    tp: int, sp: bool, flash_attention: bool, last_stage: bool) -> Dict[str, float]:
+                                    tp: int, sp: bool, fused_kernels: bool, last_stage: bool) -> Dict[str, float]:
     """Bytes kept for backward by one micro-batch on ``layers`` layers:
     {"layers": ..., "recompute": transient of full recompute, "logits": last stage's head}."""
     w = act_bytes(m)
-    full_layer = (activation_elements_per_layer(m, seq, rows, tp, sp, flash_attention) * w
-                  + dropout_mask_bytes_per_layer(m, seq, rows, tp, sp, flash_attention))
+    full_layer = (activation_elements_per_layer(m, seq, rows, tp, sp, fused_kernels) * w
+                  + dropout_mask_bytes_per_layer(m, seq, rows, tp, sp, fused_kernels))
     if m.recompute_granularity == "full":
         kept = layers * seq * rows * m.hidden_size / (tp if sp else 1) * w
         recompute = full_layer
@@ -188,7 +198,8 @@ def activation_bytes_one_microbatch(m: ModelConfig, layers: int, vocab_padded: i
     if last_stage:
         # final norm input + output, and the fp32 softmax of the vocab-parallel cross entropy
         # (plus the logits themselves in 16-bit before the fp32 cast)
-        logits = 2 * seq * rows * m.hidden_size / (tp if sp else 1) * w
+        norm = 3 if (m.normalization == "RMSNorm" and not fused_kernels) else 2
+        logits = norm * seq * rows * m.hidden_size / (tp if sp else 1) * w
         logits += seq * rows * vocab_padded / tp * (4 + (w if w < 4 else 0))
     return {"layers": kept, "recompute": recompute, "logits": logits}
 
@@ -305,14 +316,14 @@ def _training_state_terms(cfg: RunConfig, prefix: str, n_params: float, dp: int)
 
 
 def estimate_memory(cfg: RunConfig, world_size: int, vocab_size: int, gpu_memory_gb: float = 80.0,
-                    overhead_gb: float = 4.0, flash_attention: Optional[bool] = None) -> MemoryEstimate:
-    """Memory per GPU of ``cfg`` on ``world_size`` GPUs. ``flash_attention`` (fused attention that
+                    overhead_gb: float = 4.0, fused_kernels: Optional[bool] = None) -> MemoryEstimate:
+    """Memory per GPU of ``cfg`` on ``world_size`` GPUs. ``fused_kernels`` (fused attention that
     keeps no s^2 probabilities) defaults to Transformer Engine: model.transformer_impl=transformer_engine,
     or auto with bf16/fp16 (a GPU recipe; fp32 recipes run the local spec on CPU)."""
     m, par = cfg.model, cfg.parallel
     lay = layout_of(cfg, world_size)
-    if flash_attention is None:
-        flash_attention = m.transformer_impl == "transformer_engine" or (
+    if fused_kernels is None:
+        fused_kernels = m.transformer_impl == "transformer_engine" or (
             m.transformer_impl == "auto" and m.precision != "fp32")
     pc = param_count(m, vocab_size, lay.tp, lay.pp)
     v = padded_vocab(vocab_size, m.make_vocab_size_divisible_by)
@@ -334,12 +345,12 @@ def estimate_memory(cfg: RunConfig, world_size: int, vocab_size: int, gpu_memory
         layers_stage = (m.encoder_num_layers or m.num_layers) + (3 * m.num_layers) // 2
     seq = m.seq_length
     first = activation_bytes_one_microbatch(m, layers_stage, v, seq, lay.rows_per_micro, lay.tp,
-                                            par.sequence_parallel, flash_attention, last_stage=lay.pp == 1)
+                                            par.sequence_parallel, fused_kernels, last_stage=lay.pp == 1)
     inflight = in_flight_microbatches(lay.pp, lay.vpp, lay.num_micro)
     acts = first["layers"] * inflight + first["recompute"] + first["logits"]
     if lay.pp > 1:
         last = activation_bytes_one_microbatch(m, layers_stage, v, seq, lay.rows_per_micro, lay.tp,
-                                               par.sequence_parallel, flash_attention, last_stage=True)
+                                               par.sequence_parallel, fused_kernels, last_stage=True)
         acts = max(acts, last["layers"] + last["recompute"] + last["logits"])
     if algo == "ilql":   # Q/V head outputs over the vocabulary, fp32
         acts += (2 if cfg.ilql.two_qs else 1) * 2 * seq * lay.rows_per_micro * v / lay.tp * 4
@@ -347,7 +358,7 @@ def estimate_memory(cfg: RunConfig, world_size: int, vocab_size: int, gpu_memory
     est.terms.append(Term("activations (training)", acts, phase="train",
                           note=f"micro-batch of {lay.rows_per_micro} x seq {seq}, recompute={recompute}, "
                                f"SP={'on' if par.sequence_parallel else 'off'}, "
-                               f"{'flash' if flash_attention else 'unfused'} attention, "
+                               f"{'TE fused' if fused_kernels else 'local'} kernels, "
                                f"{inflight:g} micro-batch(es) in flight"))
 
     frozen = pc.rank_max * w

@@ -67,13 +67,13 @@ def test_activation_elements_by_hand():
     # s=4, b=2, h=8, a=2, f=32, local attention: split = s*b*(q h + k,v 2h + ctx h + mlp 2f) + a*s^2*b
     # = 8 * 96 + 64 = 832; norms' inputs/outputs 4*s*b*h = 256
     m = ModelConfig(num_layers=1, hidden_size=8, num_attention_heads=2, ffn_hidden_size=32, seq_length=4)
-    assert activation_elements_per_layer(m, 4, 2, tp=1, sp=False, flash_attention=False) == 1088
-    assert activation_elements_per_layer(m, 4, 2, tp=2, sp=False, flash_attention=False) == 256 + 832 / 2
-    assert activation_elements_per_layer(m, 4, 2, tp=2, sp=True, flash_attention=False) == 1088 / 2
-    # flash attention keeps no probabilities; selective recompute drops them too
-    assert activation_elements_per_layer(m, 4, 2, 1, False, flash_attention=True) == 1088 - 64
+    assert activation_elements_per_layer(m, 4, 2, tp=1, sp=False, fused_kernels=False) == 1088
+    assert activation_elements_per_layer(m, 4, 2, tp=2, sp=False, fused_kernels=False) == 256 + 832 / 2
+    assert activation_elements_per_layer(m, 4, 2, tp=2, sp=True, fused_kernels=False) == 1088 / 2
+    # fused (flash) attention keeps no probabilities; selective recompute drops them too
+    assert activation_elements_per_layer(m, 4, 2, 1, False, fused_kernels=True) == 1088 - 64
     sel = dataclasses.replace(m, recompute_granularity="selective")
-    assert activation_elements_per_layer(sel, 4, 2, 1, False, flash_attention=False) == 1088 - 64
+    assert activation_elements_per_layer(sel, 4, 2, 1, False, fused_kernels=False) == 1088 - 64
 
 
 def test_in_flight_microbatches_1f1b_and_interleaved():
@@ -99,22 +99,26 @@ def _tensor_bytes(tensors):
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def test_estimate_matches_memory_measured_on_the_tiny_model(mp):
+@pytest.mark.parametrize("overrides", [
+    [],
+    ["model.activation=swiglu", "model.position_embedding_type=rope", "model.num_query_groups=2",    # Llama-like
+     "model.normalization=RMSNorm", "model.add_bias_linear=false", "model.recompute_granularity=selective"],
+], ids=["sft_tiny", "llama_like_selective"])
+def test_estimate_matches_memory_measured_on_the_tiny_model(mp, overrides):
     """Build sft_tiny's real megatron model + optimizer on CPU, take one training step, and measure:
     weights = bytes of the parameters; gradients = bytes of megatron DDP's grad buffers; optimizer =
     bytes of the tensors in the optimizer state (Adam's exp_avg / exp_avg_sq); activations = bytes
     of the distinct storages autograd saves for backward during the step's forward (a
-    saved_tensors_hooks pack hook; parameters excluded), one micro-batch per step. This counts
-    exactly what stays alive between forward and backward; RSS deltas were too noisy at this size."""
-    from functools import partial
-
+    saved_tensors_hooks pack hook around the model call; parameters excluded), one micro-batch per
+    step. This counts exactly what stays alive between forward and backward; RSS deltas were too
+    noisy at this size."""
     from nemo_rlhf.models.gpt import unwrap
     from nemo_rlhf.modules.engine import MegatronEngine, lm_forward_step
     from nemo_rlhf.modules.sft import sft_loss_func
 
-    cfg = compose("sft_tiny", ["trainer.micro_batch_size=32", "trainer.global_batch_size=32"])
+    cfg = compose("sft_tiny", ["trainer.micro_batch_size=32", "trainer.global_batch_size=32", *overrides])
     vocab, _ = vocab_size_of(cfg, PlanOptions())
-    est = estimate_memory(cfg, world_size=1, vocab_size=vocab, flash_attention=False)   # CPU: unfused attention
+    est = estimate_memory(cfg, world_size=1, vocab_size=vocab, fused_kernels=False)   # CPU: the local spec
     want = {t.name: t.bytes for t in est.terms}
 
     torch.manual_seed(0)
@@ -132,8 +136,11 @@ def test_estimate_matches_memory_measured_on_the_tiny_model(mp):
             saved[st.data_ptr()] = max(saved.get(st.data_ptr(), 0), st.nbytes())
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        engine.train_step(batch, b, partial(lm_forward_step, loss_fn=sft_loss_func))
+    def forward_step(micro_batch, model):   # only the forward: backward's recompute is transient
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            return lm_forward_step(micro_batch, model, loss_fn=sft_loss_func)
+
+    engine.train_step(batch, b, forward_step)
 
     measured = {
         "policy weights": _tensor_bytes(params),
