@@ -110,6 +110,21 @@ class Trainer:
         return path
 
 
+def checkpoint_model_config(model, model_path):
+    """``model`` pointed at ``model_path``. For a Hugging Face directory or a .nemo file the
+    architecture fields go back to the schema defaults, so the checkpoint's own config decides
+    (the recipes' tiny architecture does not conflict with it); training fields stay."""
+    import dataclasses
+
+    from nemo_rlhf.interop import ARCH_FIELDS
+    from nemo_rlhf.interop.formats import checkpoint_format
+
+    if checkpoint_format(model_path) in ("hf", "nemo1"):
+        defaults = type(model)()
+        model = dataclasses.replace(model, **{k: getattr(defaults, k) for k in ARCH_FIELDS})
+    return dataclasses.replace(model, path=str(model_path))
+
+
 def train(model_path: Optional[str] = None, reward_fn: Optional[Callable] = None,
           prompts: Optional[List[str]] = None, eval_prompts: Optional[List[str]] = None,
           samples: Optional[list] = None, rewards: Optional[List[float]] = None,
@@ -117,7 +132,9 @@ def train(model_path: Optional[str] = None, reward_fn: Optional[Callable] = None
     """As trlX: PPO when a ``reward_fn`` is given (``config`` defaults to ppo_tiny), ILQL when
     ``samples`` and ``rewards`` are (ilql_tiny), SFT on ``samples`` alone or on the task's data
     (sft_tiny). A sample is a string or a [prompt, completion] pair; SFT trains on completion
-    tokens only. ``reward_fn(samples, prompts=..., completions=...) -> list of floats``."""
+    tokens only. ``reward_fn(samples, prompts=..., completions=...) -> list of floats``.
+    ``model_path``: a Hugging Face directory or .nemo file brings its architecture and tokenizer
+    (:func:`checkpoint_model_config`); a nemo_rlhf checkpoint must match ``config.model``."""
     import dataclasses
     import time
 
@@ -130,21 +147,12 @@ def train(model_path: Optional[str] = None, reward_fn: Optional[Callable] = None
                  else "sft" if samples is not None else None)   # None: whatever the config says
     if rewards is not None and samples is None:
         raise ValueError("rewards need samples (one reward per sample)")
-    default_config = config is None
     if config is None:
         config = {"ppo": default_ppo_config, "ilql": default_ilql_config}.get(algorithm, default_sft_config)()
     if algorithm is not None and config.algorithm.name != algorithm:
         config = dataclasses.replace(config, algorithm=dataclasses.replace(config.algorithm, name=algorithm))
     if model_path is not None:
-        model = config.model
-        if default_config:   # the recipe's tiny architecture gives way to the checkpoint's own
-            from nemo_rlhf.interop import ARCH_FIELDS
-            from nemo_rlhf.interop.formats import checkpoint_format
-
-            if checkpoint_format(model_path) in ("hf", "nemo1"):
-                defaults = type(model)()
-                model = dataclasses.replace(model, **{k: getattr(defaults, k) for k in ARCH_FIELDS})
-        config = dataclasses.replace(config, model=dataclasses.replace(model, path=str(model_path)))
+        config = dataclasses.replace(config, model=checkpoint_model_config(config.model, model_path))
     run_dir = run_dir or f"runs/api_{config.algorithm.name}/{time.strftime('%Y-%m-%d_%H-%M-%S')}"
     summary, ctx = run(config, run_dir, reward_fn=reward_fn, prompts=prompts, eval_prompts=eval_prompts,
                        samples=samples, rewards=rewards, return_context=True)

@@ -232,3 +232,14 @@ def test_sharded_safetensors_and_pytorch_bin_files(hf_models, tmp_path):
     bare = {k.removeprefix("transformer."): v for k, v in sd.items()}   # GPT2Model.save_pretrained
     a, b = hf_to_megatron(sd, "gpt2", cfg, 256), hf_to_megatron(bare, "gpt2", cfg, 256)
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_python_api_model_path_takes_the_checkpoint_architecture(hf_models, tmp_path):
+    from nemo_rlhf.api import checkpoint_model_config, default_sft_config
+    from nemo_rlhf.interop.formats import resolve_model_config
+
+    base = default_sft_config().model                       # gpt_tiny: ffn_hidden_size 256
+    m = resolve_model_config(checkpoint_model_config(base, hf_models["mistral"][0]))
+    assert (m.ffn_hidden_size, m.activation, m.seq_length) == (96, "swiglu", base.seq_length)
+    ours = checkpoint_model_config(base, tmp_path)           # not an HF / .nemo checkpoint: untouched
+    assert ours.ffn_hidden_size == 256 and ours.path == str(tmp_path)
