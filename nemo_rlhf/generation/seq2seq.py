@@ -55,6 +55,10 @@ def generate_seq2seq(model: torch.nn.Module, prompts: torch.Tensor, params: Samp
     device = prompts.device
     b, p = prompts.shape
     n = params.max_new_tokens
+    if model.position_embedding_type == "learned_absolute" and max(p, n + 1) > model.max_sequence_length:
+        raise ValueError(f"T5 with learned positions holds {model.max_sequence_length} positions "
+                         f"(model.seq_length): prompts of {p} tokens / max_new_tokens={n} (+ the start "
+                         f"token) do not fit")
     lengths = torch.full((b,), p, device=device) if prompt_lengths is None else prompt_lengths.to(device)
     idx = torch.arange(p, device=device)
     pad = p - lengths                                                         # [B] padding per prompt

@@ -107,6 +107,8 @@ def test_sampled_logprobs_equal_training_nll_and_padding_is_invisible(t5):
     assert padded.tokens[1, 3:].tolist() == single.tokens[0, 1:].tolist()
     assert torch.allclose(padded.logprobs[1], single.logprobs[0], atol=1e-5)
     assert alone.tokens.shape == (1, 5)
+    with pytest.raises(ValueError, match="max_new_tokens=8 .* do not fit"):       # seq_length 8
+        generate(t5, prompts, SamplingParams(max_new_tokens=8))
     # the log-probs of sampling equal -NLL of the same tokens in a training forward (unmasked vocab:
     # vocab_size renormalises sampling over the real tokens, the training NLL covers the padded vocab)
     out = generate(t5, prompts[:1], params, generator=torch.Generator().manual_seed(4))
