@@ -12,7 +12,7 @@ Terms (bytes per GPU, on the pipeline stage that needs the most):
                 distributed optimizer); SGD: 4 momentum [+ 4 master]
   activations   per micro-batch and layer, in elements of s*b*h (s = seq, b = rows per micro-batch,
                 h = hidden, a = heads, f = ffn), after Korthikanti et al. 2022 "Reducing Activation
-                Recomputation in Large Transformer Models" (Eq. 2-5), counted for megatron's code:
+                Recomputation in Large Transformer Models" (Sec. 4), counted for megatron's code:
                   4 s*b*h        inputs and outputs of the two norms    (/t only with SP;
                                  +2 s*b*h for the local spec's composite RMSNorm)
                   s*b*(h + kv + h + mlp) / t   q, k+v (2h with the local spec, which repeats GQA
@@ -206,7 +206,7 @@ def activation_bytes_one_microbatch(m: ModelConfig, layers: int, vocab_padded: i
 
 def in_flight_microbatches(pp: int, vpp: int, num_micro: int) -> float:
     """Micro-batches whose activations the first pipeline stage holds at once under 1F1B
-    (Narayanan et al. 2021; interleaving adds 1 + (p-1)/(p*v))."""
+    (Korthikanti et al. 2022, Sec. 4; interleaving adds 1 + (p-1)/(p*v))."""
     if pp == 1:
         return 1.0
     n = float(min(pp, num_micro))
