@@ -60,9 +60,10 @@ fi
 case "${NEMO_RLHF_LAUNCH:-srun}" in
   srun) CMD=("${SRUN[@]}" "$PY" "${TRAIN[@]}") ;;
   torchrun)
-    NPROC=${NEMO_RLHF_NPROC_PER_NODE:-${SLURM_NTASKS_PER_NODE%%(*}}
-    CMD=("${SRUN[@]}" --ntasks-per-node=1 --ntasks="$SLURM_JOB_NUM_NODES"
-         "$PY" -m torch.distributed.run --nnodes="$SLURM_JOB_NUM_NODES" --nproc-per-node="$NPROC"
+    NPROC=${NEMO_RLHF_NPROC_PER_NODE:-${SLURM_NTASKS_PER_NODE:-1}}
+    # one task per node with all of the node's CPUs (else it would be bound to one core)
+    CMD=("${SRUN[@]}" --ntasks-per-node=1 --ntasks="$SLURM_JOB_NUM_NODES" --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}"
+         "$PY" -m torch.distributed.run --nnodes="$SLURM_JOB_NUM_NODES" --nproc-per-node="${NPROC%%(*}"
          --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$SLURM_JOB_ID"
          "${TRAIN[@]}") ;;
   *) echo "NEMO_RLHF_LAUNCH must be srun or torchrun, not '${NEMO_RLHF_LAUNCH}'" >&2; exit 2 ;;
