@@ -7,7 +7,8 @@ computed on each rank from the same weights and the same batch of randomwalks da
   tp2_sp     TP=2 with sequence parallel: loss, gradients, parameters after one step
   pp2        PP=2 (1F1B, 2 micro-batches): loss, gradients, parameters after one step
   pp2_vpp2   PP=2 with 2 virtual chunks per stage (interleaved 1F1B, 4 layers, 4 micro-batches):
-             the same, against a 4-layer single process
+             the same, against a 4-layer single process; dpo_pp2_vpp2: a DPO step there (2
+             sequences per pair in each micro-batch)
   dp2        DP=2 (each rank half the batch): loss, gradients, parameters after one step,
              replicas identical
   dp2_distopt  DP=2 with the distributed optimizer: the same
@@ -238,6 +239,38 @@ def main(out_path):
         finally:
             MODEL = two_layers
 
+    def dpo_pp2_vpp2():
+        """One DPO step at PP=2 x VPP=2 (a micro-batch feeds 2 sequences per pair to the model:
+        the interleaved schedule's fixed activation shape must count them) against PP=1, 4 layers."""
+        global MODEL
+        from nemo_rlhf.config.schema import DPOConfig
+        from nemo_rlhf.data.preference import PreferenceDataset, randomwalk_pairs
+        from nemo_rlhf.modules.dpo import dpo_forward
+
+        two_layers = MODEL
+        MODEL = dataclasses.replace(two_layers, num_layers=4)
+        try:
+            pairs = randomwalk_pairs(RandomWalks(seed=1000), tok, 4, seed=0)
+            ds = PreferenceDataset.build(pairs, MODEL.seq_length, tok.pad_id, tok.eos_id)
+            g = torch.Generator().manual_seed(5)
+            pbatch = {"tokens": ds.tokens, "labels": ds.labels, "loss_mask": ds.loss_mask,
+                      "ref_logps": -6 + torch.randn(len(ds), 2, generator=g)}
+            step = partial(dpo_forward, cfg=DPOConfig(beta=0.1))
+            single = engine_for(ParallelConfig(), vocab)
+            params4 = {n: p.detach().clone() for n, p in named_params(single)}
+            base = single.forward_backward(pbatch, 4, step)
+            base_grads = {n: p.main_grad.detach().clone() for n, p in named_params(single)}
+            engine = engine_for(ParallelConfig(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2),
+                                vocab)
+            load_reference_weights(engine, params4)
+            stats = engine.forward_backward(pbatch, 1, step)          # 4 micro-batches of 1 pair
+            return {"max_stat_abs_diff": max(abs(stats[k] - base[k]) for k in base if k != "num_tokens"),
+                    "grad_max_abs_diff": max(float((p.main_grad - base_grads[n]).abs().max())
+                                             for n, p in named_params(engine)),
+                    "loss": stats["loss"]}
+        finally:
+            MODEL = two_layers
+
     def dp2():
         engine, out = run_layout(ParallelConfig(), vocab, batch, ref, dp_split=True)
         p = torch.cat([q.detach().flatten() for _, q in named_params(engine)])
@@ -327,6 +360,7 @@ def main(out_path):
     check("tp2_sp", tp2_sp)
     check("pp2", pp2)
     check("pp2_vpp2", pp2_vpp2)
+    check("dpo_pp2_vpp2", dpo_pp2_vpp2)
     check("dp2", dp2)
     check("dp2_distopt", dp2_distopt)
     check("ckpt_tp2_to_tp1", lambda: ckpt(2, 1))

@@ -63,6 +63,13 @@ def test_pp2_interleaved_vpp2_loss_and_grads(results):
     assert r["param_after_step_max_abs_diff"] < STEP
 
 
+def test_dpo_step_interleaved_pp2_vpp2_equals_pp1(results):
+    r = _ok(results, "dpo_pp2_vpp2")
+    assert r["loss"] > 0
+    assert r["max_stat_abs_diff"] < 1e-5
+    assert r["grad_max_abs_diff"] < 1e-6
+
+
 def test_dp2_replicas_identical_and_equal_single_process(results):
     r = _ok(results, "dp2")
     assert r["loss_diff"] < EXACT
