@@ -1,17 +1,17 @@
 """Sampling from a megatron T5 (encoder-decoder) policy, returning what :func:`generation.sampling.generate`
 returns for GPT, so evaluation and the trainers use either unchanged.
 
-The prompt goes to the encoder once; its hidden states are reused at every step (passed back as
-``encoder_hidden_states``). The decoder starts from ``DECODER_START_ID`` and is re-run over the
-tokens generated so far at each step: the encoder is cached, the decoder is not. megatron-core
-0.16's static KV cache (``StaticInferenceContext``, used for GPT in generation/sampling.py) keys its
-buffers by ``layer_number`` alone, and a T5 decoder layer's self- and cross-attention share that
-number (as do encoder layers), so their caches would overwrite each other; the cross-attention
-keys would be appended at each step instead of kept; and ``T5Model.forward`` derives decoder
-positions (learned or relative bias) from the length of the tokens it is given, so a one-token
-decode step would sit at position 0. Greedy and sampled
-decoding are exact; the cost is O(N^2) decoder positions for N new tokens instead of O(N), small for
-the short completions of the tiny tasks.
+The prompt goes to the encoder once; its hidden states are reused at every step. The decoder starts
+from ``DECODER_START_ID`` and, with ``params.use_kv_cache`` (the default), runs one token per step
+with megatron's ``StaticInferenceContext`` caching its self-attention keys/values. Three things in
+megatron-core 0.16 stand in the way of simply passing that context to ``T5Model.forward``, handled
+here: the cache is keyed by ``layer_number``, which a decoder layer's self- and cross-attention
+share, and it would append the encoder keys at every step -- so cross-attention is built without
+the cache (models/t5.py; it re-projects the short encoder states each step); and ``T5Model.forward``
+numbers decoder positions from 0 for whatever tokens it is given -- so the step calls the embedding
+(explicit position), the decoder block (the relative-bias row of that position) and the LM head
+itself. ``use_kv_cache=False`` re-runs the whole decoder prefix each step (the reference the cached
+path is tested against: same tokens, log-probs within 1e-6).
 
 Ragged prompts: ``prompt_lengths`` [B] with left (default) or right padding; the encoder sees each
 prompt right-padded with its padding masked out of attention (T5 positions count from the first
@@ -35,6 +35,29 @@ def _gather_vocab(logits: torch.Tensor) -> torch.Tensor:
     if ps.model_parallel_is_initialized() and ps.get_tensor_model_parallel_world_size() > 1:
         return gather_from_tensor_model_parallel_region(logits)
     return logits
+
+
+def _cached_decoder_step(t5, token: torch.Tensor, pos: int, ctx, encoder_states, cross_mask) -> torch.Tensor:
+    """The decoder on one token per sequence (``token`` [B], at decoder position ``pos``) with
+    megatron's static KV cache for self-attention; cross-attention re-projects the encoder states
+    (see models/t5.py). Positions are given explicitly (T5Model.forward would count from 0).
+    Returns vocab-parallel logits [B, 1, V/tp]."""
+    from megatron.core.tensor_parallel.mappings import scatter_to_tensor_model_parallel_region
+
+    b = token.shape[0]
+    positions = torch.full((b, 1), pos, dtype=torch.long, device=token.device)
+    hidden = t5.embedding(input_ids=token[:, None], position_ids=positions)      # [1, B, H]
+    bias, rotary = None, None
+    if t5.position_embedding_type == "relative":
+        # row ``pos`` of the decoder's [1, heads, q, k] bias, keys 0..pos; heads scattered over TP
+        full = t5.decoder_relative_pos_emb(pos + 1, pos + 1)[:, :, -1:, :]
+        bias = scatter_to_tensor_model_parallel_region(full.permute(0, 2, 3, 1), t5.tp_group).permute(0, 3, 1, 2)
+    elif t5.position_embedding_type == "rope":
+        rotary = t5.rotary_pos_emb(ctx.max_sequence_length)
+    hidden = t5.decoder(hidden_states=hidden, attention_mask=None, context=encoder_states, context_mask=cross_mask,
+                        inference_context=ctx, rotary_pos_emb=rotary, attention_bias=bias)
+    weight = t5.shared_embedding_or_output_weight() if t5.share_embeddings_and_output_weights else None
+    return t5.lm_head(hidden, word_embeddings_weight=weight).transpose(0, 1)
 
 
 @torch.no_grad()
@@ -84,13 +107,25 @@ def generate_seq2seq(model: torch.nn.Module, prompts: torch.Tensor, params: Samp
     was_training = model.training
     model.eval()
     model.causal_layout = None  # heads read decoder positions as they are during decoding
+    ctx = None
+    if params.use_kv_cache:
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        ctx = StaticInferenceContext(max_batch_size=b, max_sequence_length=n + 1)
     try:
         enc_mask, _ = attention_masks(enc_valid, 1)
         encoder_states = model(enc_tokens, None, enc_mask, None, None, output_encoder_hidden_only=True)
         for step in range(n):
-            _, cross_mask = attention_masks(enc_valid, step + 1)
-            logits = model(enc_tokens, dec[:, :step + 1], enc_mask, None, cross_mask,
-                           encoder_hidden_states=encoder_states)
+            if ctx is not None:
+                _, cross_mask = attention_masks(enc_valid, 1)
+                if step > 0:
+                    ctx.enable_decode_mode()
+                logits = _cached_decoder_step(model, dec[:, step], step, ctx, encoder_states, cross_mask)
+                ctx.sequence_len_offset += 1
+            else:
+                _, cross_mask = attention_masks(enc_valid, step + 1)
+                logits = model(enc_tokens, dec[:, :step + 1], enc_mask, None, cross_mask,
+                               encoder_hidden_states=encoder_states)
             logits = _gather_vocab(logits)[:, -1].float()
             if vocab_size is not None:
                 logits[:, vocab_size:] = float("-inf")

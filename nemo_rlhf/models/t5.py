@@ -64,14 +64,36 @@ def t5_layer_specs(model: ModelConfig):
         if not transformer_engine_available():
             raise ConfigError("model.transformer_impl=transformer_engine needs transformer_engine and CUDA; "
                               "use model.transformer_impl=local (or auto)")
-        return (t5_spec.encoder_model_with_transformer_engine_default_spec(),
-                t5_spec.decoder_model_with_transformer_engine_default_spec())
-    encoder, decoder = t5_spec.encoder_model_with_local_spec(), t5_spec.decoder_model_with_local_spec()
-    if model.position_embedding_type == "relative":
-        # megatron's local DotProductAttention asserts attention_bias is None (only TE's takes it)
-        for spec in (encoder, decoder):
-            spec.submodules.self_attention.submodules.core_attention = _biased_attention_class()
+        encoder = t5_spec.encoder_model_with_transformer_engine_default_spec()
+        decoder = t5_spec.decoder_model_with_transformer_engine_default_spec()
+    else:
+        encoder, decoder = t5_spec.encoder_model_with_local_spec(), t5_spec.decoder_model_with_local_spec()
+        if model.position_embedding_type == "relative":
+            # megatron's local DotProductAttention asserts attention_bias is None (only TE's takes it)
+            for spec in (encoder, decoder):
+                spec.submodules.self_attention.submodules.core_attention = _biased_attention_class()
+    decoder.submodules.cross_attention.module = _uncached_cross_attention_class()
     return encoder, decoder
+
+
+_UNCACHED = None
+
+
+def _uncached_cross_attention_class():
+    """megatron's CrossAttention that never touches the inference context: its keys/values come from
+    the fixed encoder states and are recomputed at each KV-cached decode step. (megatron's static
+    KV cache is keyed by layer_number, which a decoder layer's self- and cross-attention share, and
+    would append the encoder keys at every step.) Same parameters, same checkpoints."""
+    global _UNCACHED
+    if _UNCACHED is None:
+        from megatron.core.transformer.attention import CrossAttention
+
+        class CrossAttentionWithoutKVCache(CrossAttention):
+            def forward(self, hidden_states, *args, inference_context=None, **kwargs):
+                return super().forward(hidden_states, *args, inference_context=None, **kwargs)
+
+        _UNCACHED = CrossAttentionWithoutKVCache
+    return _UNCACHED
 
 
 class _BiasedSoftmax(torch.nn.Module):

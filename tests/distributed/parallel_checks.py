@@ -15,7 +15,8 @@ computed on each rank from the same weights and the same batch of randomwalks da
   ckpt_tp2_to_tp1 / ckpt_tp1_to_tp2  dist checkpoint saved at one TP, loaded at the other
   gen_tp2    greedy KV-cached generation at TP=2 equals TP=1
   hf_tp2 / hf_pp2  Hugging Face models imported / exported at TP=2 and PP=2 (hf_checks.py)
-  t5_tp2     T5 (model.arch=t5): logits, SFT loss, grads and greedy decoding at TP=2 equal TP=1
+  t5_tp2     T5 (model.arch=t5): logits, SFT loss, grads and greedy KV-cached decoding at TP=2 equal
+             TP=1 (and the cached decoding equals re-running the decoder)
   t5_hf_*    Hugging Face T5 (v1.0, v1.1/flan) imported at TP=2: logits equal transformers; exported
              from TP=2, transformers reloads it with our logits
 Rank 0 writes {check: {metric: value}} to OUT.json; the pytest side asserts on the numbers.
@@ -525,14 +526,18 @@ def main(out_path):
         prompts = torch.tensor([[tok.ids[c]] for c in "bcdefghijk"])
         out = generate(t5, prompts, SamplingParams(max_new_tokens=9, greedy=True, eos_id=tok.eos_id),
                        vocab_size=tok.vocab_size)
+        nocache = generate(t5, prompts, SamplingParams(max_new_tokens=9, greedy=True, eos_id=tok.eos_id,
+                                                       use_kv_cache=False), vocab_size=tok.vocab_size)
         if tp == 1:
             t5_ref.update(logits=logits, loss=stats["loss"], grads=grads, tokens=out.tokens, logprobs=out.logprobs)
             return {"loss": stats["loss"], "n_grads": len(grads),
-                    "grad_norm": float(sum(g.norm() ** 2 for g in grads.values()) ** 0.5)}
+                    "grad_norm": float(sum(g.norm() ** 2 for g in grads.values()) ** 0.5),
+                    "nocache_tokens_equal": bool(torch.equal(out.tokens, nocache.tokens))}
         return {"logits_max_abs_diff": float((logits - t5_ref["logits"]).abs().max()),
                 "loss_diff": abs(stats["loss"] - t5_ref["loss"]),
                 "grad_max_abs_diff": max(float((grads[n] - t5_ref["grads"][n]).abs().max()) for n in grads),
                 "n_grads": len(grads), "tokens_equal": bool(torch.equal(out.tokens, t5_ref["tokens"])),
+                "nocache_tokens_equal": bool(torch.equal(out.tokens, nocache.tokens)),
                 "logprobs_max_abs_diff": float((out.logprobs - t5_ref["logprobs"]).abs().max())}
 
     def t5_hf(tp, variant):

@@ -160,6 +160,7 @@ def test_t5_tp2_logits_loss_grads_and_decoding_equal_tp1(results):
     assert r["loss_diff"] < EXACT
     assert r["grad_max_abs_diff"] < EXACT
     assert r["tokens_equal"] and r["logprobs_max_abs_diff"] < 1e-5
+    assert base["nocache_tokens_equal"] and r["nocache_tokens_equal"]
 
 
 @pytest.mark.parametrize("layout", ["hf_tp2", "hf_pp2"])

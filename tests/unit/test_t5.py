@@ -172,3 +172,21 @@ def test_relative_attention_bias_on_the_local_attention_trains(mp):
         for emb in (t5.encoder_relative_pos_emb, t5.decoder_relative_pos_emb):
             emb.relative_attention_bias.weight.zero_()
         assert not torch.allclose(lm_forward(t5, tokens, labels, mask), nll)
+
+
+@pytest.mark.parametrize("positions", ["learned_absolute", "relative"])
+def test_kv_cached_decoding_equals_rerunning_the_decoder(mp, positions):
+    from nemo_rlhf.generation.sampling import SamplingParams, generate, left_pad
+    from nemo_rlhf.models.t5 import build_t5_chunks
+
+    torch.manual_seed(0)
+    t5 = build_t5_chunks(dataclasses.replace(T5, position_embedding_type=positions, seq_length=12),
+                         ParallelConfig(), vocab_size=12)[0]
+    prompts, lengths = left_pad([[5, 8, 9], [6], [7, 4]], pad_id=0)
+    out = {}
+    for cache in (True, False):
+        out[cache] = generate(t5, prompts, SamplingParams(max_new_tokens=10, use_kv_cache=cache),
+                              generator=torch.Generator().manual_seed(2), prompt_lengths=lengths)
+    assert len(set(out[True].tokens[:, 3:].flatten().tolist())) > 3        # real samples, not one token
+    assert torch.equal(out[True].tokens, out[False].tokens)
+    assert (out[True].logprobs - out[False].logprobs).abs().max() < 1e-5
