@@ -52,8 +52,18 @@ def _final(run_dir):
 def _popen(args, log, env=None):
     """Start a training process writing to ``log`` (the environment of tests.conftest.train, whose
     thread count the uninterrupted run shares: it changes float sums)."""
-    return subprocess.Popen(args, cwd=ROOT, env=_clean_env(env), stdout=log,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(args, cwd=ROOT, env=_clean_env(env), stdout=log, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def _kill_all(proc):
+    """SIGKILL the run's whole process group, as Slurm kills a job (dist_checkpointing's worker
+    processes included, which would otherwise outlive a killed trainer)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def _wait_for(cond, proc, timeout=300.0, poll=0.02):
@@ -78,10 +88,8 @@ def test_sigkill_then_resume_auto_gives_the_uninterrupted_results(tmp_path, unin
                        *COMMON], log)
         try:
             _wait_for(lambda: (run / "checkpoints" / "latest").exists(), proc)
-            proc.send_signal(signal.SIGKILL)
         finally:
-            proc.kill()
-            proc.wait()
+            _kill_all(proc)
     assert proc.returncode == -signal.SIGKILL
     saved = (run / "checkpoints" / "latest").read_text().strip()
     assert saved == f"step_{CKPT_EVERY:07d}" and not (run / "summary.json").exists()
@@ -109,8 +117,7 @@ def test_sigterm_checkpoints_at_the_next_step_and_exits_75_then_resumes(tmp_path
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=300)
         finally:
-            proc.kill()
-            proc.wait()
+            _kill_all(proc)
     out = (tmp_path / "terminated.log").read_text()
     assert proc.returncode == EXIT_PREEMPTED, out[-5000:]
     assert "received SIGTERM" in out and "Traceback" not in out
@@ -141,8 +148,7 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step(tmp_path):
             os.kill(rank1[0].pid, signal.SIGTERM)
             proc.wait(timeout=300)
         finally:
-            proc.kill()
-            proc.wait()
+            _kill_all(proc)
     out = (tmp_path / "tp2.log").read_text()
     # torchrun reports the workers' exit code 75; rank 0, never signalled, stopped too (else it
     # would wait forever in the next step's collectives) and wrote its half of the TP=2 checkpoint
