@@ -24,11 +24,13 @@
 #   NEMO_RLHF_REQUEUE  1 (default): requeue when the time-limit signal stopped the run; 0: do not.
 #
 # Pre-emption and time limits (see nemo_rlhf/fault.py): Slurm sends USR1 to this script 120 s
-# before the time limit (--signal=B:USR1@120); it is forwarded to the tasks, which write a
-# checkpoint at the next step boundary and exit with code 75; the script then requeues the job
-# (--requeue), which resumes from that checkpoint (Slurm makes a requeued job eligible ~2 min later). Pre-emption and scancel send SIGTERM to the
-# tasks (same checkpoint + exit 75; a pre-empted --requeue job is requeued by Slurm itself); the
-# script traps TERM so it outlives the tasks' checkpoint write. The job's exit code is the tasks'.
+# before the time limit (--signal=B:USR1@120); it is relayed to the tasks, which write a checkpoint
+# at the next step boundary and exit with code 75 (a peer killed by --kill-on-bad-exit after the
+# checkpoint shows 143); the script then requeues the job (--requeue), which resumes from that
+# checkpoint (Slurm makes a requeued job eligible ~2 min later). Pre-emption and scancel send
+# SIGTERM to the tasks: the same checkpoint and exit 75, no requeue by this script (a pre-empted
+# --requeue job is requeued by Slurm itself). The checkpoint must fit in the cluster's KillWait /
+# GraceTime (seconds between SIGTERM and SIGKILL). The job's exit code is the tasks'.
 #SBATCH --job-name=nemo_rlhf
 #SBATCH --ntasks-per-node=8
 #SBATCH --gpus-per-node=8
@@ -62,24 +64,24 @@ case "${NEMO_RLHF_LAUNCH:-srun}" in
   torchrun)
     NPROC=${NEMO_RLHF_NPROC_PER_NODE:-${SLURM_NTASKS_PER_NODE:-1}}
     # one task per node with all of the node's CPUs (else it would be bound to one core)
+    # torchrun itself ignores USR1 (an ignored signal stays ignored across exec), its workers set
+    # their own handler (nemo_rlhf.fault); srun relays USR1 to the node's processes.
     CMD=("${SRUN[@]}" --ntasks-per-node=1 --ntasks="$SLURM_JOB_NUM_NODES" --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}"
-         "$PY" -m torch.distributed.run --nnodes="$SLURM_JOB_NUM_NODES" --nproc-per-node="${NPROC%%(*}"
+         bash -c 'trap "" USR1; exec "$@"' torchrun "$PY" -m torch.distributed.run --nnodes="$SLURM_JOB_NUM_NODES" --nproc-per-node="${NPROC%%(*}"
          --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$SLURM_JOB_ID"
          "${TRAIN[@]}") ;;
   *) echo "NEMO_RLHF_LAUNCH must be srun or torchrun, not '${NEMO_RLHF_LAUNCH}'" >&2; exit 2 ;;
 esac
 
 # The tasks run in the background so that the traps below run while they do (bash runs a trap only
-# between commands). USR1 is forwarded as SIGTERM under torchrun (torchrun relays TERM to its
-# workers; USR1 would kill torchrun itself).
+# between commands). srun relays USR1 to the tasks; on TERM it would kill the step instead, so
+# TERM (pre-emption, scancel) is also passed on as USR1 -- the tasks got Slurm's own TERM anyway.
 TIME_LIMIT=0 SIGNALLED=0
 forward() {  # forward SIGNAL: pass a stop signal on to the tasks
   echo "nemo_rlhf: $1 received; the tasks checkpoint at the next step boundary and exit"
   SIGNALLED=1
   if [ "$1" = USR1 ]; then TIME_LIMIT=1; fi
-  local sig=$1
-  if [ "${NEMO_RLHF_LAUNCH:-srun}" = torchrun ]; then sig=TERM; fi
-  kill -s "$sig" "$PID" 2>/dev/null || true
+  kill -s USR1 "$PID" 2>/dev/null || true
 }
 trap 'forward USR1' USR1
 trap 'forward TERM' TERM
