@@ -26,6 +26,11 @@ def _positive(value, key: str) -> None:
     _require(value is not None and value > 0, f"{key} must be > 0, got {value!r}")
 
 
+GATED_ACTIVATIONS = ("swiglu", "geglu", "geglu_tanh")
+"""model.activation values with a gated linear unit: linear_fc1 holds two stacked projections
+(gate and up), which every weight map, TP split and parameter count must know."""
+
+
 @dataclass
 class ModelConfig:
     """A megatron-core GPT model (``megatron.core.models.gpt.GPTModel``)."""

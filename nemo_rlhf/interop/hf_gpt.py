@@ -26,7 +26,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from nemo_rlhf.checkpoint.dist_ckpt import CheckpointError
-from nemo_rlhf.config.schema import ModelConfig
+from nemo_rlhf.config.schema import GATED_ACTIVATIONS, ModelConfig
 
 Tensor = torch.Tensor
 StateDict = Dict[str, Tensor]
@@ -268,7 +268,7 @@ def _global_names(chunk) -> Dict[str, str]:
 
 
 def _is_gated_fc1(name: str, model: ModelConfig) -> bool:
-    return model.activation in ("swiglu", "geglu") and re.search(r"mlp\.linear_fc1\.(weight|bias)$", name) is not None
+    return model.activation in GATED_ACTIVATIONS and re.search(r"mlp\.linear_fc1\.(weight|bias)$", name) is not None
 
 
 def _shard(full: Tensor, param: Tensor, name: str, model: ModelConfig, tp: int, rank: int) -> Tensor:

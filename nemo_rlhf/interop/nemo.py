@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from nemo_rlhf.checkpoint.dist_ckpt import CheckpointError
-from nemo_rlhf.config.schema import ConfigError, ModelConfig
+from nemo_rlhf.config.schema import GATED_ACTIVATIONS, ConfigError, ModelConfig
 
 StateDict = Dict[str, torch.Tensor]
 
@@ -200,7 +200,7 @@ def read_nemo1_weights(path) -> Tuple[Dict[str, Any], StateDict]:
     arc = _Archive(path)
     cfg = read_nemo1_config(path)
     tp, pp = int(cfg.get("tensor_model_parallel_size", 1)), int(cfg.get("pipeline_model_parallel_size", 1))
-    gated = _ACT.get(cfg.get("activation", "gelu")) in ("swiglu", "geglu")
+    gated = _ACT.get(cfg.get("activation", "gelu")) in GATED_ACTIVATIONS
 
     def load(name):
         obj = torch.load(io.BytesIO(arc.read(name)), map_location="cpu", weights_only=True)

@@ -43,7 +43,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from nemo_rlhf.config.schema import ModelConfig, RunConfig
+from nemo_rlhf.config.schema import GATED_ACTIVATIONS, ModelConfig, RunConfig
 
 GIB = 1024 ** 3
 WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -58,7 +58,7 @@ def ffn_size(m: ModelConfig) -> int:
 
 
 def _gated(m: ModelConfig) -> bool:
-    return m.activation in ("swiglu", "geglu")
+    return m.activation in GATED_ACTIVATIONS
 
 
 def kv_channels(m: ModelConfig) -> int:

@@ -243,3 +243,17 @@ def test_python_api_model_path_takes_the_checkpoint_architecture(hf_models, tmp_
     assert (m.ffn_hidden_size, m.activation, m.seq_length) == (96, "swiglu", base.seq_length)
     ours = checkpoint_model_config(base, tmp_path)           # not an HF / .nemo checkpoint: untouched
     assert ours.ffn_hidden_size == 256 and ours.path == str(tmp_path)
+
+
+def test_gated_activations_are_one_list():
+    """Every gated activation the model builder knows is split as gate + up by the weight maps
+    (a missed one shards linear_fc1 wrongly at TP > 1) and counted twice by the planner."""
+    from nemo_rlhf.config.schema import GATED_ACTIVATIONS, ModelConfig
+    from nemo_rlhf.interop.hf_gpt import _is_gated_fc1
+    from nemo_rlhf.models.gpt import _activation
+
+    for name in ("gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu", "geglu_tanh"):
+        gated = _activation(name)[1]
+        assert gated == (name in GATED_ACTIVATIONS), name
+        m = ModelConfig(activation=name)
+        assert _is_gated_fc1("decoder.layers.0.mlp.linear_fc1.weight", m) == gated, name

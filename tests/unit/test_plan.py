@@ -54,11 +54,13 @@ def test_param_count_equals_megatron_numel(mp, name):
     assert param_count(m, vocab).total == sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("position", ["learned_absolute", "relative"])
-def test_t5_param_count_equals_megatron_numel(mp, position):
+@pytest.mark.parametrize("position,activation", [("learned_absolute", "relu"), ("relative", "relu"),
+                                                 ("relative", "geglu_tanh")])   # geglu_tanh: flan-T5
+def test_t5_param_count_equals_megatron_numel(mp, position, activation):
     from nemo_rlhf.models.t5 import build_t5_chunks
 
-    m = dataclasses.replace(compose("t5_sft_tiny").model, position_embedding_type=position, encoder_num_layers=3)
+    m = dataclasses.replace(compose("t5_sft_tiny").model, position_embedding_type=position, encoder_num_layers=3,
+                            activation=activation)
     model = build_t5_chunks(m, ParallelConfig(), 23)[0]
     assert param_count(m, 23).total == sum(p.numel() for p in model.parameters())
 
