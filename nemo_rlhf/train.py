@@ -148,13 +148,13 @@ def _fit(module, ctx: _Context, rcfg: RunConfig, rd) -> None:
         module.initial_eval = module.initial_eval or module.evaluate()
 
 
-def _file_examples(ctx: _Context, rcfg: RunConfig, schema: str):
+def _file_examples(ctx: _Context, rcfg: RunConfig, schema: str, max_new_tokens: int = 0):
     """(tokenised examples, {"data": counts}) from data.train_file, or (None, {}) without one."""
     from nemo_rlhf.data.files import load_examples
 
     if rcfg.data.train_file is None:
         return None, {}
-    examples, report = load_examples(rcfg.data, schema, ctx.tokenizer, rcfg.model.seq_length)
+    examples, report = load_examples(rcfg.data, schema, ctx.tokenizer, rcfg.model.seq_length, max_new_tokens)
     log.info("data.train_file=%s: %d examples (%d truncated, %d dropped)", rcfg.data.train_file,
              report.examples, report.truncated, report.dropped)
     return examples, {"data": {"train_file": str(rcfg.data.train_file), **report.as_dict()}}
@@ -329,8 +329,8 @@ def run_dpo(ctx: _Context, rcfg: RunConfig, run_dir: Path) -> Dict[str, Any]:
 
 def run_ppo(ctx: _Context, rcfg: RunConfig, run_dir: Path, reward_fn=None, prompts=None,
             eval_prompts=None) -> Dict[str, Any]:
-    import torch
-
+    """PPO on ``prompts`` (strings of any token lengths), else data.train_file's prompt column, else
+    the task's prompts (the start node of each walk, as trlX)."""
     from nemo_rlhf.modules.ppo import PPOModule
     from nemo_rlhf.modules.run_dir import RunDirectory
     from nemo_rlhf.rewards import resolve_reward_fn
@@ -343,15 +343,19 @@ def run_ppo(ctx: _Context, rcfg: RunConfig, run_dir: Path, reward_fn=None, promp
 
         reward_fn = RewardModelScorer(rcfg.ppo.reward_model, rcfg.model, rcfg.parallel, ctx.tokenizer)
     reward_fn = resolve_reward_fn(reward_fn if reward_fn is not None else rcfg.ppo.reward_fn, ctx.task)
+    new_tokens = rcfg.generation.max_new_tokens or rcfg.task.max_length
+    prompt_ids, data_extra = (None, {}) if prompts is not None else _file_examples(ctx, rcfg, "prompt", new_tokens)
+    if prompts is not None:
+        prompt_ids = encode_prompts(ctx.tokenizer, prompts, rcfg.model.seq_length - new_tokens)
+    elif prompt_ids is None:  # the task's prompts: the start node of each walk (as trlX)
+        prompt_ids = [[ctx.tokenizer.ids[ctx.task.walk_text(w[:1])]] for w in ctx.task.walks]
     resume_from = _resume_path(rcfg, rd.checkpoint_dir)
     init_path, sft_summary = _sft_warmup(ctx, rcfg, run_dir, rcfg.ppo, resume_from is not None)
-    if prompts is None:  # the task's prompts: the start node of each walk (as trlX)
-        prompt_ids = torch.tensor([[ctx.tokenizer.ids[ctx.task.walk_text(w[:1])]] for w in ctx.task.walks])
-    else:
-        prompt_ids = encode_prompts(ctx.tokenizer, prompts)
     evaluate_fn = ctx.evaluate_fn
     if eval_prompts is not None:
-        evaluate_fn = partial(_evaluate_with_prompts, ctx, encode_prompts(ctx.tokenizer, eval_prompts), reward_fn)
+        evaluate_fn = partial(_evaluate_with_prompts, ctx,
+                              encode_prompts(ctx.tokenizer, eval_prompts, rcfg.model.seq_length - new_tokens,
+                                             "eval_prompts"), reward_fn)
     module = PPOModule(rcfg, prompt_ids, ctx.tokenizer, reward_fn, rd, evaluate_fn, ctx.dp_rank, ctx.dp_size,
                        config_yaml=ctx.config_yaml)
     if resume_from is not None:
@@ -359,37 +363,49 @@ def run_ppo(ctx: _Context, rcfg: RunConfig, run_dir: Path, reward_fn=None, promp
     elif init_path is not None:
         module.init_from(init_path)
     _fit(module, ctx, rcfg, rd)
-    summary = _finish(module, rd, ctx, rcfg, t_start, _sft_extra(sft_summary))
+    summary = _finish(module, rd, ctx, rcfg, t_start,
+                      {"num_prompts": len(prompt_ids), **data_extra, **_sft_extra(sft_summary)})
     ctx.module = module
     return summary
 
 
-def encode_prompts(tokenizer, prompts):
-    import torch
-
-    ids = [tokenizer.encode(p) for p in prompts]
-    if not ids or any(len(i) == 0 for i in ids):
-        raise ConfigError("prompts must be a non-empty list of non-empty strings")
-    if len({len(i) for i in ids}) > 1:
-        raise ConfigError("PPO training takes prompts of one token length for now (got lengths "
-                          f"{sorted({len(i) for i in ids})}); generation alone handles ragged prompts")
-    return torch.tensor(ids)
+def encode_prompts(tokenizer, prompts, max_tokens: Optional[int] = None, name: str = "prompts"):
+    """Token-id lists of ``prompts`` (strings, any lengths; at most ``max_tokens`` tokens each =
+    model.seq_length - generation.max_new_tokens, the room generation leaves)."""
+    if isinstance(prompts, str) or not prompts:
+        raise ConfigError(f"{name} must be a non-empty list of non-empty strings")
+    ids = []
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p:
+            raise ConfigError(f"{name}[{i}] must be a non-empty string, got {p!r}")
+        try:
+            ids.append(list(tokenizer.encode(p)))
+        except ValueError as e:
+            raise ConfigError(f"{name}[{i}]: {e}") from None
+        if not ids[-1]:
+            raise ConfigError(f"{name}[{i}] encodes to no tokens")
+        if max_tokens is not None and len(ids[-1]) > max_tokens:
+            raise ConfigError(f"{name}[{i}] has {len(ids[-1])} tokens, more than model.seq_length - "
+                              f"generation.max_new_tokens = {max_tokens}")
+    return ids
 
 
 def _evaluate_with_prompts(ctx: _Context, prompt_ids, reward_fn, engine, step):
     """Task metrics plus the mean reward of temperature-1 samples from user-given eval prompts."""
     import torch
 
-    from nemo_rlhf.generation.sampling import SamplingParams, generate
+    from nemo_rlhf.generation.sampling import SamplingParams, generate, left_pad
     from nemo_rlhf.rewards import score
 
     metrics = ctx.evaluate_fn(engine, step)
     tok, g = ctx.tokenizer, ctx.rcfg.generation
-    out = generate(engine.module, prompt_ids, SamplingParams(
+    ids, lengths = left_pad(prompt_ids, tok.pad_id)
+    out = generate(engine.module, ids, SamplingParams(
         max_new_tokens=g.max_new_tokens or ctx.rcfg.task.max_length, temperature=g.temperature, top_k=g.top_k,
         top_p=g.top_p, eos_id=tok.eos_id, pad_id=tok.pad_id),
-        generator=torch.Generator().manual_seed(ctx.rcfg.trainer.seed + step), vocab_size=tok.vocab_size)
-    prompts = [tok.decode(p.tolist()) for p in prompt_ids]
+        generator=torch.Generator().manual_seed(ctx.rcfg.trainer.seed + step), vocab_size=tok.vocab_size,
+        prompt_lengths=lengths)
+    prompts = [tok.decode(p) for p in prompt_ids]
     completions = [tok.decode(c.tolist()) for c in out.completions]
     scores = score(reward_fn, [p + c for p, c in zip(prompts, completions)], prompts, completions)
     metrics["eval_reward_mean"] = sum(scores) / len(scores)

@@ -1,15 +1,18 @@
 """Training data from JSONL or parquet files, read with Hugging Face ``datasets``.
 
-Three schemas (column names configurable in ``data.*_key``):
+Four schemas (column names configurable in ``data.*_key``):
 
     sft         prompt, completion
     preference  prompt, chosen, rejected          (dpo and its variants, rm)
     kto         prompt, completion, label         (label: true/1 = desirable, false/0 = undesirable)
+    prompt      prompt                            (ppo: the policy writes the completions)
 
 Every problem names the file and the row: a missing file, an empty file, a line that is not JSON,
 a missing column (with the columns that exist), a null or non-string field, text the tokenizer
 cannot encode. Examples longer than ``model.seq_length`` are an error, or truncated / dropped and
-counted (``data.overlong``), so a run never trains on silently cut data.
+counted (``data.overlong``), so a run never trains on silently cut data. A PPO prompt must leave
+room for the completion: longer than ``model.seq_length - generation.max_new_tokens`` it is an error,
+or loses its start (``truncate``: the end is what the completion continues), or is dropped.
 """
 from __future__ import annotations
 
@@ -27,8 +30,9 @@ SCHEMAS: Dict[str, Tuple[str, ...]] = {
     "sft": ("prompt", "completion"),
     "preference": ("prompt", "chosen", "rejected"),
     "kto": ("prompt", "completion", "label"),
+    "prompt": ("prompt",),
 }
-SCHEMA_OF_ALGORITHM = {"sft": "sft", "dpo": "preference", "rm": "preference", "kto": "kto"}
+SCHEMA_OF_ALGORITHM = {"sft": "sft", "dpo": "preference", "rm": "preference", "kto": "kto", "ppo": "prompt"}
 
 
 @dataclass
@@ -155,14 +159,32 @@ def _encode(tokenizer, text: str, where: str) -> List[int]:
         raise DataError(f"{where}: {e}") from None
 
 
-def load_examples(cfg, schema: str, tokenizer, seq_length: int):
+def fit_prompt(prompt: List[int], budget: int, policy: str, where: str) -> Optional[Tuple[List[int], bool]]:
+    """A PPO prompt within ``budget`` tokens (= model.seq_length - generation.max_new_tokens):
+    (prompt, truncated?) or None to drop. ``truncate`` keeps the prompt's last ``budget`` tokens."""
+    if len(prompt) <= budget:
+        return prompt, False
+    if policy == "error":
+        raise DataError(f"{where}: prompt of {len(prompt)} tokens, more than model.seq_length - "
+                        f"generation.max_new_tokens = {budget}; raise model.seq_length, lower "
+                        f"generation.max_new_tokens or set data.overlong=truncate or drop")
+    if policy == "drop":
+        return None
+    return prompt[len(prompt) - budget:], True
+
+
+def load_examples(cfg, schema: str, tokenizer, seq_length: int, max_new_tokens: int = 0):
     """Tokenised examples from ``cfg`` (a DataConfig) for ``schema``:
 
     sft         [(prompt ids, completion ids + EOS)]
     preference  [(prompt ids, chosen ids + EOS, rejected ids + EOS)]
     kto         [(prompt ids, completion ids + EOS, desirable)]
+    prompt      [prompt ids]   (each at most seq_length - max_new_tokens tokens)
 
     (EOS is absent where an over-long completion was truncated), and a LengthReport."""
+    if schema == "prompt" and seq_length - max_new_tokens < 1:
+        raise DataError(f"model.seq_length={seq_length} leaves no room for a prompt before "
+                        f"generation.max_new_tokens={max_new_tokens} new tokens")
     path = Path(cfg.train_file)
     keys = {"prompt": cfg.prompt_key, "completion": cfg.completion_key, "chosen": cfg.chosen_key,
             "rejected": cfg.rejected_key, "label": cfg.label_key}
@@ -181,6 +203,15 @@ def load_examples(cfg, schema: str, tokenizer, seq_length: int):
         label = _label(data[keys["label"]][i], path, row, keys["label"]) if schema == "kto" else None
         if not prompt:
             raise DataError(f"{where}: empty prompt (the first completion token needs a context)")
+        if schema == "prompt":
+            fitted = fit_prompt(prompt, seq_length - max_new_tokens, cfg.overlong, where)
+            if fitted is None:
+                report.dropped += 1
+                report.dropped_rows.append(row)
+            else:
+                out.append(fitted[0])
+                report.truncated += int(fitted[1])
+            continue
         completions = [_encode(tokenizer, t, where) for t in texts]
         if any(len(c) == 0 for c in completions):
             raise DataError(f"{where}: empty completion")

@@ -174,17 +174,55 @@ def ps_broadcast_keys(keys: List[str]) -> List[str]:
 
 
 def lm_forward(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor | None,
-               completion_mask: torch.Tensor) -> torch.Tensor | None:
+               completion_mask: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor | None:
     """The causal-LM call of every trainer: per-token NLL [B, S] of ``labels`` (or, without
     labels, a forward for the heads only). GPT runs on ``tokens`` as is; T5 puts the prompt (the
     positions before ``completion_mask``'s first 1) into the encoder and the rest into the decoder,
-    returning the NLL in the same causal layout (see models/t5.py)."""
+    returning the NLL in the same causal layout (see models/t5.py).
+
+    ``pad`` [B]: rows start with that many left-padding tokens (ragged prompts, as generation
+    takes them). They are treated exactly as generation treats them: GPT masks them out of
+    attention and counts positions from each row's first real token; T5 gets each prompt without
+    its padding (rows shifted left for the call, results shifted back)."""
+    if pad is not None and not bool((pad > 0).any()):
+        pad = None
     if is_t5(model):
-        return t5_causal_forward(model, tokens, labels, completion_mask)
+        if pad is None:
+            return t5_causal_forward(model, tokens, labels, completion_mask)
+        return _t5_left_padded_forward(model, tokens, labels, completion_mask, pad)
+    attention_mask = None
     position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+    if pad is not None:
+        from nemo_rlhf.generation.sampling import padded_attention
+
+        attention_mask, position_ids = padded_attention(pad.to(tokens.device), tokens.shape[1])
     if labels is None:
-        return model(tokens, position_ids, None)
-    return model(tokens, position_ids, None, labels=labels)
+        return model(tokens, position_ids, attention_mask)
+    return model(tokens, position_ids, attention_mask, labels=labels)
+
+
+def shift_rows(x: torch.Tensor, shift: torch.Tensor, fill=0) -> torch.Tensor:
+    """Row i of ``x`` [B, S, ...] moved ``shift[i]`` places to the right (left when negative);
+    places that come from outside the row get ``fill``."""
+    b, s = x.shape[:2]
+    src = torch.arange(s, device=x.device)[None, :] - shift.to(x.device)[:, None]        # [B, S]
+    inside = (src >= 0) & (src < s)
+    idx = src.clamp(0, s - 1).view(b, s, *([1] * (x.dim() - 2))).expand_as(x)
+    out = x.gather(1, idx)
+    return torch.where(inside.view(b, s, *([1] * (x.dim() - 2))), out, torch.full_like(out, fill))
+
+
+def _t5_left_padded_forward(model, tokens, labels, completion_mask, pad):
+    """T5 on left-padded rows: shift each row left by its padding (the encoder then sees the prompt
+    right-padded, as in generation/seq2seq.py), run, and shift the NLL and the heads' layout back."""
+    from nemo_rlhf.models.t5 import _unwrap_t5
+
+    back = -pad.to(tokens.device)
+    nll = t5_causal_forward(model, shift_rows(tokens, back), None if labels is None else shift_rows(labels, back),
+                            shift_rows(completion_mask, back))
+    layout = _unwrap_t5(model).causal_layout            # decoder position -> causal index, unshifted
+    layout.offset = layout.offset + pad.to(layout.offset.device)
+    return None if nll is None else shift_rows(nll, pad)
 
 
 def lm_forward_step(batch: Dict[str, torch.Tensor], model: torch.nn.Module, loss_fn: Callable):

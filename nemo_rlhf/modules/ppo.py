@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from nemo_rlhf.algorithms.ppo import gae, kl_penalized_rewards, make_kl_controller, policy_loss, value_loss
 from nemo_rlhf.config.schema import PPOConfig, RunConfig
-from nemo_rlhf.generation.sampling import SamplingParams, generate
+from nemo_rlhf.generation.sampling import SamplingParams, generate, left_pad
 from nemo_rlhf.logging import get_logger
 from nemo_rlhf.models.gpt import unwrap
 from nemo_rlhf.models.heads import attach_value_head, value_head_output
@@ -34,7 +34,7 @@ log = get_logger(__name__)
 class Rollout:
     """A batch of experience. T = prompt + response length - 1 (label positions)."""
 
-    inputs: torch.Tensor        # [B, T] tokens[:, :-1]
+    inputs: torch.Tensor        # [B, T] tokens[:, :-1]; rows start with pad[b] left-padding tokens
     labels: torch.Tensor        # [B, T] tokens[:, 1:]
     mask: torch.Tensor          # [B, T] 1 where labels[:, t] is a generated token (through EOS)
     logprobs: torch.Tensor      # [B, T] log pi_old(labels[:, t])
@@ -44,6 +44,7 @@ class Rollout:
     advantages: torch.Tensor    # [B, T]
     returns: torch.Tensor       # [B, T]
     scores: torch.Tensor        # [B]
+    pad: torch.Tensor           # [B] left padding of each row's prompt (ragged prompts; masked out everywhere)
 
     def as_dict(self) -> Dict[str, torch.Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -60,7 +61,7 @@ def _stats_report(loss: torch.Tensor, stats: Dict[str, torch.Tensor], mask: torc
 
 
 def actor_forward(batch: Dict[str, torch.Tensor], model, ppo: PPOConfig, with_value: bool):
-    nll = lm_forward(model, batch["inputs"], batch["labels"], batch["mask"])
+    nll = lm_forward(model, batch["inputs"], batch["labels"], batch["mask"], batch.get("pad"))
     values = value_head_output(unwrap(model)) if with_value else None
     return nll, partial(actor_loss, batch, ppo, values)
 
@@ -76,7 +77,7 @@ def actor_loss(batch, ppo: PPOConfig, values, nll):
 
 
 def critic_forward(batch: Dict[str, torch.Tensor], model, ppo: PPOConfig):
-    lm_forward(model, batch["inputs"], None, batch["mask"])
+    lm_forward(model, batch["inputs"], None, batch["mask"], batch.get("pad"))
     values = value_head_output(unwrap(model))
     return values, partial(critic_loss, batch, ppo)
 
@@ -85,6 +86,30 @@ def critic_loss(batch, ppo: PPOConfig, values):
     mask = batch["mask"]
     loss, stats = value_loss(values, batch["values"], batch["returns"], mask, ppo.cliprange_value)
     return _stats_report(loss, stats, mask)
+
+
+class PromptDataset(torch.utils.data.Dataset):
+    """Token-id prompts of any lengths. Item i is (prompt i left-padded to the longest prompt [P],
+    its length); :func:`trim_left_padding` cuts a collated batch to its own longest prompt."""
+
+    def __init__(self, prompts, pad_id: int):
+        rows = [list(map(int, p)) for p in (prompts.tolist() if torch.is_tensor(prompts) else prompts)]
+        if not rows or any(len(r) == 0 for r in rows):
+            raise ValueError("PPO needs a non-empty list of non-empty prompts")
+        self.ids, self.lengths = left_pad(rows, pad_id)
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def __getitem__(self, i: int):
+        return self.ids[i], self.lengths[i]
+
+
+def trim_left_padding(prompts: torch.Tensor, lengths: torch.Tensor):
+    """[B, P] left-padded prompts -> ([B, P'] with P' = longest prompt of the batch, pad [B])."""
+    p = prompts.shape[1]
+    keep = int(lengths.max())
+    return prompts[:, p - keep:], (keep - lengths).to(prompts.device)
 
 
 class RunningMoments:
@@ -107,13 +132,16 @@ class RunningMoments:
 
 class PPOModule(pl.LightningModule):
     """Actor (megatron engine), critic (separate engine, or a value head on the actor), frozen
-    reference policy, reward function; prompts come from ``prompts`` ([N, P] token ids)."""
+    reference policy, reward function; prompts come from ``prompts`` (token-id lists of any lengths,
+    or an [N, P] tensor), left-padded per batch: generation, the experience forwards and the updates
+    all mask the padding out (see :func:`~nemo_rlhf.modules.engine.lm_forward`)."""
 
     def __init__(self, cfg: RunConfig, prompts: torch.Tensor, tokenizer, reward_fn: Callable,
                  run_dir: RunDirectory, evaluate_fn, dp_rank: int, dp_size: int, config_yaml: str = ""):
         super().__init__()
         self.cfg, self.ppo = cfg, cfg.ppo
-        self.prompts, self.tokenizer, self.reward_fn = prompts, tokenizer, reward_fn
+        self.prompts = PromptDataset(prompts, tokenizer.pad_id)
+        self.tokenizer, self.reward_fn = tokenizer, reward_fn
         self.run_dir, self.evaluate_fn = run_dir, evaluate_fn
         self.dp_rank, self.dp_size, self.config_yaml = dp_rank, dp_size, config_yaml
         if self.ppo.num_rollouts % dp_size:
@@ -164,7 +192,7 @@ class PPOModule(pl.LightningModule):
         start_clock(self)
 
     # -- one PPO iteration ----------------------------------------------------------------------
-    def training_step(self, prompts: torch.Tensor, batch_idx: int):
+    def training_step(self, batch, batch_idx: int):
         timings = {}
 
         def timed(name, fn, *args):
@@ -173,9 +201,10 @@ class PPOModule(pl.LightningModule):
             timings[f"time/{name}_s"] = time.perf_counter() - t0
             return out
 
-        tokens, mask = timed("generation", self.generate_rollouts, prompts)
-        scores = timed("scoring", self.score, tokens, prompts.shape[1])
-        rollout = timed("experience", self.make_experience, tokens, mask, scores)
+        prompts, pad = trim_left_padding(*batch)                # [B, P], [B]
+        tokens, mask = timed("generation", self.generate_rollouts, prompts, pad)
+        scores = timed("scoring", self.score, tokens, prompts.shape[1], pad)
+        rollout = timed("experience", self.make_experience, tokens, mask, scores, pad)
         stats = timed("training", self.update, rollout)
         self.step += 1
         stats.update(self.rollout_stats(rollout), **timings)
@@ -184,7 +213,7 @@ class PPOModule(pl.LightningModule):
         end_of_step(self, stats, prog_bar=("reward_mean", "kl"))
 
     @torch.no_grad()
-    def generate_rollouts(self, prompts: torch.Tensor):
+    def generate_rollouts(self, prompts: torch.Tensor, pad: Optional[torch.Tensor] = None):
         g = self.cfg.generation
         n = g.max_new_tokens or self.cfg.task.max_length
         gen = torch.Generator(device=prompts.device).manual_seed(
@@ -192,25 +221,30 @@ class PPOModule(pl.LightningModule):
         out = generate(self.actor.module, prompts, SamplingParams(
             max_new_tokens=n, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
             eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id), generator=gen,
-            vocab_size=self.tokenizer.vocab_size)
+            vocab_size=self.tokenizer.vocab_size,
+            prompt_lengths=None if pad is None else prompts.shape[1] - pad)
         return out.tokens, out.mask
 
-    def score(self, tokens: torch.Tensor, prompt_length: int) -> torch.Tensor:
+    def score(self, tokens: torch.Tensor, prompt_length: int, pad: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Rewards of [B, P + N] rollouts; the reward function sees each prompt without its padding."""
         tok = self.tokenizer
-        prompts = [tok.decode(t[:prompt_length].tolist()) for t in tokens]
+        pad = [0] * len(tokens) if pad is None else pad.tolist()
+        prompts = [tok.decode(t[k:prompt_length].tolist()) for t, k in zip(tokens, pad)]
         completions = [tok.decode(t[prompt_length:].tolist()) for t in tokens]
         samples = [p + c for p, c in zip(prompts, completions)]
         scores = torch.tensor(score_samples(self.reward_fn, samples, prompts, completions), dtype=torch.float32)
         return scores.to(tokens.device)
 
     @torch.no_grad()
-    def make_experience(self, tokens: torch.Tensor, gen_mask: torch.Tensor, scores: torch.Tensor) -> Rollout:
+    def make_experience(self, tokens: torch.Tensor, gen_mask: torch.Tensor, scores: torch.Tensor,
+                        pad: Optional[torch.Tensor] = None) -> Rollout:
         ppo = self.ppo
         b, s = tokens.shape
+        pad = torch.zeros(b, dtype=torch.long, device=tokens.device) if pad is None else pad
         p = s - gen_mask.shape[1]
         inputs, labels = tokens[:, :-1], tokens[:, 1:]
         mask = torch.zeros_like(labels, dtype=torch.float32)
-        mask[:, p - 1:] = gen_mask                     # label t is generated token t - (p - 1)
+        mask[:, p - 1:] = gen_mask                     # label t is generated token t - (p - 1); prompts end at p
         if ppo.cliprange_reward:
             scores = scores.clamp(-ppo.cliprange_reward, ppo.cliprange_reward)
         if ppo.scale_reward == "running":
@@ -218,22 +252,22 @@ class PPOModule(pl.LightningModule):
             scores = scores / self.reward_moments.std
         policy = self.actor.module
         policy.eval()
-        logprobs = -lm_forward(policy, inputs, labels, mask).float()
+        logprobs = -lm_forward(policy, inputs, labels, mask, pad).float()
         if self.critic is None:
             values = value_head_output(policy)
         else:
             critic = self.critic.module
             critic.eval()
-            lm_forward(critic, inputs, None, mask)
+            lm_forward(critic, inputs, None, mask, pad)
             values = value_head_output(critic)
-        ref_logprobs = -lm_forward(self.reference, inputs, labels, mask).float()
+        ref_logprobs = -lm_forward(self.reference, inputs, labels, mask, pad).float()
         logprobs, ref_logprobs, values = logprobs * mask, ref_logprobs * mask, values * mask
         rewards, _ = kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, self.kl_ctl.value)
         advantages, returns = gae(values, rewards, mask, ppo.gamma, ppo.lam)
         if ppo.whiten_advantages:
             advantages = self._dp_whiten(advantages, mask)
         return Rollout(inputs=inputs, labels=labels, mask=mask, logprobs=logprobs, ref_logprobs=ref_logprobs,
-                       values=values, rewards=rewards, advantages=advantages, returns=returns, scores=scores)
+                       values=values, rewards=rewards, advantages=advantages, returns=returns, scores=scores, pad=pad)
 
     def update(self, rollout: Rollout) -> Dict[str, float]:
         ppo = self.ppo
