@@ -1,13 +1,17 @@
 """Tokenizers behind one interface (``encode``, ``decode``, ``convert_ids_to_tokens``, ``ids``,
 ``vocab_size``, ``eos_id``, ``pad_id``): ``CharTokenizer`` is the randomwalks task's own vocabulary
 (one token per graph node plus specials); ``HFTokenizer`` (tokenizer.json through the
-``tokenizers`` library) and ``SentencePieceTokenizer`` (tokenizer.model) are a checkpoint's,
+``tokenizers`` library) and ``SentencePieceTokenizer`` (tokenizer.model, or T5's spiece.model) are a
+checkpoint's,
 chosen from its directory by :func:`load_tokenizer`."""
 from __future__ import annotations
 
 from typing import Dict, List, Sequence
 
 from nemo_rlhf.config.schema import ConfigError
+from nemo_rlhf.logging import get_logger
+
+log = get_logger(__name__)
 
 
 class CharTokenizer:
@@ -233,31 +237,39 @@ class SentencePieceTokenizer:
         return self._sp.decode(ids)
 
 
+SENTENCEPIECE_FILES = ("tokenizer.model", "spiece.model")
+"""SentencePiece model file names in checkpoint directories: Llama / Mistral's, then T5's."""
+
+
 def load_tokenizer(directory):
     """The tokenizer of a checkpoint directory: tokenizer.json (HF fast) first, then a
-    SentencePiece tokenizer.model, then GPT-2's vocab.json + merges.txt."""
+    SentencePiece tokenizer.model / spiece.model (T5), then GPT-2's vocab.json + merges.txt."""
     from pathlib import Path
 
     d = Path(directory)
     if (d / "tokenizer.json").is_file() or ((d / "vocab.json").is_file() and (d / "merges.txt").is_file()):
         return HFTokenizer(d)
-    if (d / "tokenizer.model").is_file():
-        return SentencePieceTokenizer(d / "tokenizer.model")
-    raise TokenizerError(f"{d}: no tokenizer files (tokenizer.json, tokenizer.model, or vocab.json + merges.txt)")
+    for name in SENTENCEPIECE_FILES:
+        if (d / name).is_file():
+            return SentencePieceTokenizer(d / name)
+    raise TokenizerError(f"{d}: no tokenizer files (tokenizer.json, tokenizer.model, spiece.model, or "
+                         f"vocab.json + merges.txt)")
 
 
 def has_tokenizer(directory) -> bool:
     from pathlib import Path
 
     d = Path(directory)
-    return any((d / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
+    return any((d / f).is_file() for f in ("tokenizer.json", *SENTENCEPIECE_FILES, "vocab.json"))
 
 
 def tokenizer_for(model_path, symbols: Sequence[str]):
     """The run's tokenizer: the checkpoint's when ``model_path`` is a Hugging Face directory or a
     converted checkpoint (scripts/convert_checkpoint.py) with tokenizer files, else the task's
-    :class:`CharTokenizer`. A checkpoint tokenizer
-    must encode each task symbol as one token (the randomwalks task scores token by token)."""
+    :class:`CharTokenizer`, for decoder-only and T5 (model.arch=t5) checkpoints alike. A checkpoint
+    tokenizer must encode each task symbol as one token, and a walk as its symbols' tokens in order
+    (the randomwalks task scores token by token; a SentencePiece model that adds a "\u2581" word
+    prefix or merges symbols fails this)."""
     from pathlib import Path
 
     ckpt = model_path is not None and any((Path(model_path) / f).is_file()
@@ -269,4 +281,11 @@ def tokenizer_for(model_path, symbols: Sequence[str]):
     if bad:
         raise TokenizerError(f"the tokenizer of {model_path} does not encode the task's symbols {bad[:10]} as "
                              f"single tokens; the randomwalks task needs one token per node")
+    walk = "".join(symbols)
+    if tok.encode(walk) != [i for s in symbols for i in tok.encode(s)]:
+        raise TokenizerError(f"the tokenizer of {model_path} encodes the walk {walk!r} differently from its "
+                             f"symbols one by one (merges or word prefixes); the randomwalks task needs one "
+                             f"token per node")
+    log.info("tokenizer: %s from %s (vocabulary %d, eos %d, pad %d)", type(tok).__name__,
+             getattr(tok, "path", model_path), tok.vocab_size, tok.eos_id, tok.pad_id)
     return tok

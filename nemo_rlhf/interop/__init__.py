@@ -27,7 +27,7 @@ __all__ = ["ARCH_FIELDS", "SUPPORTED", "is_hf_dir", "model_config_from_hf", "rea
            "megatron_to_hf", "read_hf_weights", "TOKENIZER_FILES"]
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "generation_config.json")
+                   "spiece.model", "vocab.json", "merges.txt", "generation_config.json")
 
 
 def import_hf(path, chunks: List[torch.nn.Module], model: ModelConfig,
@@ -56,7 +56,11 @@ def export_hf(directory, chunks: List[torch.nn.Module], model: ModelConfig, voca
     if getattr(model, "arch", "gpt") == "t5":   # encoder-decoder: AutoModelForSeq2SeqLM (interop/hf_t5.py)
         from nemo_rlhf.interop.hf_t5 import export_hf_t5
 
-        return export_hf_t5(directory, chunks, model, vocab_size)
+        out = export_hf_t5(directory, chunks, model, vocab_size, tokenizer=tokenizer)
+        if out is not None:
+            _write_tokenizer(out, source_dir if source_dir is not None and is_hf_dir(source_dir) else None,
+                             tokenizer, tokenizer_class="T5Tokenizer")
+        return out
     full = gather_full_state(chunks, model)
     if full is None:
         return None
@@ -75,11 +79,27 @@ def export_hf(directory, chunks: List[torch.nn.Module], model: ModelConfig, voca
     cfg["dtype"] = str(dtype).replace("torch.", "")
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
     (directory / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    if template is not None:
+    _write_tokenizer(directory, source_dir if template is not None else None, tokenizer)
+    log.info("exported the policy as a Hugging Face %s model to %s", cfg["model_type"], directory)
+    return directory
+
+
+def _write_tokenizer(directory: Path, source_dir, tokenizer, tokenizer_class: str = "LlamaTokenizer") -> None:
+    """The tokenizer files of an exported model: the source HF directory's when there is one, else
+    the run's tokenizer's (a SentencePiece model file is copied with a tokenizer_config.json naming
+    ``tokenizer_class`` and its special tokens; the character vocabulary is written as tokenizer.json)."""
+    if source_dir is not None:
         for name in TOKENIZER_FILES:
             if (Path(source_dir) / name).is_file() and name != "generation_config.json":
                 shutil.copy2(Path(source_dir) / name, directory / name)
     elif tokenizer is not None and hasattr(tokenizer, "save_hf"):
         tokenizer.save_hf(directory)
-    log.info("exported the policy as a Hugging Face %s model to %s", cfg["model_type"], directory)
-    return directory
+    elif tokenizer is not None and getattr(tokenizer, "directory", None) is not None:   # HFTokenizer
+        _write_tokenizer(directory, tokenizer.directory, None)
+    elif tokenizer is not None and getattr(tokenizer, "path", None) is not None:   # SentencePiece
+        shutil.copy2(tokenizer.path, directory / tokenizer.path.name)
+        specials = {"eos_token": tokenizer.tokens[tokenizer.eos_id], "pad_token": tokenizer.tokens[tokenizer.pad_id]}
+        if tokenizer_class == "T5Tokenizer":
+            specials["extra_ids"] = 0
+        (directory / "tokenizer_config.json").write_text(json.dumps(
+            {"tokenizer_class": tokenizer_class, **specials}, indent=2) + "\n")

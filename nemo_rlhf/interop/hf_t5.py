@@ -330,9 +330,12 @@ def gather_t5_full_state(t5: torch.nn.Module, gated: bool) -> StateDict:
     return full
 
 
-def export_hf_t5(directory, chunks: List[torch.nn.Module], model: ModelConfig, vocab_size: int):
+def export_hf_t5(directory, chunks: List[torch.nn.Module], model: ModelConfig, vocab_size: int,
+                 tokenizer=None):
     """Collective: write ``directory`` (config.json + model.safetensors) for transformers'
-    ``AutoModelForSeq2SeqLM``. Rank 0 writes and returns the path; other ranks return None."""
+    ``AutoModelForSeq2SeqLM``; ``tokenizer`` (the run's) sets config.json's eos/pad ids (its files are
+    written by :func:`nemo_rlhf.interop.export_hf`). Rank 0 writes and returns the path; other ranks
+    return None."""
     import json
     from pathlib import Path
 
@@ -342,6 +345,8 @@ def export_hf_t5(directory, chunks: List[torch.nn.Module], model: ModelConfig, v
     from nemo_rlhf.models.gpt import unwrap
 
     hf = hf_t5_config_from_model(model, vocab_size)
+    if tokenizer is not None:
+        hf.update(eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
     full = gather_t5_full_state(unwrap(chunks[0]), gated=hf["feed_forward_proj"].startswith("gated"))
     if dist.is_initialized() and dist.get_rank() != 0:
         return None
