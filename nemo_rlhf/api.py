@@ -132,7 +132,11 @@ def train(model_path: Optional[str] = None, reward_fn: Optional[Callable] = None
     """As trlX: PPO when a ``reward_fn`` is given (``config`` defaults to ppo_tiny), ILQL when
     ``samples`` and ``rewards`` are (ilql_tiny), SFT on ``samples`` alone or on the task's data
     (sft_tiny). A sample is a string or a [prompt, completion] pair; SFT trains on completion
-    tokens only. ``reward_fn(samples, prompts=..., completions=...) -> list of floats``.
+    tokens only. ``reward_fn(samples, prompts=..., completions=...) -> list of floats``. PPO
+    ``prompts`` (and ``eval_prompts``) may have any token lengths: they are left-padded per batch and
+    the padding is masked out of generation, the experience forwards and the updates; the reward
+    function sees each prompt without padding. Each must fit in ``model.seq_length`` minus
+    ``generation.max_new_tokens``.
     ``model_path``: a Hugging Face directory or .nemo file brings its architecture and tokenizer
     (:func:`checkpoint_model_config`); a nemo_rlhf checkpoint must match ``config.model``."""
     import dataclasses

@@ -485,7 +485,8 @@ class KTOConfig:
 class DataConfig:
     """Training data from a file instead of the task (JSONL or parquet, read with Hugging Face
     ``datasets``). Schemas by algorithm: sft prompt/completion; dpo and rm prompt/chosen/rejected;
-    kto prompt/completion/label (label true = desirable). Evaluation still uses the task."""
+    kto prompt/completion/label (label true = desirable); ppo prompt (any token lengths). Evaluation
+    still uses the task."""
 
     train_file: Optional[str] = None
     """null = the task builds the data (randomwalks walks or pairs)."""

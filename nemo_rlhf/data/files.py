@@ -198,6 +198,8 @@ def load_examples(cfg, schema: str, tokenizer, seq_length: int, max_new_tokens: 
         prompt = _encode(tokenizer, _text(data[keys["prompt"]][i], path, row, keys["prompt"]), where)
         if schema == "preference":
             texts = [_text(data[keys[k]][i], path, row, keys[k]) for k in ("chosen", "rejected")]
+        elif schema == "prompt":
+            texts = []
         else:
             texts = [_text(data[keys["completion"]][i], path, row, keys["completion"])]
         label = _label(data[keys["label"]][i], path, row, keys["label"]) if schema == "kto" else None

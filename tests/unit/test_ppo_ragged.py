@@ -174,3 +174,48 @@ def test_a_ppo_pass_on_ragged_prompts_equals_one_pass_per_prompt_length(ppo_modu
         for g_full, g_parts in zip(grads, gsum):
             assert torch.allclose(g_full, g_parts / count, atol=1e-6, rtol=1e-4), name
     assert any(float(g.abs().sum()) > 0 for g in full_stats["actor"][2])
+
+
+def test_prompt_file_schema_and_overlong_policies(tmp_path):
+    import json
+
+    from nemo_rlhf.config.schema import DataConfig
+    from nemo_rlhf.data.files import SCHEMA_OF_ALGORITHM, load_examples
+    from nemo_rlhf.data.ilql import DataError
+    from nemo_rlhf.data.tokenizers import CharTokenizer
+
+    tok = CharTokenizer(list("abcdefgh"))
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [{"prompt": "ab"}, {"prompt": "abcdefg"}, {"prompt": "c"}]))
+    assert SCHEMA_OF_ALGORITHM["ppo"] == "prompt"
+    load = lambda overlong: load_examples(DataConfig(train_file=str(path), overlong=overlong), "prompt", tok,
+                                          seq_length=10, max_new_tokens=5)   # room for 5 prompt tokens
+    with pytest.raises(DataError, match="row 2: prompt of 7 tokens, more than model.seq_length - "
+                                        "generation.max_new_tokens = 5"):
+        load("error")
+    out, report = load("truncate")
+    assert out == [tok.encode("ab"), tok.encode("cdefg"), tok.encode("c")] and report.truncated == 1
+    out, report = load("drop")
+    assert out == [tok.encode("ab"), tok.encode("c")] and report.as_dict() == {"examples": 2, "truncated": 0,
+                                                                               "dropped": 1}
+    path.write_text(json.dumps({"text": "ab"}) + "\n")
+    with pytest.raises(DataError, match="missing field"):
+        load("error")
+    with pytest.raises(DataError, match="leaves no room for a prompt"):
+        load_examples(DataConfig(train_file=str(path)), "prompt", tok, seq_length=10, max_new_tokens=10)
+
+
+def test_api_prompts_of_any_length_are_encoded_and_checked():
+    from nemo_rlhf.config.schema import ConfigError
+    from nemo_rlhf.data.tokenizers import CharTokenizer
+    from nemo_rlhf.train import encode_prompts
+
+    tok = CharTokenizer(list("abcdefgh"))
+    assert encode_prompts(tok, ["b", "cde"], max_tokens=3) == [tok.encode("b"), tok.encode("cde")]
+    with pytest.raises(ConfigError, match=r"prompts\[1\] has 4 tokens, more than model.seq_length - "
+                                          r"generation.max_new_tokens = 3"):
+        encode_prompts(tok, ["b", "cdef"], max_tokens=3)
+    with pytest.raises(ConfigError, match=r"eval_prompts\[0\] must be a non-empty string"):
+        encode_prompts(tok, [""], name="eval_prompts")
+    with pytest.raises(ConfigError, match="non-empty list"):
+        encode_prompts(tok, "abc")
