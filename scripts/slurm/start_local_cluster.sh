@@ -81,8 +81,12 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
-# the default sched_min_interval (2 s) makes back-to-back jobs wait
-SchedulerParameters=batch_sched_delay=0,sched_min_interval=100000
+# the default sched_min_interval (2 s) makes back-to-back jobs wait; the main scheduling loop runs
+# every sched_interval (default 60 s), which is when a requeued job becomes eligible to start
+SchedulerParameters=batch_sched_delay=0,sched_min_interval=100000,sched_interval=1
+# a requeued job waits until its old credential expires (default 120 s); a job started earlier
+# is killed "Job credential revoked"
+AuthInfo=cred_expire=15
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
