@@ -133,9 +133,23 @@ def test_a_ppo_pass_on_ragged_prompts_equals_one_pass_per_prompt_length(ppo_modu
     assert sorted(set(pad.tolist())) == [0, 1, 2]
     tokens, gen_mask = module.generate_rollouts(ids, pad)
     scores = module.score(tokens, ids.shape[1], pad)
-    # the reward function saw the prompts without padding: scores equal scoring the plain walk text
     texts = [module.tokenizer.decode(t[k:].tolist()) for t, k in zip(tokens, pad.tolist())]
     assert scores.tolist() == pytest.approx(module.reward_fn(texts))
+    # the reward function gets each prompt without its padding (even from a decoder that keeps pads)
+    seen, tok, reward_fn = {}, module.tokenizer, module.reward_fn
+
+    class KeepsSpecials:
+        def decode(self, ids):
+            return tok.decode(ids, skip_special_tokens=False)
+
+    def spy(samples, prompts=None, completions=None):
+        seen["prompts"] = prompts
+        return [0.0] * len(samples)
+
+    module.tokenizer, module.reward_fn = KeepsSpecials(), spy
+    module.score(tokens, ids.shape[1], pad)
+    module.tokenizer, module.reward_fn = tok, reward_fn
+    assert seen["prompts"] == [tok.decode(p) for p in prompts]
     full = module.make_experience(tokens, gen_mask, scores, pad)
     assert float(full.mask.sum()) > 10
 
