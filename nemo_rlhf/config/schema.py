@@ -588,8 +588,8 @@ class RunConfig:
                               "parallelism is not supported for T5 policies)")
             _require(not self.parallel.sequence_parallel,
                      "model.arch=t5 does not support parallel.sequence_parallel=true yet")
-            _require(self.algorithm.name in ("sft", "dpo", "ppo", "ilql"),
-                     f"model.arch=t5 supports algorithm.name sft|dpo|ppo|ilql, got {self.algorithm.name!r}")
+            _require(self.algorithm.name in ("sft", "dpo", "kto", "ppo", "ilql"),
+                     f"model.arch=t5 supports algorithm.name sft|dpo|kto|ppo|ilql, got {self.algorithm.name!r}")
             _require(self.algorithm.name != "ppo" or self.ppo.reward_model is None,
                      "model.arch=t5 with ppo.reward_model is not supported (reward models are GPT)")
         _require(self.verbosity.upper() in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),

@@ -87,3 +87,108 @@ def test_t5_ilql_runs_a_few_steps(sft_run, tmp_path):
     assert all(math.isfinite(r["loss"]) for r in rows)
     s = json.loads((run / "summary.json").read_text())
     assert "optimality_beta0" in s["final"]
+
+
+def test_t5_kto_from_the_sft_policy(sft_run, tmp_path):
+    run = tmp_path / "kto"
+    _ok(train([f"hydra.run.dir={run}", "trainer.progress_bar=false", "model=t5_tiny",
+               f"model.path={_sft_checkpoint(sft_run)}", "trainer.max_steps=3", "trainer.log_every_n_steps=1",
+               "trainer.eval_every_n_steps=0", "kto.num_pairs=256", "task.eval_samples_per_start=2"],
+              config="kto_tiny"))
+    rows = _train_rows(run)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[0]["loss"] == 0.5                               # policy == reference: 1 - sigmoid(0)
+    assert rows[0]["kl"] == 0.0 and rows[0]["rewards/chosen"] == 0.0
+    for r in rows:
+        assert all(math.isfinite(v) for v in r.values() if isinstance(v, float))
+    assert "arch: t5" in (run / "config.yaml").read_text()
+
+
+# -- a Hugging Face T5 directory with its SentencePiece tokenizer (spiece.model), built here --------
+_HF_T5_SCRIPT = r"""
+import json, sys
+from pathlib import Path
+import torch, transformers
+import nemo_rlhf
+from nemo_rlhf.models.gpt import unwrap
+from nemo_rlhf.models.t5 import attention_masks
+
+src, run, out = map(Path, sys.argv[1:4])
+config = nemo_rlhf.default_sft_config("model=t5_tiny", "trainer.max_steps=2", "trainer.progress_bar=false",
+                                      "trainer.eval_every_n_steps=0", "task.eval_samples_per_start=1",
+                                      "task.num_walks=64")
+trainer = nemo_rlhf.train(model_path=str(src), config=config, run_dir=str(run))
+ours = trainer.tokenizer
+trainer.save_pretrained(out, megatron=False)
+tok = transformers.AutoTokenizer.from_pretrained(str(out))
+hf = transformers.AutoModelForSeq2SeqLM.from_pretrained(str(out)).eval()
+enc = torch.tensor([tok("bcd", add_special_tokens=False)["input_ids"], tok("efg", add_special_tokens=False)["input_ids"]])
+dec = torch.tensor([[0, 5, 6], [0, 7, 8]])
+enc_mask, cross = attention_masks(torch.ones_like(enc, dtype=torch.bool), dec.shape[1])
+model = unwrap(trainer._engine.chunks[0]).eval()
+with torch.no_grad():
+    mine = model(enc, dec, enc_mask, None, cross)[..., :hf.config.vocab_size]
+    theirs = hf(input_ids=enc, decoder_input_ids=dec).logits
+print("RESULT", json.dumps({"ours": type(ours).__name__, "our_ids": ours.encode("bcd"), "hf_ids": enc[0].tolist(),
+      "eos": [ours.eos_id, tok.eos_token_id], "pad": [ours.pad_id, tok.pad_token_id],
+      "files": sorted(p.name for p in out.iterdir()), "max_diff": (mine - theirs).abs().max().item()}))
+"""
+
+
+def _spiece(directory, symbols, dummy_prefix=False):
+    """A tiny SentencePiece model in T5's layout (<pad>=0, </s>=1, <unk>=2, no BOS), node letters as
+    single pieces (user-defined symbols, no word prefix) -- or, with ``dummy_prefix``, the default
+    "\u2581" word prefix that glues letters into words."""
+    spm = pytest.importorskip("sentencepiece")
+    text = ["".join(symbols[i:] + symbols[:i]) for i in range(len(symbols))] * 5 + ["the graph walks reach"] * 5
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(text), model_prefix=str(directory / "spiece"), vocab_size=60, model_type="unigram",
+        hard_vocab_limit=False, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2,
+        **({} if dummy_prefix else {"user_defined_symbols": list(symbols), "add_dummy_prefix": False}))
+    (directory / "spiece.vocab").unlink()
+
+
+def test_hf_t5_directory_brings_its_sentencepiece_tokenizer_and_exports_it(tmp_path):
+    import subprocess
+    import sys
+
+    transformers = pytest.importorskip("transformers")
+    from nemo_rlhf.data.tokenizers import SentencePieceTokenizer, TokenizerError, tokenizer_for
+    from nemo_rlhf.tasks.randomwalks import RandomWalks
+    from tests.conftest import ROOT
+
+    symbols = RandomWalks().vocab
+    src = tmp_path / "hf_t5"
+    src.mkdir()
+    _spiece(src, symbols)
+    (src / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "T5Tokenizer", "extra_ids": 0,
+                                                           "eos_token": "</s>", "pad_token": "<pad>"}))
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(src))
+    import torch
+
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(vocab_size=len(hf_tok), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,
+                                decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    transformers.T5ForConditionalGeneration(cfg).save_pretrained(str(src))
+
+    tok = tokenizer_for(src, symbols)                 # spiece.model, not the task's CharTokenizer
+    assert isinstance(tok, SentencePieceTokenizer) and tok.path.name == "spiece.model"
+    assert tok.encode("bcd") == hf_tok("bcd", add_special_tokens=False)["input_ids"] == [4, 5, 6]
+    assert (tok.eos_id, tok.pad_id) == (1, 0)
+    bad = tmp_path / "prefixed"                      # "\u2581" word prefixes: refused, named
+    bad.mkdir()
+    _spiece(bad, symbols, dummy_prefix=True)
+    (bad / "config.json").write_text((src / "config.json").read_text())
+    with pytest.raises(TokenizerError, match="one token per node"):
+        tokenizer_for(bad, symbols)
+
+    proc = subprocess.run([sys.executable, "-c", _HF_T5_SCRIPT, str(src), str(tmp_path / "run"),
+                           str(tmp_path / "export")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    _ok(proc)
+    assert "tokenizer: SentencePieceTokenizer" in proc.stdout + proc.stderr
+    res = json.loads(proc.stdout.split("RESULT", 1)[1])
+    assert res["ours"] == "SentencePieceTokenizer" and res["our_ids"] == res["hf_ids"] == [4, 5, 6]
+    assert res["eos"] == [1, 1] and res["pad"] == [0, 0]
+    assert "spiece.model" in res["files"] and "model.safetensors" in res["files"]
+    assert res["max_diff"] < 1e-4                     # the trained policy, reloaded by transformers
