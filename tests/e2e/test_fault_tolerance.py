@@ -158,3 +158,29 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step(tmp_path):
     meta = json.loads((run / "checkpoints" / f"step_{stopped:07d}" / "nemo_rlhf_meta.json").read_text())
     assert meta["step"] == stopped and meta["layout"]["tensor_model_parallel_size"] == 2
     assert _records(run)[-1]["step"] == stopped and not (run / "summary.json").exists()
+
+
+def test_ppo_sigterm_checkpoints_its_loop_state_and_resumes(tmp_path):
+    """PPO (actor + separate critic + reference, KL controller): SIGTERM mid-PPO, exit 75, and the
+    resumed run completes the remaining iterations exactly once."""
+    run = tmp_path / "ppo"
+    common = ["trainer.progress_bar=false", "trainer.max_steps=6", "trainer.eval_every_n_steps=0",
+              "trainer.log_every_n_steps=1", "trainer.checkpoint_every_n_steps=0", "ppo.sft_steps=0",
+              "ppo.num_rollouts=32", "task.eval_samples_per_start=2"]
+    with open(tmp_path / "ppo.log", "w") as log:
+        proc = _popen([sys.executable, "-m", "nemo_rlhf.train", "--config-name", "ppo_tiny", f"hydra.run.dir={run}",
+                       *common], log)
+        try:
+            _wait_for(lambda: len(_records(run)) >= 2, proc)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=300)
+        finally:
+            _kill_all(proc)
+    out = (tmp_path / "ppo.log").read_text()
+    assert proc.returncode == EXIT_PREEMPTED, out[-5000:]
+    stopped = int(out.split("SIGTERM: writing a checkpoint at step ")[1].split(",")[0])
+    assert 2 <= stopped < 6 and (run / "checkpoints" / "latest").read_text().strip() == f"step_{stopped:07d}"
+    proc = _ok(train([f"hydra.run.dir={run}", *common, "resume=auto"], config="ppo_tiny"))
+    assert f"at step {stopped}" in proc.stderr
+    assert [r["step"] for r in _records(run)] == list(range(1, 7))
+    assert json.loads((run / "summary.json").read_text())["steps"] == 6
