@@ -122,3 +122,33 @@ def test_ppo_with_a_reward_model_checkpoint(tmp_path):
     proc = train([f"hydra.run.dir={tmp_path / 'bad'}", *fast,
                   f"ppo.reward_model={sft / 'checkpoints' / 'step_0000002'}"], config="ppo_tiny")
     assert proc.returncode != 0 and "does not match the model: missing ['value_head" in proc.stderr
+
+
+def test_ppo_on_ragged_prompts_from_a_jsonl_file(tmp_path):
+    """data.train_file with prompts of 1-3 nodes of training walks (one over-long row, dropped):
+    the completions continue the walk, the task's reward scores the whole walk, and it rises."""
+    from nemo_rlhf.tasks.randomwalks import RandomWalks
+
+    task = RandomWalks(21, 0.1, 10, 5000, 1000)                     # ppo_tiny's task
+    prompts = [task.walk_text(w[:1 + i % 3]) for i, w in enumerate(task.walks[:300]) if len(w) > 1 + i % 3]
+    prompts.insert(5, "bcdefghij")                                   # 9 tokens > seq_length 16 - 10 new tokens
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    run = tmp_path / "ppo"
+    _ok(train([f"hydra.run.dir={run}", "trainer.progress_bar=false", f"data.train_file={data}",
+               "data.overlong=drop", "ppo.sft_steps=150", "trainer.max_steps=8", "ppo.num_rollouts=64",
+               "trainer.eval_every_n_steps=0", "trainer.checkpoint_every_n_steps=0",
+               "task.eval_samples_per_start=1"], config="ppo_tiny"))
+    s = json.loads((run / "summary.json").read_text())
+    assert s["data"] == {"train_file": str(data), "examples": len(prompts) - 1, "truncated": 0, "dropped": 1}
+    assert s["num_prompts"] == len(prompts) - 1
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in l]
+    assert len(rows) == 8
+    first, last = rows[0]["reward_mean"], sum(r["reward_mean"] for r in rows[-2:]) / 2
+    assert last > first + 0.15, [r["reward_mean"] for r in rows]
+    # an over-long prompt with data.overlong=error names the row
+    proc = train([f"hydra.run.dir={tmp_path / 'bad'}", "trainer.progress_bar=false", f"data.train_file={data}",
+                  "ppo.sft_steps=0", "trainer.max_steps=1"], config="ppo_tiny")
+    assert proc.returncode != 0 and "row 6: prompt of 9 tokens, more than model.seq_length" in proc.stderr, \
+        proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
