@@ -72,23 +72,61 @@ def test_missing_resume_checkpoint_is_named(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def _hf_gpt2(path, num_layers):
+    """gpt_tiny's width (64, 4 heads, 16 positions) as a random-weight HF GPT-2 with the randomwalks
+    character tokenizer next to it."""
+    import torch
+    import transformers
+
+    from nemo_rlhf.data.tokenizers import CharTokenizer
+    from nemo_rlhf.tasks.randomwalks import RandomWalks
+
+    tok = CharTokenizer(RandomWalks().vocab)
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=num_layers, n_embd=64, n_head=4, n_positions=16, vocab_size=tok.vocab_size,
+                                  bos_token_id=tok.eos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(str(path))
+    tok.save_hf(path)
+    return path
+
+
 @pytest.mark.distributed
-@pytest.mark.parametrize("layout", [["parallel=tp2"], ["parallel=single"], ["parallel=tp2_sp"]],
-                         ids=["tp2", "dp2", "tp2_sp"])
+@pytest.mark.parametrize("layout", [["parallel=tp2"], ["parallel=single"], ["parallel=tp2_sp"],
+                                    ["parallel=pp2_vpp2", "model.num_layers=4"]],
+                         ids=["tp2", "dp2", "tp2_sp", "pp2_vpp2"])
 def test_two_rank_training_matches_single_process(tmp_path, layout):
-    """Through Lightning + the Megatron strategy: TP=2 / DP=2 / TP=2+SP give the single-process
-    loss sequence (every TP rank sees the same batch; DP ranks split it)."""
-    common = ["trainer.max_steps=30", "trainer.log_every_n_steps=1", "trainer.eval_every_n_steps=0",
-              "trainer.checkpoint_every_n_steps=0", "trainer.progress_bar=false", "task.eval_samples_per_start=4"]
+    """Through Lightning + the Megatron strategy: TP=2 / DP=2 / TP=2+SP / PP=2 x VPP=2 (interleaved
+    schedule, 4 layers in 4 chunks) give the single-process loss sequence (every TP rank sees the same
+    batch; DP ranks split it). The interleaved run also resumes from its mid-run checkpoint with the
+    same losses."""
+    interleaved = layout[0] == "parallel=pp2_vpp2"
+    model = [o for o in layout if o.startswith("model.")]          # the architecture: both runs
+    if interleaved:
+        # random initialisation draws each pipeline stage's layers from its own RNG stream, so a PP run
+        # starts from other weights than PP=1: both start from one (4-layer GPT-2) Hugging Face model
+        model.append(f"model.path={_hf_gpt2(tmp_path / 'hf', num_layers=4)}")
+    steps = 10 if interleaved else 30                                  # 3 launches: keep them short
+    common = [f"trainer.max_steps={steps}", "trainer.log_every_n_steps=1", "trainer.eval_every_n_steps=0",
+              f"trainer.checkpoint_every_n_steps={steps // 2 if interleaved else 0}", "trainer.progress_bar=false",
+              "task.eval_samples_per_start=4", *model]
     single = tmp_path / "single"
     _ok(train([f"hydra.run.dir={single}", *common]))
     multi = tmp_path / "multi"
-    _ok(torchrun(["-m", "nemo_rlhf.train", "--config-name", "sft_tiny", f"hydra.run.dir={multi}",
-                  *common, *layout]))
+    launch = lambda run, *extra: _ok(torchrun(["-m", "nemo_rlhf.train", "--config-name", "sft_tiny",
+                                               f"hydra.run.dir={run}", *common, *layout, *extra]))
+    launch(multi)
     a, b = _losses(single), _losses(multi)
     assert [s for s, _ in a] == [s for s, _ in b]
     assert max(abs(x - y) for (_, x), (_, y) in zip(a, b)) < 1e-4
     summary = json.loads((multi / "summary.json").read_text())
     assert summary["world_size"] == 2
-    expected = {"parallel=tp2": (2, 1), "parallel=single": (1, 2), "parallel=tp2_sp": (2, 1)}[layout[0]]
-    assert (summary["layout"]["tp"], summary["layout"]["dp"]) == expected
+    expected = {"parallel=tp2": (2, 1, 1), "parallel=single": (1, 2, 1), "parallel=tp2_sp": (2, 1, 1),
+                "parallel=pp2_vpp2": (1, 1, 2)}[layout[0]]
+    assert (summary["layout"]["tp"], summary["layout"]["dp"], summary["layout"]["pp"]) == expected
+    if interleaved:   # cut after the mid-run checkpoint, resume at PP=2 x VPP=2
+        cut = tmp_path / "cut"
+        shutil.copytree(multi, cut)
+        shutil.rmtree(cut / "checkpoints" / f"step_{steps:07d}")
+        proc = launch(cut, "resume=auto")
+        assert f"at step {steps // 2}" in proc.stderr + proc.stdout
+        assert _losses(cut) == b                              # the same losses, none repeated or missing
