@@ -1,6 +1,8 @@
 """End-to-end T5 (model.arch=t5) policies through ``python -m nemo_rlhf.train``: SFT learns valid walks,
-DPO starts at ln 2 and raises optimality, PPO and ILQL run a few steps. One SFT run feeds the others
-(model.path) so the whole file stays within a couple of minutes on 2 cores."""
+DPO starts at ln 2 and raises optimality, KTO starts at 0.5, PPO and ILQL run a few steps. One SFT run
+feeds the others (model.path) so the whole file stays within a couple of minutes on 2 cores. A Hugging
+Face T5 directory with a SentencePiece spiece.model (built here) trains with its own tokenizer and
+exports back to a directory transformers loads with our logits."""
 import json
 import math
 
