@@ -145,9 +145,10 @@ def test_config_errors_name_the_key(dist1):
         ModelConfig(arch="bart")
     with pytest.raises(ConfigError, match="needs model.arch=t5"):
         ModelConfig(position_embedding_type="relative")
-    with pytest.raises(ConfigError, match="algorithm.name sft\\|dpo\\|ppo\\|ilql"):
+    with pytest.raises(ConfigError, match="algorithm.name sft\\|dpo\\|kto\\|ppo\\|ilql"):
         RunConfig(model=t5, algorithm=AlgorithmConfig(name="rm"))
     RunConfig(model=t5, algorithm=AlgorithmConfig(name="dpo"))                  # fine
+    RunConfig(model=t5, algorithm=AlgorithmConfig(name="kto"))                  # fine
     with pytest.raises(ConfigError, match="are arch=t5 settings"):
         ModelConfig(kv_channels=8)
 
