@@ -20,6 +20,7 @@ checkpoint with the same loss sequence as an uninterrupted run.
 """
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 from typing import Optional, Sequence
@@ -72,6 +73,25 @@ def install_signal_handlers(signals: Sequence[int] = STOP_SIGNALS) -> bool:
     for s in signals:
         signal.signal(s, _record)
     return True
+
+
+@contextlib.contextmanager
+def stop_at_step_boundary(signals: Sequence[int] = STOP_SIGNALS):
+    """For the length of a run (``nemo_rlhf.train.run``): stop signals are recorded (and acted on
+    at step boundaries); afterwards the previous handlers are restored and the record cleared, so
+    a Python session that called ``nemo_rlhf.train(...)`` gets its own SIGTERM behaviour back."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in signals}
+    clear()
+    install_signal_handlers(signals)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        clear()
 
 
 def received_signal() -> Optional[int]:

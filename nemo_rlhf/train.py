@@ -466,6 +466,15 @@ def run(cfg: DictConfig | RunConfig, run_dir: str | os.PathLike, reward_fn=None,
         eval_prompts=None, samples=None, rewards=None, return_context: bool = False):
     """Run one job described by ``cfg`` into ``run_dir``; returns the summary (also in
     summary.json), and the context holding the trained module when ``return_context``."""
+    from nemo_rlhf import fault
+
+    # SIGTERM / SIGUSR1 from here on (start-up included) stop at the next step boundary with a
+    # checkpoint; the caller's own handlers are back afterwards (nemo_rlhf.train from Python).
+    with fault.stop_at_step_boundary():
+        return _run(cfg, run_dir, reward_fn, prompts, eval_prompts, samples, rewards, return_context)
+
+
+def _run(cfg, run_dir, reward_fn, prompts, eval_prompts, samples, rewards, return_context):
     from nemo_rlhf.interop.formats import resolve_run_config
 
     rcfg = resolve_run_config(to_run_config(cfg))   # architecture from an HF / .nemo model.path

@@ -59,8 +59,13 @@ def start_clock(module) -> None:
 
 
 def record_eval(module, metrics: Dict[str, Any], t0: float) -> Dict[str, Any]:
-    """Time, log (metrics.jsonl + console) and remember an evaluation at ``module.step``."""
+    """Time, log (metrics.jsonl + console) and remember an evaluation at ``module.step``.
+    Collective: every rank keeps rank 0's record (timings differ per rank, and checkpoints hold
+    the initial evaluation in their common state, which must be the same on all ranks)."""
+    from nemo_rlhf.parallel import broadcast_object
+
     metrics["eval_time_s"] = time.perf_counter() - t0
+    metrics = broadcast_object(metrics)
     module.run_dir.log(module.step, metrics, kind="eval")
     module.last_eval = dict(metrics, step=module.step)
     log.info("step %d eval: %s", module.step,

@@ -37,3 +37,17 @@ def test_preempted_exits_75_and_says_how_to_continue():
     assert str(e) == ("stopped by SIGTERM after step 42 (checkpoint written; exit code 75; "
                       "resume=auto continues)")
     assert fault.signal_name(12345) == "signal 12345"
+
+
+def test_a_run_restores_the_callers_handlers(handlers):
+    """nemo_rlhf.train from a Python session: inside the run a SIGTERM is recorded; afterwards the
+    session's own handler is back and nothing is left recorded."""
+    seen = []
+    mine = lambda signum, frame: seen.append(signum)
+    signal.signal(signal.SIGTERM, mine)
+    with fault.stop_at_step_boundary():
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert fault.received_signal() == signal.SIGTERM and seen == []
+    assert signal.getsignal(signal.SIGTERM) is mine and fault.received_signal() is None
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert seen == [signal.SIGTERM]
