@@ -12,7 +12,7 @@ multiple of TP.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -96,6 +96,40 @@ def padded_attention(pad: torch.Tensor, total: int):
 
 
 @torch.no_grad()
+def sample_step(logits: torch.Tensor, step: int, prompt_length: int, done: torch.Tensor, tokens: torch.Tensor,
+                logprobs: torch.Tensor, mask: torch.Tensor, params: "SamplingParams", vocab_size: Optional[int],
+                logits_processor, generator, decode) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One decoding step shared by the GPT and T5 samplers: choose the next token from the full
+    ``logits`` [b, V] (padded vocabulary masked, log-probs before any processor, greedy or
+    filtered sampling, the TP source rank's choice everywhere), write it with its log-prob and mask
+    at ``step`` (pad for finished rows), and return ``(choice, done)`` with EOS / stop strings applied."""
+    if vocab_size is not None:
+        logits[:, vocab_size:] = float("-inf")
+    logp = torch.log_softmax(logits, dim=-1)
+    if logits_processor is not None:
+        logits = logits_processor(logits)
+    if params.greedy:
+        choice = logits.argmax(-1)
+    else:
+        scores = filter_logits(logits / params.temperature, params.top_k, params.top_p)
+        choice = torch.multinomial(torch.softmax(scores, -1), 1, generator=generator).squeeze(-1)
+    choice = _tp_broadcast(choice.contiguous())
+    choice = torch.where(done, torch.full_like(choice, params.pad_id), choice)
+    tokens[:, prompt_length + step] = choice
+    logprobs[:, step] = torch.where(done, torch.zeros_like(logprobs[:, step]),
+                                    logp.gather(-1, choice[:, None]).squeeze(-1))
+    mask[:, step] = (~done).float()
+    if params.eos_id is not None:
+        done = done | (choice == params.eos_id)
+    if params.stop_strings:
+        for i in range(tokens.shape[0]):
+            if not done[i]:
+                text = decode(tokens[i, prompt_length:prompt_length + step + 1].tolist())
+                if any(stop in text for stop in params.stop_strings):
+                    done[i] = True
+    return choice, done
+
+
 def generate(model: torch.nn.Module, prompts: torch.Tensor, params: SamplingParams,
              generator: Optional[torch.Generator] = None, vocab_size: Optional[int] = None,
              prompt_lengths: Optional[torch.Tensor] = None, decode=None,
@@ -188,30 +222,8 @@ def generate(model: torch.nn.Module, prompts: torch.Tensor, params: SamplingPara
     try:
         for step in range(n):
             logits = next_logits(step)
-            if vocab_size is not None:
-                logits[:, vocab_size:] = float("-inf")
-            logp = torch.log_softmax(logits, dim=-1)
-            if logits_processor is not None:
-                logits = logits_processor(logits)
-            if params.greedy:
-                choice = logits.argmax(-1)
-            else:
-                scores = filter_logits(logits / params.temperature, params.top_k, params.top_p)
-                choice = torch.multinomial(torch.softmax(scores, -1), 1, generator=generator).squeeze(-1)
-            choice = _tp_broadcast(choice.contiguous())
-            choice = torch.where(done, torch.full_like(choice, params.pad_id), choice)
-            tokens[:, p + step] = choice
-            logprobs[:, step] = torch.where(done, torch.zeros_like(logprobs[:, step]),
-                                            logp.gather(-1, choice[:, None]).squeeze(-1))
-            mask[:, step] = (~done).float()
-            if params.eos_id is not None:
-                done = done | (choice == params.eos_id)
-            if params.stop_strings:
-                for i in range(b):
-                    if not done[i]:
-                        text = decode(tokens[i, p:p + step + 1].tolist())
-                        if any(stop in text for stop in params.stop_strings):
-                            done[i] = True
+            choice, done = sample_step(logits, step, p, done, tokens, logprobs, mask, params, vocab_size,
+                                       logits_processor, generator, decode)
             if bool(done.all()):
                 break
     finally:

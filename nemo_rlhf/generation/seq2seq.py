@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from nemo_rlhf.generation.sampling import GenerationOutput, SamplingParams, _tp_broadcast, filter_logits
+from nemo_rlhf.generation.sampling import GenerationOutput, SamplingParams, sample_step
 from nemo_rlhf.models.t5 import DECODER_START_ID, attention_masks
 
 
@@ -127,31 +127,9 @@ def generate_seq2seq(model: torch.nn.Module, prompts: torch.Tensor, params: Samp
                 logits = model(enc_tokens, dec[:, :step + 1], enc_mask, None, cross_mask,
                                encoder_hidden_states=encoder_states)
             logits = _gather_vocab(logits)[:, -1].float()
-            if vocab_size is not None:
-                logits[:, vocab_size:] = float("-inf")
-            logp = torch.log_softmax(logits, dim=-1)
-            if logits_processor is not None:
-                logits = logits_processor(logits)
-            if params.greedy:
-                choice = logits.argmax(-1)
-            else:
-                scores = filter_logits(logits / params.temperature, params.top_k, params.top_p)
-                choice = torch.multinomial(torch.softmax(scores, -1), 1, generator=generator).squeeze(-1)
-            choice = _tp_broadcast(choice.contiguous())
-            choice = torch.where(done, torch.full_like(choice, params.pad_id), choice)
-            tokens[:, p + step] = choice
+            choice, done = sample_step(logits, step, p, done, tokens, logprobs, mask, params, vocab_size,
+                                       logits_processor, generator, decode)
             dec[:, step + 1] = choice
-            logprobs[:, step] = torch.where(done, torch.zeros_like(logprobs[:, step]),
-                                            logp.gather(-1, choice[:, None]).squeeze(-1))
-            mask[:, step] = (~done).float()
-            if params.eos_id is not None:
-                done = done | (choice == params.eos_id)
-            if params.stop_strings:
-                for i in range(b):
-                    if not done[i]:
-                        text = decode(tokens[i, p:p + step + 1].tolist())
-                        if any(stop in text for stop in params.stop_strings):
-                            done[i] = True
             if bool(done.all()):
                 break
     finally:
