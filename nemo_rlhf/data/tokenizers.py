@@ -114,7 +114,24 @@ def _config_id(directory, name: str):
     return value[0] if isinstance(value, list) and value else value
 
 
-class HFTokenizer:
+class _SpecialIds:
+    """``vocab_size`` / ``pad_id`` / ``eos_id`` of the checkpoint tokenizers, from ``tokens``,
+    ``_pad`` and ``_eos`` set by their constructors."""
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def pad_id(self) -> int:
+        return self._pad
+
+    @property
+    def eos_id(self) -> int:
+        return self._eos
+
+
+class HFTokenizer(_SpecialIds):
     """A Hugging Face fast tokenizer (``tokenizer.json``, or GPT-2's vocab.json + merges.txt)
     through the ``tokenizers`` library, behind the interface of :class:`CharTokenizer`.
     ``encode`` adds no special tokens (prompts and completions are encoded separately and
@@ -164,18 +181,6 @@ class HFTokenizer:
         self.bos_id = find("bos_token", "bos_token_id", ())
         self._specials = {i for i in (self._eos, self._pad, self.bos_id) if i is not None}
 
-    @property
-    def vocab_size(self) -> int:
-        return len(self.tokens)
-
-    @property
-    def pad_id(self) -> int:
-        return self._pad
-
-    @property
-    def eos_id(self) -> int:
-        return self._eos
-
     def encode(self, text: str) -> List[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
@@ -187,7 +192,7 @@ class HFTokenizer:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
-class SentencePieceTokenizer:
+class SentencePieceTokenizer(_SpecialIds):
     """A SentencePiece model (``tokenizer.model``: Llama 1/2, Mistral, T5) behind the interface of
     :class:`CharTokenizer`. ``encode`` adds no BOS/EOS; PAD falls back to EOS when the model has none."""
 
@@ -211,18 +216,6 @@ class SentencePieceTokenizer:
         self._eos = self._sp.eos_id()
         self._pad = self._sp.pad_id() if self._sp.pad_id() >= 0 else self._eos
         self.bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.tokens)
-
-    @property
-    def pad_id(self) -> int:
-        return self._pad
-
-    @property
-    def eos_id(self) -> int:
-        return self._eos
 
     def encode(self, text: str) -> List[int]:
         return list(self._sp.encode(text))
