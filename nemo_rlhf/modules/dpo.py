@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import time
 from functools import partial
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
-import pytorch_lightning as pl
 import torch
 
 from nemo_rlhf.algorithms.dpo import dpo_loss, kto_kl_estimate, kto_loss, orpo_loss, simpo_loss
@@ -16,7 +15,7 @@ from nemo_rlhf.config.schema import DPOConfig, KTOConfig, RunConfig
 from nemo_rlhf.data.preference import PreferenceDataset
 from nemo_rlhf.logging import get_logger
 from nemo_rlhf.modules.engine import MegatronEngine, build_chunks, lm_forward
-from nemo_rlhf.modules.loop import dp_loader, end_of_step, record_eval, save_engine, start_clock
+from nemo_rlhf.modules.loop import dp_loader, end_of_step, record_eval, save_engine, TrainingSystem
 from nemo_rlhf.modules.run_dir import RunDirectory
 
 log = get_logger(__name__)
@@ -104,7 +103,7 @@ def kto_loss_func(batch, cfg: KTOConfig, ref_logps, nll):
     return losses.sum(), n.to(torch.int), report
 
 
-class DPOModule(pl.LightningModule):
+class DPOModule(TrainingSystem):
     """DPO and its variants (algorithm.name=dpo) or KTO (algorithm.name=kto)."""
 
     def __init__(self, cfg: RunConfig, dataset: PreferenceDataset, vocab_size: int, run_dir: RunDirectory,
@@ -113,7 +112,6 @@ class DPOModule(pl.LightningModule):
         self.cfg, self.dataset, self.run_dir = cfg, dataset, run_dir
         self.dpo = cfg.kto if cfg.algorithm.name == "kto" else cfg.dpo
         self.evaluate_fn, self.dp_rank, self.dp_size, self.config_yaml = evaluate_fn, dp_rank, dp_size, config_yaml
-        self.automatic_optimization = False
         self.engine = MegatronEngine(cfg.model, cfg.parallel, cfg.optim, vocab_size, cfg.trainer.max_steps)
         self.chunks = torch.nn.ModuleList(self.engine.chunks)
         self.reference = None
@@ -121,10 +119,6 @@ class DPOModule(pl.LightningModule):
             self.reference = build_chunks(cfg.model, cfg.parallel, vocab_size)[0].eval()
             for p in self.reference.parameters():
                 p.requires_grad_(False)
-        self.step = 0
-        self.initial_eval: Optional[Dict[str, Any]] = None
-        self.last_eval: Optional[Dict[str, Any]] = None
-        self._last_ckpt_step = -1
 
     def init_from(self, path) -> None:
         from nemo_rlhf.checkpoint import load_weights
@@ -151,14 +145,6 @@ class DPOModule(pl.LightningModule):
 
     def train_dataloader(self):
         return dp_loader(self.dataset, self)
-
-    def configure_optimizers(self):
-        return None
-
-    def on_train_start(self):
-        if self.initial_eval is None:
-            self.initial_eval = self.evaluate()
-        start_clock(self)
 
     def training_step(self, batch, batch_idx):
         stats = self.engine.train_step(batch, self.cfg.trainer.micro_batch_size,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any, Dict, Optional, Sequence
 
+import pytorch_lightning as pl
 import torch
 
 from nemo_rlhf import fault
@@ -50,6 +51,30 @@ def end_of_step(module, stats: Dict[str, float], prog_bar: Sequence[str] = ("los
                     fault.signal_name(signum), module.step, fault.EXIT_PREEMPTED)
         module.save()
         raise fault.Preempted(module.step, signum)
+
+
+class TrainingSystem(pl.LightningModule):
+    """What every algorithm's LightningModule shares: manual optimisation (the megatron optimizers
+    live in the engines and are stepped in ``training_step``), the loop state that checkpoints
+    and resume restore (``step`` = completed optimizer steps, the initial / last evaluation, the
+    step of the last checkpoint), and the initial evaluation when training starts. Subclasses
+    define ``evaluate()``, ``save()``, ``train_dataloader()`` and ``training_step()``."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+        self.step = 0
+        self.initial_eval: Optional[Dict[str, Any]] = None
+        self.last_eval: Optional[Dict[str, Any]] = None
+        self._last_ckpt_step = -1
+
+    def configure_optimizers(self):
+        return None
+
+    def on_train_start(self):
+        if self.initial_eval is None:
+            self.initial_eval = self.evaluate()
+        start_clock(self)
 
 
 def start_clock(module) -> None:

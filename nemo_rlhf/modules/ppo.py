@@ -12,7 +12,6 @@ from dataclasses import dataclass, fields
 from functools import partial
 from typing import Any, Callable, Dict, List, Optional
 
-import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 
@@ -23,7 +22,7 @@ from nemo_rlhf.logging import get_logger
 from nemo_rlhf.models.gpt import unwrap
 from nemo_rlhf.models.heads import attach_value_head, value_head_output
 from nemo_rlhf.modules.engine import MegatronEngine, build_chunks, lm_forward
-from nemo_rlhf.modules.loop import dp_loader, end_of_step, record_eval, save_engine, start_clock
+from nemo_rlhf.modules.loop import dp_loader, end_of_step, record_eval, save_engine, TrainingSystem
 from nemo_rlhf.modules.run_dir import RunDirectory
 from nemo_rlhf.rewards import score as score_samples
 
@@ -130,7 +129,7 @@ class RunningMoments:
         return max(self.var, 1e-8) ** 0.5
 
 
-class PPOModule(pl.LightningModule):
+class PPOModule(TrainingSystem):
     """Actor (megatron engine), critic (separate engine, or a value head on the actor), frozen
     reference policy, reward function; prompts come from ``prompts`` (token-id lists of any lengths,
     or an [N, P] tensor), left-padded per batch: generation, the experience forwards and the updates
@@ -146,7 +145,6 @@ class PPOModule(pl.LightningModule):
         self.dp_rank, self.dp_size, self.config_yaml = dp_rank, dp_size, config_yaml
         if self.ppo.num_rollouts % dp_size:
             raise ValueError(f"ppo.num_rollouts={self.ppo.num_rollouts} is not divisible by the data-parallel size {dp_size}")
-        self.automatic_optimization = False
         vocab = tokenizer.vocab_size
         shared = self.ppo.critic == "value_head"
         self.actor = MegatronEngine(cfg.model, cfg.parallel, cfg.optim, vocab, cfg.trainer.max_steps,
@@ -163,10 +161,6 @@ class PPOModule(pl.LightningModule):
         self.models = torch.nn.ModuleList(self.actor.chunks + (self.critic.chunks if self.critic else []))
         self.kl_ctl = make_kl_controller(self.ppo.init_kl_coef, self.ppo.target_kl, self.ppo.kl_horizon)
         self.reward_moments = RunningMoments()
-        self.step = 0
-        self.initial_eval: Optional[Dict[str, Any]] = None
-        self.last_eval: Optional[Dict[str, Any]] = None
-        self._last_ckpt_step = -1
 
     # -- set-up -------------------------------------------------------------------------------
     def init_from(self, path) -> None:
@@ -182,14 +176,6 @@ class PPOModule(pl.LightningModule):
 
     def train_dataloader(self):
         return dp_loader(self.prompts, self, global_batch_size=self.ppo.num_rollouts)
-
-    def configure_optimizers(self):
-        return None  # megatron optimizers live in the engines
-
-    def on_train_start(self):
-        if self.initial_eval is None:
-            self.initial_eval = self.evaluate()
-        start_clock(self)
 
     # -- one PPO iteration ----------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int):

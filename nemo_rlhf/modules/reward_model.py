@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import time
 from functools import partial
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
-import pytorch_lightning as pl
 import torch
 
 from nemo_rlhf.algorithms.dpo import bradley_terry_loss
@@ -16,7 +15,7 @@ from nemo_rlhf.logging import get_logger
 from nemo_rlhf.models.gpt import unwrap
 from nemo_rlhf.models.heads import attach_value_head, value_head_output
 from nemo_rlhf.modules.engine import MegatronEngine
-from nemo_rlhf.modules.loop import dp_loader, end_of_step, record_eval, save_engine, start_clock
+from nemo_rlhf.modules.loop import dp_loader, end_of_step, record_eval, save_engine, TrainingSystem
 from nemo_rlhf.modules.run_dir import RunDirectory
 
 log = get_logger(__name__)
@@ -48,31 +47,18 @@ def rm_loss_func(margin: float, rewards):
                                            "reward_margin": pair(rewards[:, 0] - rewards[:, 1])}
 
 
-class RewardModelModule(pl.LightningModule):
+class RewardModelModule(TrainingSystem):
     def __init__(self, cfg: RunConfig, train_set: PreferenceDataset, heldout: PreferenceDataset, vocab_size: int,
                  run_dir: RunDirectory, dp_rank: int, dp_size: int, config_yaml: str = ""):
         super().__init__()
         self.cfg, self.train_set, self.heldout, self.run_dir = cfg, train_set, heldout, run_dir
         self.dp_rank, self.dp_size, self.config_yaml = dp_rank, dp_size, config_yaml
-        self.automatic_optimization = False
         self.engine = MegatronEngine(cfg.model, cfg.parallel, cfg.optim, vocab_size, cfg.trainer.max_steps,
                                      setup=lambda gpt: attach_value_head(gpt, cfg.model.hidden_size))
         self.chunks = torch.nn.ModuleList(self.engine.chunks)
-        self.step = 0
-        self.initial_eval: Optional[Dict[str, Any]] = None
-        self.last_eval: Optional[Dict[str, Any]] = None
-        self._last_ckpt_step = -1
 
     def train_dataloader(self):
         return dp_loader(self.train_set, self)
-
-    def configure_optimizers(self):
-        return None
-
-    def on_train_start(self):
-        if self.initial_eval is None:
-            self.initial_eval = self.evaluate()
-        start_clock(self)
 
     def training_step(self, batch, batch_idx):
         stats = self.engine.train_step(batch, self.cfg.trainer.micro_batch_size,

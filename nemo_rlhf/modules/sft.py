@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import time
 from functools import partial
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
-import pytorch_lightning as pl
 import torch
 
 from nemo_rlhf.algorithms.sft import sft_loss
@@ -13,7 +12,7 @@ from nemo_rlhf.config.schema import RunConfig
 from nemo_rlhf.data.sft import SFTDataset
 from nemo_rlhf.logging import get_logger
 from nemo_rlhf.modules.engine import MegatronEngine, lm_forward_step
-from nemo_rlhf.modules.loop import dp_loader, end_of_step, record_eval, save_engine, start_clock
+from nemo_rlhf.modules.loop import dp_loader, end_of_step, record_eval, save_engine, TrainingSystem
 from nemo_rlhf.modules.run_dir import RunDirectory
 
 log = get_logger(__name__)
@@ -26,7 +25,7 @@ def sft_loss_func(batch: Dict[str, torch.Tensor], output_tensor: torch.Tensor):
     return loss_sum, num_tokens, {"loss": torch.stack([loss_sum.detach().double(), count])}
 
 
-class SFTModule(pl.LightningModule):
+class SFTModule(TrainingSystem):
     """Token-level NLL on completion tokens; periodic sampling evaluation and checkpoints."""
 
     def __init__(self, cfg: RunConfig, dataset: SFTDataset, vocab_size: int, run_dir: RunDirectory,
@@ -35,26 +34,12 @@ class SFTModule(pl.LightningModule):
         self.cfg, self.dataset, self.run_dir = cfg, dataset, run_dir
         self.evaluate_fn, self.dp_rank, self.dp_size = evaluate_fn, dp_rank, dp_size
         self.config_yaml = config_yaml
-        self.automatic_optimization = False
         self.engine = MegatronEngine(cfg.model, cfg.parallel, cfg.optim, vocab_size, cfg.trainer.max_steps)
         self.chunks = torch.nn.ModuleList(self.engine.chunks)
-        self.step = 0  # completed optimizer steps
-        self.initial_eval: Optional[Dict[str, Any]] = None
-        self.last_eval: Optional[Dict[str, Any]] = None
-        self._last_ckpt_step = -1
 
     # -- data -------------------------------------------------------------------------------
     def train_dataloader(self):
         return dp_loader(self.dataset, self)
-
-    def configure_optimizers(self):
-        return None  # the megatron optimizer lives in self.engine (stepped in training_step)
-
-    # -- loop -------------------------------------------------------------------------------
-    def on_train_start(self):
-        if self.initial_eval is None:
-            self.initial_eval = self.evaluate()
-        start_clock(self)
 
     def training_step(self, batch, batch_idx):
         stats = self.engine.train_step(batch, self.cfg.trainer.micro_batch_size,
