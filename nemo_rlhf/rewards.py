@@ -7,8 +7,7 @@ import math
 from typing import Callable, List, Sequence
 
 
-class RewardFunctionError(RuntimeError):
-    """The reward function raised, or returned the wrong number of scores, or NaN/inf."""
+from nemo_rlhf.errors import RewardFunctionError  # noqa: F401  (re-exported)
 
 
 def resolve_reward_fn(spec, task=None) -> Callable:

@@ -35,8 +35,7 @@ LATEST_FILE = "latest"
 _DIST_OPT_META = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or incompatible. The message names the path."""
+from nemo_rlhf.errors import CheckpointError  # noqa: F401  (re-exported)
 
 
 def _rank() -> int:

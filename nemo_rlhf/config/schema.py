@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 
-class ConfigError(ValueError):
-    """A configuration value is invalid. The message names the offending key."""
+from nemo_rlhf.errors import ConfigError  # noqa: F401  (re-exported)
 
 
 def _require(cond: bool, msg: str) -> None:

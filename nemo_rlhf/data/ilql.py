@@ -18,8 +18,7 @@ import torch
 Sample = Union[str, Sequence[str]]
 
 
-class DataError(ValueError):
-    """Malformed offline data. The message names the file and line (or the index)."""
+from nemo_rlhf.errors import DataError  # noqa: F401  (re-exported)
 
 
 def load_jsonl_samples(path: str | Path) -> Tuple[List[Sample], List[float]]:

@@ -85,8 +85,7 @@ class _TextIds(dict):
         return ids[0] if len(ids) == 1 else dict.__getitem__(self, text)
 
 
-class TokenizerError(ConfigError):
-    """A tokenizer file is missing or unusable. The message names the file."""
+from nemo_rlhf.errors import TokenizerError  # noqa: F401  (re-exported)
 
 
 def _special(directory, name: str):
