@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from nemo_rlhf.generation.sampling import GenerationOutput, SamplingParams, sample_step
+from nemo_rlhf.generation.decoding import GenerationOutput, SamplingParams, sample_step
 from nemo_rlhf.models.t5 import DECODER_START_ID, attention_masks
 
 
