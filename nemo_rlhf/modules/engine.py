@@ -9,9 +9,11 @@ from typing import Callable, Dict, List, Tuple
 import torch
 import torch.distributed as dist
 
-from nemo_rlhf.config.schema import ConfigError, ModelConfig, OptimConfig, ParallelConfig
+from nemo_rlhf.config.schema import ModelConfig, OptimConfig, ParallelConfig
+from nemo_rlhf.errors import ConfigError
+from nemo_rlhf.generation.sampling import padded_attention
 from nemo_rlhf.models.gpt import build_gpt_chunks, unwrap, wrap_ddp
-from nemo_rlhf.models.t5 import build_t5_chunks, is_t5, t5_causal_forward
+from nemo_rlhf.models.t5 import _unwrap_t5, build_t5_chunks, is_t5, t5_causal_forward
 
 # model.arch -> builder(model, parallel, vocab_size) -> chunks owned by this rank
 BUILDERS = {"gpt": build_gpt_chunks, "t5": build_t5_chunks}
@@ -193,8 +195,6 @@ def lm_forward(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tenso
     attention_mask = None
     position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
     if pad is not None:
-        from nemo_rlhf.generation.sampling import padded_attention
-
         attention_mask, position_ids = padded_attention(pad.to(tokens.device), tokens.shape[1])
     if labels is None:
         return model(tokens, position_ids, attention_mask)
@@ -215,8 +215,6 @@ def shift_rows(x: torch.Tensor, shift: torch.Tensor, fill=0) -> torch.Tensor:
 def _t5_left_padded_forward(model, tokens, labels, completion_mask, pad):
     """T5 on left-padded rows: shift each row left by its padding (the encoder then sees the prompt
     right-padded, as in generation/seq2seq.py), run, and shift the NLL and the heads' layout back."""
-    from nemo_rlhf.models.t5 import _unwrap_t5
-
     back = -pad.to(tokens.device)
     nll = t5_causal_forward(model, shift_rows(tokens, back), None if labels is None else shift_rows(labels, back),
                             shift_rows(completion_mask, back))
