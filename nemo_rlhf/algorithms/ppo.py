@@ -11,19 +11,29 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from nemo_rlhf.algorithms.reductions import masked_mean, masked_var
+from nemo_rlhf.algorithms.reductions import masked_mean, masked_sums, mean_var_from_sums
 
 Stats = Dict[str, torch.Tensor]
 
 
-def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / std over the valid entries (mean kept when ``shift_mean`` is False); padding
-    stays 0."""
-    mean, var = masked_mean(values, mask), masked_var(values, mask)
-    out = (values - mean) * torch.rsqrt(var + eps)
+def whiten_from_sums(values: torch.Tensor, mask: torch.Tensor, sums: torch.Tensor, shift_mean: bool = True,
+                     eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) * rsqrt(var + eps) with the mean and the unbiased variance from ``sums``, the
+    :func:`~nemo_rlhf.algorithms.reductions.masked_sums` (count, sum, sum of squares) of the valid
+    entries, of this batch or of the whole data-parallel batch (reduced by the caller); the mean
+    is added back when ``shift_mean`` is False; padding stays 0. trlX whitens over padding too; we
+    mask it."""
+    mean, var = mean_var_from_sums(sums)
+    mean = mean.to(values.dtype)
+    out = (values - mean) * torch.rsqrt((torch.clamp(var, min=0.0) + eps).to(values.dtype))
     if not shift_mean:
         out = out + mean
     return out * mask
+
+
+def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """:func:`whiten_from_sums` over this batch alone."""
+    return whiten_from_sums(values, mask, masked_sums(values, mask), shift_mean, eps)
 
 
 def gae(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,

@@ -10,13 +10,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, fields
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 import torch
-import torch.distributed as dist
 
 from nemo_rlhf.algorithms.ppo import gae, kl_penalized_rewards, make_kl_controller, policy_loss, value_loss
-from nemo_rlhf.config.schema import PPOConfig, RunConfig
+from nemo_rlhf.algorithms.reductions import INITIAL_MOMENTS, Moments, moments_std, update_moments
+from nemo_rlhf.config.schema import RunConfig
 from nemo_rlhf.generation.sampling import SamplingParams, generate, left_pad
 from nemo_rlhf.logging import get_logger
 from nemo_rlhf.models.gpt import unwrap
@@ -24,7 +24,11 @@ from nemo_rlhf.models.heads import attach_value_head, value_head_output
 from nemo_rlhf.modules.engine import MegatronEngine, build_chunks, lm_forward
 from nemo_rlhf.modules.loop import dp_loader, end_of_step, record_eval, save_engine, TrainingSystem
 from nemo_rlhf.modules.run_dir import RunDirectory
+from nemo_rlhf.parallel.reductions import all_reduce_sum, data_parallel_group, dp_moments, dp_whiten
 from nemo_rlhf.rewards import score as score_samples
+
+if TYPE_CHECKING:
+    from nemo_rlhf.recipes.ppo import PPOConfig
 
 log = get_logger(__name__)
 
@@ -111,24 +115,6 @@ def trim_left_padding(prompts: torch.Tensor, lengths: torch.Tensor):
     return prompts[:, p - keep:], (keep - lengths).to(prompts.device)
 
 
-class RunningMoments:
-    """Running mean/std of scores (Chan et al. parallel algorithm), for scale_reward=running."""
-
-    def __init__(self):
-        self.mean, self.var, self.count = 0.0, 1.0, 1e-8
-
-    def update(self, x: torch.Tensor) -> None:
-        n, m, v = x.numel(), float(x.mean()), float(x.var(unbiased=False)) if x.numel() > 1 else 0.0
-        delta, total = m - self.mean, self.count + n
-        self.mean += delta * n / total
-        self.var = (self.var * self.count + v * n + delta ** 2 * self.count * n / total) / total
-        self.count = total
-
-    @property
-    def std(self) -> float:
-        return max(self.var, 1e-8) ** 0.5
-
-
 class PPOModule(TrainingSystem):
     """Actor (megatron engine), critic (separate engine, or a value head on the actor), frozen
     reference policy, reward function; prompts come from ``prompts`` (token-id lists of any lengths,
@@ -160,7 +146,7 @@ class PPOModule(TrainingSystem):
             p.requires_grad_(False)
         self.models = torch.nn.ModuleList(self.actor.chunks + (self.critic.chunks if self.critic else []))
         self.kl_ctl = make_kl_controller(self.ppo.init_kl_coef, self.ppo.target_kl, self.ppo.kl_horizon)
-        self.reward_moments = RunningMoments()
+        self.reward_moments: Moments = INITIAL_MOMENTS   # running moments of the scores (scale_reward=running)
 
     # -- set-up -------------------------------------------------------------------------------
     def init_from(self, path) -> None:
@@ -234,8 +220,8 @@ class PPOModule(TrainingSystem):
         if ppo.cliprange_reward:
             scores = scores.clamp(-ppo.cliprange_reward, ppo.cliprange_reward)
         if ppo.scale_reward == "running":
-            self.reward_moments.update(self._dp_gather(scores))
-            scores = scores / self.reward_moments.std
+            self.reward_moments = update_moments(self.reward_moments, dp_moments(scores, self._dp_group()))
+            scores = scores / moments_std(self.reward_moments)
         policy = self.actor.module
         policy.eval()
         logprobs = -lm_forward(policy, inputs, labels, mask, pad).float()
@@ -251,7 +237,7 @@ class PPOModule(TrainingSystem):
         rewards, _ = kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, self.kl_ctl.value)
         advantages, returns = gae(values, rewards, mask, ppo.gamma, ppo.lam)
         if ppo.whiten_advantages:
-            advantages = self._dp_whiten(advantages, mask)
+            advantages = dp_whiten(advantages, mask, self._dp_group())
         return Rollout(inputs=inputs, labels=labels, mask=mask, logprobs=logprobs, ref_logprobs=ref_logprobs,
                        values=values, rewards=rewards, advantages=advantages, returns=returns, scores=scores, pad=pad)
 
@@ -285,29 +271,10 @@ class PPOModule(TrainingSystem):
 
     # -- distributed helpers ----------------------------------------------------------------------
     def _dp_group(self):
-        from megatron.core import parallel_state as ps
-
-        return ps.get_data_parallel_group() if self.dp_size > 1 else None
-
-    def _dp_gather(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dp_size == 1:
-            return x
-        parts = [torch.empty_like(x) for _ in range(self.dp_size)]
-        dist.all_gather(parts, x.contiguous(), group=self._dp_group())
-        return torch.cat(parts)
+        return data_parallel_group() if self.dp_size > 1 else None
 
     def _dp_sum(self, values: List[float]) -> List[float]:
-        t = torch.tensor(values, dtype=torch.float64)
-        if self.dp_size > 1:
-            dist.all_reduce(t, group=self._dp_group())
-        return t.tolist()
-
-    def _dp_whiten(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Whitening with mean/variance over the valid tokens of all data-parallel ranks."""
-        s, s2, n = self._dp_sum([float((x * mask).sum()), float((x * x * mask).sum()), float(mask.sum())])
-        mean = s / max(n, 1.0)
-        var = (s2 / max(n, 1.0) - mean ** 2) * n / max(n - 1, 1.0)
-        return (x - mean) * torch.rsqrt(torch.tensor(max(var, 0.0) + 1e-8)) * mask
+        return all_reduce_sum(torch.tensor(values, dtype=torch.float64), self._dp_group()).tolist()
 
     def rollout_stats(self, r: Rollout) -> Dict[str, float]:
         """Rollout metrics averaged over all data-parallel ranks."""
@@ -335,13 +302,13 @@ class PPOModule(TrainingSystem):
 
     def loop_state(self) -> Dict[str, Any]:
         return {"initial_eval": self.initial_eval, "kl_ctl": self.kl_ctl.state_dict(),
-                "reward_moments": vars(self.reward_moments)}
+                "reward_moments": self.reward_moments._asdict()}
 
     def load_loop_state(self, state: Dict[str, Any]) -> None:
         self.step = int(state["step"])
         self.initial_eval = state.get("initial_eval")
         self.kl_ctl.load_state_dict(state["kl_ctl"])
-        vars(self.reward_moments).update(state.get("reward_moments", {}))
+        self.reward_moments = self.reward_moments._replace(**state.get("reward_moments", {}))
         self._last_ckpt_step = self.step
 
     def engines_for_checkpoint(self):

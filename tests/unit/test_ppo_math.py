@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from nemo_rlhf.algorithms.ppo import (AdaptiveKLController, FixedKLController, gae, kl_penalized_rewards,
-                                      policy_loss, value_loss, whiten)
+                                      policy_loss, value_loss, whiten, whiten_from_sums)
+from nemo_rlhf.algorithms.reductions import masked_sums
 
 
 def test_gae_three_steps_by_hand():
@@ -78,6 +79,31 @@ def test_whiten_masks_padding():
     w = whiten(x, m)
     assert w[0, :3].tolist() == pytest.approx([-1.0, 0.0, 1.0], abs=1e-4)   # unbiased std of 1,2,3 is 1
     assert w[0, 3].item() == 0.0
+
+
+def test_whiten_1234_with_a_mask_by_hand():
+    # valid 1, 2, 4: mean 7/3, deviations -4/3, -1/3, 5/3, unbiased var (16 + 1 + 25) / 9 / 2 = 7/3
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    m = torch.tensor([[1.0, 1.0, 0.0, 1.0]])
+    sd = (7 / 3) ** 0.5
+    assert whiten(x, m).tolist()[0] == pytest.approx([-4 / 3 / sd, -1 / 3 / sd, 0.0, 5 / 3 / sd], rel=1e-6)
+    assert whiten(x, m, shift_mean=False).tolist()[0] == pytest.approx(
+        [-4 / 3 / sd + 7 / 3, -1 / 3 / sd + 7 / 3, 0.0, 5 / 3 / sd + 7 / 3], rel=1e-6)
+    # no mask: mean 2.5, unbiased var 5/3
+    assert whiten(x, torch.ones_like(m)).tolist()[0] == pytest.approx(
+        [v / (5 / 3) ** 0.5 for v in (-1.5, -0.5, 0.5, 1.5)], rel=1e-6)
+
+
+def test_whiten_from_sums_of_shards_equals_whitening_the_whole_batch():
+    # what dp_whiten does over data-parallel ranks: add the shards' (count, sum, sum of squares)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 5, generator=g)
+    m = (torch.rand(6, 5, generator=g) > 0.3).float()
+    whole = whiten(x, m)
+    sums = masked_sums(x[:2], m[:2]) + masked_sums(x[2:], m[2:])
+    parts = torch.cat([whiten_from_sums(x[:2], m[:2], sums), whiten_from_sums(x[2:], m[2:], sums)])
+    assert torch.allclose(parts, whole, atol=1e-6)
+    assert not torch.allclose(whiten(x[:2], m[:2]), whole[:2], atol=1e-3)   # the shard alone differs
 
 
 def test_kl_controllers_follow_ziegler():
