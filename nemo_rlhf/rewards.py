@@ -82,7 +82,8 @@ class RewardModelScorer:
     def __call__(self, samples, prompts=None, completions=None, **_):
         import torch
 
-        from nemo_rlhf.models.heads import value_head_output
+        from nemo_rlhf.models.gpt import gpt_forward
+        from nemo_rlhf.models.heads import DecoderStates, value_head_output
 
         out = []
         with torch.no_grad():
@@ -92,7 +93,7 @@ class RewardModelScorer:
                 tokens = torch.full((len(ids), int(lengths.max())), self.tokenizer.pad_id, dtype=torch.long)
                 for j, x in enumerate(ids):
                     tokens[j, :len(x)] = torch.tensor(x)
-                self.model(tokens, torch.arange(tokens.shape[1]).expand_as(tokens), None)
-                values = value_head_output(self.model)                  # [B, S]
+                _, hidden = gpt_forward(self.model, tokens, torch.arange(tokens.shape[1]).expand_as(tokens), None)
+                values = value_head_output(self.model, DecoderStates(hidden))   # [B, S]
                 out.extend(values.gather(1, (lengths - 1)[:, None]).squeeze(1).tolist())
         return out

@@ -68,16 +68,19 @@ def _tp_broadcast(t: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def sample_step(logits: torch.Tensor, step: int, prompt_length: int, done: torch.Tensor, tokens: torch.Tensor,
                 logprobs: torch.Tensor, mask: torch.Tensor, params: "SamplingParams", vocab_size: Optional[int],
-                logits_processor, generator, decode) -> Tuple[torch.Tensor, torch.Tensor]:
+                logits_processor, generator, decode, hidden: Optional[torch.Tensor] = None
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
     """One decoding step shared by the GPT and T5 samplers: choose the next token from the full
     ``logits`` [b, V] (padded vocabulary masked, log-probs before any processor, greedy or
     filtered sampling, the TP source rank's choice everywhere), write it with its log-prob and mask
-    at ``step`` (pad for finished rows), and return ``(choice, done)`` with EOS / stop strings applied."""
+    at ``step`` (pad for finished rows), and return ``(choice, done)`` with EOS / stop strings applied.
+    ``logits_processor(logits, hidden)`` also gets ``hidden`` [S, b, H], the final hidden states of
+    the forward that gave ``logits`` (its last position), for heads (ILQL's Q/V shift)."""
     if vocab_size is not None:
         logits[:, vocab_size:] = float("-inf")
     logp = torch.log_softmax(logits, dim=-1)
     if logits_processor is not None:
-        logits = logits_processor(logits)
+        logits = logits_processor(logits, hidden)
     if params.greedy:
         choice = logits.argmax(-1)
     else:

@@ -20,6 +20,7 @@ from nemo_rlhf.generation.decoding import (  # noqa: F401  (SamplingParams, Gene
     GenerationOutput, SamplingParams, filter_logits, sample_step,
 )
 from nemo_rlhf.generation.seq2seq import generate_seq2seq
+from nemo_rlhf.models.gpt import gpt_forward
 from nemo_rlhf.models.t5 import is_t5
 
 
@@ -56,8 +57,9 @@ def generate(model: torch.nn.Module, prompts: torch.Tensor, params: SamplingPara
 
     ``model`` is an unwrapped megatron GPTModel (pipeline_model_parallel_size must be 1);
     ``vocab_size`` masks the padded tail of the vocabulary (never sampled); ``decode`` (ids ->
-    str) is needed for ``params.stop_strings``; ``logits_processor(logits [B, V]) -> logits`` runs
-    right after each forward (e.g. ILQL's Q/V shift, which reads the heads of that forward)."""
+    str) is needed for ``params.stop_strings``; ``logits_processor(logits [B, V], hidden [S, B, H])
+    -> logits`` runs right after each forward, with that forward's final hidden states (e.g. ILQL's
+    Q/V shift, which runs its heads on them)."""
     from megatron.core import parallel_state as ps
 
     if is_t5(model):  # encoder-decoder policies decode from the decoder (generation/seq2seq.py)
@@ -101,7 +103,8 @@ def generate(model: torch.nn.Module, prompts: torch.Tensor, params: SamplingPara
 
         ctx = StaticInferenceContext(max_batch_size=b, max_sequence_length=p + n)
 
-    def next_logits(step: int) -> torch.Tensor:
+    def next_logits(step: int):
+        """(logits [B, V] for the next token, the forward's hidden states [S', B, H])"""
         cur = p + step  # tokens known so far
         if ctx is not None:
             if step == 0:
@@ -118,9 +121,9 @@ def generate(model: torch.nn.Module, prompts: torch.Tensor, params: SamplingPara
                 if pad is not None:
                     pos = pos - pad[:, None]
                     mask = (torch.arange(cur, device=device)[None, :] < pad[:, None])[:, None, None, :]
-            out = model(ids, pos, mask, inference_context=ctx, runtime_gather_output=True)
+            out, hidden = gpt_forward(model, ids, pos, mask, inference_context=ctx, runtime_gather_output=True)
             ctx.sequence_len_offset += ids.shape[1]
-            return out[:, -1].float()
+            return out[:, -1].float(), hidden
         length = cur if not sequence_parallel else ((cur + tp - 1) // tp) * tp
         ids = tokens[:, :length] if length <= tokens.shape[1] else torch.nn.functional.pad(
             tokens, (0, length - tokens.shape[1]), value=params.pad_id)
@@ -128,14 +131,14 @@ def generate(model: torch.nn.Module, prompts: torch.Tensor, params: SamplingPara
         mask = None
         if pad is not None:
             mask, pos = padded_attention(pad, length)
-        out = model(ids, pos, mask, runtime_gather_output=True)
-        return out[:, cur - 1].float()
+        out, hidden = gpt_forward(model, ids, pos, mask, runtime_gather_output=True)
+        return out[:, cur - 1].float(), hidden
 
     try:
         for step in range(n):
-            logits = next_logits(step)
+            logits, hidden = next_logits(step)
             choice, done = sample_step(logits, step, p, done, tokens, logprobs, mask, params, vocab_size,
-                                       logits_processor, generator, decode)
+                                       logits_processor, generator, decode, hidden=hidden)
             if bool(done.all()):
                 break
     finally:

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from nemo_rlhf.generation.decoding import GenerationOutput, SamplingParams, sample_step
-from nemo_rlhf.models.t5 import DECODER_START_ID, attention_masks
+from nemo_rlhf.models.t5 import DECODER_START_ID, attention_masks, t5_decode
 
 
 def _gather_vocab(logits: torch.Tensor) -> torch.Tensor:
@@ -41,7 +41,7 @@ def _cached_decoder_step(t5, token: torch.Tensor, pos: int, ctx, encoder_states,
     """The decoder on one token per sequence (``token`` [B], at decoder position ``pos``) with
     megatron's static KV cache for self-attention; cross-attention re-projects the encoder states
     (see models/t5.py). Positions are given explicitly (T5Model.forward would count from 0).
-    Returns vocab-parallel logits [B, 1, V/tp]."""
+    Returns (vocab-parallel logits [B, 1, V/tp], the decoder's hidden states [1, B, H])."""
     from megatron.core.tensor_parallel.mappings import scatter_to_tensor_model_parallel_region
 
     b = token.shape[0]
@@ -57,7 +57,7 @@ def _cached_decoder_step(t5, token: torch.Tensor, pos: int, ctx, encoder_states,
     hidden = t5.decoder(hidden_states=hidden, attention_mask=None, context=encoder_states, context_mask=cross_mask,
                         inference_context=ctx, rotary_pos_emb=rotary, attention_bias=bias)
     weight = t5.shared_embedding_or_output_weight() if t5.share_embeddings_and_output_weights else None
-    return t5.lm_head(hidden, word_embeddings_weight=weight).transpose(0, 1)
+    return t5.lm_head(hidden, word_embeddings_weight=weight).transpose(0, 1), hidden
 
 
 @torch.no_grad()
@@ -106,7 +106,6 @@ def generate_seq2seq(model: torch.nn.Module, prompts: torch.Tensor, params: Samp
 
     was_training = model.training
     model.eval()
-    model.causal_layout = None  # heads read decoder positions as they are during decoding
     ctx = None
     if params.use_kv_cache:
         from megatron.core.inference.contexts import StaticInferenceContext
@@ -120,15 +119,14 @@ def generate_seq2seq(model: torch.nn.Module, prompts: torch.Tensor, params: Samp
                 _, cross_mask = attention_masks(enc_valid, 1)
                 if step > 0:
                     ctx.enable_decode_mode()
-                logits = _cached_decoder_step(model, dec[:, step], step, ctx, encoder_states, cross_mask)
+                logits, hidden = _cached_decoder_step(model, dec[:, step], step, ctx, encoder_states, cross_mask)
                 ctx.sequence_len_offset += 1
             else:
                 _, cross_mask = attention_masks(enc_valid, step + 1)
-                logits = model(enc_tokens, dec[:, :step + 1], enc_mask, None, cross_mask,
-                               encoder_hidden_states=encoder_states)
+                logits, hidden = t5_decode(model, dec[:, :step + 1], encoder_states, None, cross_mask)
             logits = _gather_vocab(logits)[:, -1].float()
             choice, done = sample_step(logits, step, p, done, tokens, logprobs, mask, params, vocab_size,
-                                       logits_processor, generator, decode)
+                                       logits_processor, generator, decode, hidden=hidden)
             dec[:, step + 1] = choice
             if bool(done.all()):
                 break

@@ -2,7 +2,7 @@
 when usable, local otherwise), model chunks per (virtual) pipeline stage, megatron DDP wrapping."""
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -178,6 +178,38 @@ def wrap_ddp(chunks: List[torch.nn.Module], parallel: ParallelConfig) -> List[to
             disable_bucketing=i > 0,
         ))
     return wrapped
+
+
+def gpt_forward(gpt: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                attention_mask: Optional[torch.Tensor], labels: Optional[torch.Tensor] = None,
+                inference_context=None, runtime_gather_output: Optional[bool] = None):
+    """``GPTModel.forward`` that also returns the decoder's output: ``(output, hidden)``.
+
+    ``output`` is what ``gpt(input_ids, position_ids, attention_mask, labels=labels, ...)`` returns
+    (per-token NLL [B, S] with ``labels``, else logits [B, S, V]; the hidden states themselves on a
+    pipeline stage without the output layer). ``hidden`` [S, B, H] is the decoder block's output
+    (after the final layernorm on the last stage; sequence-sharded with sequence parallel), which
+    the heads of :mod:`nemo_rlhf.models.heads` read. It runs the stages GPTModel.forward runs,
+    in the same order -- ``_preprocess`` (embedding, rotary tables), ``decoder``, ``_postprocess``
+    (output layer, loss) -- the split megatron-core itself drives for its fine-grained schedules
+    (models/gpt/fine_grained_callables.py), so the numbers are those of ``gpt(...)`` exactly
+    (tests/unit/test_reward_model.py pins that against megatron's own call)."""
+    if getattr(gpt.config, "fine_grained_activation_offloading", False):
+        gpt.preprocess_for_fine_grained_offloading()
+    pre = gpt._preprocess(input_ids=input_ids, position_ids=position_ids, inference_context=inference_context)
+    decoder_input, rotary_pos_emb, rotary_pos_cos, rotary_pos_sin, sequence_len_offset, padding_mask = pre[:6]
+    hidden = gpt.decoder(
+        hidden_states=decoder_input, attention_mask=attention_mask, inference_context=inference_context,
+        rotary_pos_emb=rotary_pos_emb, rotary_pos_cos=rotary_pos_cos, rotary_pos_sin=rotary_pos_sin,
+        rotary_pos_cos_sin=pre[6] if len(pre) == 7 else None, sequence_len_offset=sequence_len_offset,
+        padding_mask=padding_mask)
+    output = gpt._postprocess(
+        hidden_states=hidden, input_ids=input_ids, position_ids=position_ids, labels=labels,
+        rotary_pos_emb=rotary_pos_emb, rotary_pos_cos=rotary_pos_cos, rotary_pos_sin=rotary_pos_sin,
+        mtp_in_postprocess=gpt.mtp_process, decoder_input=decoder_input, attention_mask=attention_mask,
+        sequence_len_offset=sequence_len_offset, runtime_gather_output=runtime_gather_output,
+        inference_context=inference_context)
+    return output, hidden
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:

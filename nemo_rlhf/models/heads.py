@@ -1,15 +1,47 @@
-"""Heads attached to a stock megatron GPTModel (or T5Model: its ``decoder`` is hooked the same way)
-by composition (no subclassing).
+"""Heads on the final hidden states of a stock megatron GPTModel or T5Model (its decoder), by
+composition (no subclassing, no hooks).
 
-``attach_value_head(gpt)`` registers ``gpt.value_head`` (a Linear(hidden, 1), replicated over
-TP ranks) and a forward hook on ``gpt.decoder`` that keeps the decoder's output (after the final
-layernorm). After any forward of ``gpt``, :func:`value_head_output` maps those hidden states to
-values ``[B, S]``. Because the head is a child of the GPTModel, megatron DDP, the optimizer and
-dist checkpointing pick it up like any other parameter.
+``attach_value_head(model)`` registers ``model.value_head`` (a Linear(hidden, 1), replicated over TP
+ranks); ``attach_ilql_heads(model)`` registers ``model.ilql_heads`` (Q, target-Q and V heads). They
+are child modules of the megatron model, so megatron DDP, the optimizer and dist checkpointing
+pick them up like any other parameter, under the keys ``value_head.*`` / ``ilql_heads.*``
+(a plain SFT checkpoint loads into a model with heads by skipping those prefixes; the heads
+start fresh).
+
+Nothing is kept between calls: the forward that needs a head asks the model for its hidden
+states explicitly (:func:`nemo_rlhf.models.gpt.gpt_forward`, :func:`nemo_rlhf.models.t5.t5_causal_forward`,
+or :func:`nemo_rlhf.modules.engine.lm_forward_with_states` for both) and hands the returned
+:class:`DecoderStates` to :func:`value_head_output` / :func:`ilql_heads_output`.
+
+Why the heads hang off the GPTModel rather than a ``PolicyWithHeads(lm, heads)`` wrapper module:
+the module megatron DDP wraps is what every consumer unwraps to a GPTModel/T5Model -- checkpoint
+save/load (torch ``load_state_dict`` on the unwrapped chunk with the sharded keys), HF/NeMo
+import/export, generation, evaluation. A wrapper would move every key under ``lm.`` and give
+them a module that is not a megatron model.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, List, Optional, Tuple
+
 import torch
+
+
+@dataclass
+class DecoderStates:
+    """The final hidden states of one forward, as the heads read them."""
+
+    hidden: torch.Tensor
+    """[S, B, H] the decoder block's output (after its final layernorm); sequence-sharded over TP
+    ranks with sequence parallel"""
+    layout: Optional[Any] = None
+    """encoder-decoder training forwards (models/t5.py ``CausalLayout``): where the decoder positions
+    sit in the causal [B, S] layout of the batch; None when positions are already causal (GPT, and
+    T5 while decoding)"""
+
+    def to_causal(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-position head outputs [B, S', ...] -> the batch's causal layout (identity for GPT)."""
+        return x if self.layout is None else self.layout.to_causal(x)
 
 
 class ValueHead(torch.nn.Module):
@@ -18,50 +50,36 @@ class ValueHead(torch.nn.Module):
         self.linear = torch.nn.Linear(hidden_size, 1)
         torch.nn.init.normal_(self.linear.weight, std=init_std) if init_std > 0 else torch.nn.init.zeros_(self.linear.weight)
         torch.nn.init.zeros_(self.linear.bias)
-        self._hidden = None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.linear(hidden.float()).squeeze(-1)
 
 
-def _capture(module, args, output):
-    hidden = output[0] if isinstance(output, tuple) else output
-    module._nemo_rlhf_value_head._hidden = hidden
+def _last_stage_only(model: torch.nn.Module, what: str) -> None:
+    if not model.post_process:
+        raise NotImplementedError(f"{what} need the last pipeline stage (pipeline_model_parallel_size=1)")
 
 
-def attach_value_head(gpt: torch.nn.Module, hidden_size: int) -> ValueHead:
-    if getattr(gpt, "value_head", None) is not None:
-        return gpt.value_head
-    if not gpt.post_process:
-        raise NotImplementedError("value heads need the last pipeline stage (pipeline_model_parallel_size=1)")
+def attach_value_head(model: torch.nn.Module, hidden_size: int) -> ValueHead:
+    """Register ``model.value_head`` on a GPTModel/T5Model (idempotent); returns the head."""
+    if getattr(model, "value_head", None) is not None:
+        return model.value_head
+    _last_stage_only(model, "value heads")
     head = ValueHead(hidden_size)
     if torch.cuda.is_available():
         head.cuda(torch.cuda.current_device())
-    gpt.value_head = head
-    object.__setattr__(gpt.decoder, "_nemo_rlhf_value_head", head)  # plain ref, not a submodule
-    gpt.decoder.register_forward_hook(_capture)
+    model.value_head = head
     return head
 
 
-def value_head_output(gpt: torch.nn.Module) -> torch.Tensor:
-    """Values [B, S] from the hidden states of ``gpt``'s last forward."""
+def value_head_output(model: torch.nn.Module, states: DecoderStates) -> torch.Tensor:
+    """Values [B, S] (causal layout) of ``model.value_head`` on the hidden states of one forward."""
     from megatron.core import tensor_parallel
 
-    head = gpt.value_head
-    hidden = head._hidden  # [S, B, H] (sequence-sharded with sequence parallel)
-    if hidden is None:
-        raise RuntimeError("value_head_output called before a forward of the model")
-    head._hidden = None
-    if gpt.config.sequence_parallel:
+    hidden = states.hidden
+    if model.config.sequence_parallel:
         hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
-    return _to_causal(gpt, head(hidden).transpose(0, 1).contiguous())
-
-
-def _to_causal(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Encoder-decoder models (models/t5.py) leave ``causal_layout`` after a training forward:
-    decoder positions -> the causal [B, S] layout of the batch. Identity for GPT."""
-    layout = getattr(model, "causal_layout", None)
-    return x if layout is None else layout.to_causal(x)
+    return states.to_causal(model.value_head(hidden).transpose(0, 1).contiguous())
 
 
 class ILQLHeads(torch.nn.Module):
@@ -87,7 +105,6 @@ class ILQLHeads(torch.nn.Module):
             for p in target.parameters():
                 p.requires_grad_(False)
         self.v_head = torch.nn.Linear(hidden_size, 1)
-        self._hidden = None
 
     def forward(self, hidden: torch.Tensor):
         """hidden [S, B, H] -> (qs, target_qs, v): lists of [B, S, V] and [B, S]."""
@@ -98,31 +115,23 @@ class ILQLHeads(torch.nn.Module):
         return qs, target_qs, v
 
 
-def _capture_ilql(module, args, output):
-    module._nemo_rlhf_ilql_heads._hidden = output[0] if isinstance(output, tuple) else output
-
-
-def attach_ilql_heads(gpt: torch.nn.Module, two_qs: bool = True) -> ILQLHeads:
-    if getattr(gpt, "ilql_heads", None) is not None:
-        return gpt.ilql_heads
-    if not gpt.post_process:
-        raise NotImplementedError("ILQL heads need the last pipeline stage (pipeline_model_parallel_size=1)")
-    if gpt.config.sequence_parallel:
+def attach_ilql_heads(model: torch.nn.Module, two_qs: bool = True) -> ILQLHeads:
+    """Register ``model.ilql_heads`` on a GPTModel/T5Model (idempotent); returns the heads."""
+    if getattr(model, "ilql_heads", None) is not None:
+        return model.ilql_heads
+    _last_stage_only(model, "ILQL heads")
+    if model.config.sequence_parallel:
         raise NotImplementedError("ILQL heads do not support sequence_parallel yet")
-    heads = ILQLHeads(gpt.config, gpt.config.hidden_size, gpt.vocab_size, two_qs=two_qs)
+    heads = ILQLHeads(model.config, model.config.hidden_size, model.vocab_size, two_qs=two_qs)
     if torch.cuda.is_available():
         heads.cuda(torch.cuda.current_device())
-    gpt.ilql_heads = heads
-    object.__setattr__(gpt.decoder, "_nemo_rlhf_ilql_heads", heads)
-    gpt.decoder.register_forward_hook(_capture_ilql)
+    model.ilql_heads = heads
     return heads
 
 
-def ilql_heads_output(gpt: torch.nn.Module):
-    heads = gpt.ilql_heads
-    hidden = heads._hidden
-    if hidden is None:
-        raise RuntimeError("ilql_heads_output called before a forward of the model")
-    heads._hidden = None
-    qs, target_qs, v = heads(hidden)
-    return ([_to_causal(gpt, q) for q in qs], [_to_causal(gpt, q) for q in target_qs], _to_causal(gpt, v))
+def ilql_heads_output(model: torch.nn.Module, states: DecoderStates
+                      ) -> Tuple[List[torch.Tensor], List[torch.Tensor], torch.Tensor]:
+    """(qs, target_qs, v) of ``model.ilql_heads`` on the hidden states of one forward, in the
+    causal layout: lists of [B, S, V] and [B, S]."""
+    qs, target_qs, v = model.ilql_heads(states.hidden)
+    return [states.to_causal(q) for q in qs], [states.to_causal(q) for q in target_qs], states.to_causal(v)

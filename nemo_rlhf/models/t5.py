@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
 from nemo_rlhf.config.schema import ConfigError, ModelConfig, ParallelConfig
 from nemo_rlhf.models.gpt import padded_vocab_size, transformer_config, transformer_engine_available
+from nemo_rlhf.models.heads import DecoderStates
 
 DECODER_START_ID = 0
 """The decoder's first input token: pad, as Hugging Face T5's decoder_start_token_id (CharTokenizer's
@@ -264,17 +265,55 @@ def attention_masks(enc_valid: torch.Tensor, dec_len: int):
     return blocked.expand(-1, 1, se, se), blocked.expand(-1, 1, dec_len, se)
 
 
+def t5_decode(t5: torch.nn.Module, decoder_input_ids: torch.Tensor, encoder_states: torch.Tensor,
+              decoder_attn_mask: Optional[torch.Tensor], encoder_decoder_attn_mask: Optional[torch.Tensor],
+              lm_labels: Optional[torch.Tensor] = None):
+    """The decoder half of ``T5Model.forward`` on given encoder states, also returning the decoder's
+    output: ``(output, hidden)``. ``output`` is what ``t5(..., encoder_hidden_states=encoder_states)``
+    returns (per-token NLL [N, Sd] with ``lm_labels``, else vocab-parallel logits [N, Sd, V/tp]);
+    ``hidden`` [Sd, N, H] is the decoder block's output after its final layernorm, for the heads.
+
+    T5Model.forward has no stage split to call (GPT's is used in models/gpt.py), and returns the
+    decoder states only without an output layer, so this repeats its decoder half -- embedding at
+    positions 0..Sd-1, rotary table or relative-position bias (heads scattered over TP), decoder
+    block, LM head, loss -- op for op: tests/unit/test_t5.py pins it against megatron's own call."""
+    from megatron.core.models.common.embeddings.relative_pos_embedding import RelativePositionEmbedding
+    from megatron.core.models.T5.t5_model import t5_position_ids
+    from megatron.core.tensor_parallel.mappings import scatter_to_tensor_model_parallel_region
+
+    decoder_input = None                       # intermediate pipeline stage (PP is refused for T5)
+    if t5.pre_process:
+        decoder_input = t5.embedding(input_ids=decoder_input_ids, position_ids=t5_position_ids(decoder_input_ids))
+    rotary_pos_emb, bias = None, None
+    if t5.position_embedding_type == "rope":
+        rotary_pos_emb = t5.rotary_pos_emb(
+            t5.rotary_pos_emb.get_rotary_seq_len(None, t5.decoder, decoder_input, t5.config, None))
+    elif t5.position_embedding_type == "relative":
+        length = RelativePositionEmbedding.get_relative_seq_len(None, t5.decoder, decoder_input, t5.config)
+        full = t5.decoder_relative_pos_emb(length, length)                       # [1, heads, Sd, Sd]
+        bias = scatter_to_tensor_model_parallel_region(full.permute(0, 2, 3, 1), t5.tp_group).permute(0, 3, 1, 2)
+    hidden = t5.decoder(hidden_states=decoder_input, attention_mask=decoder_attn_mask, context=encoder_states,
+                        context_mask=encoder_decoder_attn_mask, rotary_pos_emb=rotary_pos_emb, attention_bias=bias)
+    if not t5.post_process:
+        return hidden, hidden
+    weight = t5.shared_embedding_or_output_weight() if t5.share_embeddings_and_output_weights else None
+    logits = t5.lm_head(hidden, word_embeddings_weight=weight)                   # [Sd, N, V/tp]
+    if lm_labels is None:
+        return logits.transpose(0, 1).contiguous(), hidden
+    return t5.compute_language_model_loss(lm_labels, logits), hidden
+
+
 def t5_causal_forward(model: torch.nn.Module, tokens: torch.Tensor, labels: Optional[torch.Tensor],
-                      mask: torch.Tensor, pad_id: int = DECODER_START_ID) -> Optional[torch.Tensor]:
-    """Run a T5 policy on a causal batch. Returns the per-token NLL [N, S] in the causal layout
-    (0 at prompt positions) when ``labels`` is given, else None (heads read the decoder states).
-    Leaves the layout on the unwrapped T5Model (``causal_layout``) for the value/ILQL heads."""
+                      mask: torch.Tensor, pad_id: int = DECODER_START_ID) -> Tuple[Optional[torch.Tensor], DecoderStates]:
+    """Run a T5 policy on a causal batch. Returns ``(nll, states)``: the per-token NLL [N, S] in the
+    causal layout (0 at prompt positions) when ``labels`` is given, else None; and the decoder's
+    hidden states with the batch's :class:`CausalLayout`, for the value/ILQL heads."""
+    t5 = _unwrap_t5(model)
     lab = labels if labels is not None else torch.cat([tokens[:, 1:], tokens[:, -1:]], 1)
     batch = split_causal_batch(tokens, lab, mask, pad_id=pad_id, start_id=DECODER_START_ID)
     enc_mask, cross_mask = attention_masks(batch.enc_valid, batch.dec_tokens.shape[1])
-    _unwrap_t5(model).causal_layout = batch.layout
-    out = model(batch.enc_tokens, batch.dec_tokens, enc_mask, None, cross_mask,
-                lm_labels=batch.dec_labels if labels is not None else None)
-    if labels is None:
-        return None
-    return batch.layout.to_causal(out)
+    encoder_states = t5(batch.enc_tokens, None, enc_mask, None, None, output_encoder_hidden_only=True)
+    out, hidden = t5_decode(t5, batch.dec_tokens, encoder_states, None, cross_mask,
+                            lm_labels=batch.dec_labels if labels is not None else None)
+    states = DecoderStates(hidden, batch.layout)
+    return (batch.layout.to_causal(out) if labels is not None else None), states

@@ -12,8 +12,9 @@ import torch.distributed as dist
 from nemo_rlhf.config.schema import ModelConfig, OptimConfig, ParallelConfig
 from nemo_rlhf.errors import ConfigError
 from nemo_rlhf.generation.sampling import padded_attention
-from nemo_rlhf.models.gpt import build_gpt_chunks, unwrap, wrap_ddp
-from nemo_rlhf.models.t5 import _unwrap_t5, build_t5_chunks, is_t5, t5_causal_forward
+from nemo_rlhf.models.gpt import build_gpt_chunks, gpt_forward, unwrap, wrap_ddp
+from nemo_rlhf.models.heads import DecoderStates
+from nemo_rlhf.models.t5 import CausalLayout, build_t5_chunks, is_t5, t5_causal_forward
 
 # model.arch -> builder(model, parallel, vocab_size) -> chunks owned by this rank
 BUILDERS = {"gpt": build_gpt_chunks, "t5": build_t5_chunks}
@@ -175,12 +176,15 @@ def ps_broadcast_keys(keys: List[str]) -> List[str]:
     return box[0]
 
 
-def lm_forward(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor | None,
-               completion_mask: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor | None:
-    """The causal-LM call of every trainer: per-token NLL [B, S] of ``labels`` (or, without
-    labels, a forward for the heads only). GPT runs on ``tokens`` as is; T5 puts the prompt (the
-    positions before ``completion_mask``'s first 1) into the encoder and the rest into the decoder,
-    returning the NLL in the same causal layout (see models/t5.py).
+def lm_forward_with_states(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor | None,
+                           completion_mask: torch.Tensor, pad: torch.Tensor | None = None
+                           ) -> Tuple[torch.Tensor | None, DecoderStates]:
+    """The causal-LM call of every trainer: ``(nll, states)`` with the per-token NLL [B, S] of
+    ``labels`` (None without labels) and the final hidden states that the heads read
+    (models/heads.py: ``value_head_output(unwrap(model), states)``). GPT runs on ``tokens`` as is;
+    T5 puts the prompt (the positions before ``completion_mask``'s first 1) into the encoder and
+    the rest into the decoder, returning the NLL in the same causal layout and the states with the
+    layout that maps the heads' outputs there too (see models/t5.py).
 
     ``pad`` [B]: rows start with that many left-padding tokens (ragged prompts, as generation
     takes them). They are treated exactly as generation treats them: GPT masks them out of
@@ -196,9 +200,14 @@ def lm_forward(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tenso
     position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
     if pad is not None:
         attention_mask, position_ids = padded_attention(pad.to(tokens.device), tokens.shape[1])
-    if labels is None:
-        return model(tokens, position_ids, attention_mask)
-    return model(tokens, position_ids, attention_mask, labels=labels)
+    nll, hidden = gpt_forward(unwrap(model), tokens, position_ids, attention_mask, labels=labels)
+    return (nll if labels is not None else None), DecoderStates(hidden)
+
+
+def lm_forward(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor,
+               completion_mask: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token NLL [B, S] of ``labels`` (arguments as :func:`lm_forward_with_states`)."""
+    return lm_forward_with_states(model, tokens, labels, completion_mask, pad)[0]
 
 
 def shift_rows(x: torch.Tensor, shift: torch.Tensor, fill=0) -> torch.Tensor:
@@ -216,11 +225,12 @@ def _t5_left_padded_forward(model, tokens, labels, completion_mask, pad):
     """T5 on left-padded rows: shift each row left by its padding (the encoder then sees the prompt
     right-padded, as in generation/seq2seq.py), run, and shift the NLL and the heads' layout back."""
     back = -pad.to(tokens.device)
-    nll = t5_causal_forward(model, shift_rows(tokens, back), None if labels is None else shift_rows(labels, back),
-                            shift_rows(completion_mask, back))
-    layout = _unwrap_t5(model).causal_layout            # decoder position -> causal index, unshifted
-    layout.offset = layout.offset + pad.to(layout.offset.device)
-    return None if nll is None else shift_rows(nll, pad)
+    nll, states = t5_causal_forward(model, shift_rows(tokens, back),
+                                    None if labels is None else shift_rows(labels, back),
+                                    shift_rows(completion_mask, back))
+    layout = states.layout                    # decoder position -> causal index of the shifted rows
+    states = DecoderStates(states.hidden, CausalLayout(layout.offset + pad.to(layout.offset.device), layout.seq_length))
+    return (None if nll is None else shift_rows(nll, pad)), states
 
 
 def lm_forward_step(batch: Dict[str, torch.Tensor], model: torch.nn.Module, loss_fn: Callable):

@@ -13,8 +13,8 @@ from nemo_rlhf.config.schema import ILQLConfig, RunConfig
 from nemo_rlhf.data.ilql import ILQLDataset
 from nemo_rlhf.logging import get_logger
 from nemo_rlhf.models.gpt import unwrap
-from nemo_rlhf.models.heads import attach_ilql_heads, ilql_heads_output
-from nemo_rlhf.modules.engine import MegatronEngine, lm_forward
+from nemo_rlhf.models.heads import DecoderStates, attach_ilql_heads, ilql_heads_output
+from nemo_rlhf.modules.engine import MegatronEngine, lm_forward_with_states
 from nemo_rlhf.modules.loop import dp_loader, end_of_step, record_eval, save_engine, TrainingSystem
 from nemo_rlhf.modules.run_dir import RunDirectory
 
@@ -22,9 +22,8 @@ log = get_logger(__name__)
 
 
 def ilql_forward(batch: Dict[str, torch.Tensor], model, cfg: ILQLConfig):
-    tokens = batch["tokens"]
-    nll = lm_forward(model, tokens, batch["labels"], batch["mask"])
-    heads = ilql_heads_output(unwrap(model))
+    nll, states = lm_forward_with_states(model, batch["tokens"], batch["labels"], batch["mask"])
+    heads = ilql_heads_output(unwrap(model), states)
     return nll, partial(ilql_loss_func, batch, cfg, heads)
 
 
@@ -43,10 +42,11 @@ def ilql_loss_func(batch, cfg: ILQLConfig, heads, nll):
     return loss * n, n.to(torch.int), report
 
 
-def ilql_logits_processor(gpt, beta: float):
-    """For generate(): shift the last position's logits by beta * (min target Q - V)."""
-    def process(logits):
-        qs, target_qs, v = ilql_heads_output(gpt)
+def ilql_logits_processor(model, beta: float):
+    """For generate(): shift the last position's logits by beta * (min target Q - V), with the heads
+    on the hidden states [S, B, H] of the forward that gave ``logits`` [B, V] (its last position)."""
+    def process(logits, hidden):
+        qs, target_qs, v = ilql_heads_output(model, DecoderStates(hidden))
         q1 = target_qs[0][:, -1]
         q2 = target_qs[1][:, -1] if len(target_qs) > 1 else None
         return ilql_logits(logits, q1, q2, v[:, -1], beta)

@@ -21,7 +21,7 @@ from nemo_rlhf.generation.sampling import SamplingParams, generate, left_pad
 from nemo_rlhf.logging import get_logger
 from nemo_rlhf.models.gpt import unwrap
 from nemo_rlhf.models.heads import attach_value_head, value_head_output
-from nemo_rlhf.modules.engine import MegatronEngine, build_chunks, lm_forward
+from nemo_rlhf.modules.engine import MegatronEngine, build_chunks, lm_forward, lm_forward_with_states
 from nemo_rlhf.modules.loop import dp_loader, end_of_step, record_eval, save_engine, TrainingSystem
 from nemo_rlhf.modules.run_dir import RunDirectory
 from nemo_rlhf.parallel.reductions import all_reduce_sum, data_parallel_group, dp_moments, dp_whiten
@@ -64,8 +64,8 @@ def _stats_report(loss: torch.Tensor, stats: Dict[str, torch.Tensor], mask: torc
 
 
 def actor_forward(batch: Dict[str, torch.Tensor], model, ppo: PPOConfig, with_value: bool):
-    nll = lm_forward(model, batch["inputs"], batch["labels"], batch["mask"], batch.get("pad"))
-    values = value_head_output(unwrap(model)) if with_value else None
+    nll, states = lm_forward_with_states(model, batch["inputs"], batch["labels"], batch["mask"], batch.get("pad"))
+    values = value_head_output(unwrap(model), states) if with_value else None
     return nll, partial(actor_loss, batch, ppo, values)
 
 
@@ -80,8 +80,8 @@ def actor_loss(batch, ppo: PPOConfig, values, nll):
 
 
 def critic_forward(batch: Dict[str, torch.Tensor], model, ppo: PPOConfig):
-    lm_forward(model, batch["inputs"], None, batch["mask"], batch.get("pad"))
-    values = value_head_output(unwrap(model))
+    _, states = lm_forward_with_states(model, batch["inputs"], None, batch["mask"], batch.get("pad"))
+    values = value_head_output(unwrap(model), states)
     return values, partial(critic_loss, batch, ppo)
 
 
@@ -224,14 +224,15 @@ class PPOModule(TrainingSystem):
             scores = scores / moments_std(self.reward_moments)
         policy = self.actor.module
         policy.eval()
-        logprobs = -lm_forward(policy, inputs, labels, mask, pad).float()
+        nll, states = lm_forward_with_states(policy, inputs, labels, mask, pad)
+        logprobs = -nll.float()
         if self.critic is None:
-            values = value_head_output(policy)
+            values = value_head_output(policy, states)
         else:
             critic = self.critic.module
             critic.eval()
-            lm_forward(critic, inputs, None, mask, pad)
-            values = value_head_output(critic)
+            _, critic_states = lm_forward_with_states(critic, inputs, None, mask, pad)
+            values = value_head_output(critic, critic_states)
         ref_logprobs = -lm_forward(self.reference, inputs, labels, mask, pad).float()
         logprobs, ref_logprobs, values = logprobs * mask, ref_logprobs * mask, values * mask
         rewards, _ = kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, self.kl_ctl.value)

@@ -12,8 +12,8 @@ from nemo_rlhf.algorithms.dpo import bradley_terry_loss
 from nemo_rlhf.config.schema import RunConfig
 from nemo_rlhf.data.preference import PreferenceDataset
 from nemo_rlhf.logging import get_logger
-from nemo_rlhf.models.gpt import unwrap
-from nemo_rlhf.models.heads import attach_value_head, value_head_output
+from nemo_rlhf.models.gpt import gpt_forward, unwrap
+from nemo_rlhf.models.heads import DecoderStates, attach_value_head, value_head_output
 from nemo_rlhf.modules.engine import MegatronEngine
 from nemo_rlhf.modules.loop import dp_loader, end_of_step, record_eval, save_engine, TrainingSystem
 from nemo_rlhf.modules.run_dir import RunDirectory
@@ -26,8 +26,9 @@ def pair_rewards(model, tokens, loss_mask) -> torch.Tensor:
     input holds the whole prompt + completion, as RewardModelScorer reads samples)."""
     b, two, s = tokens.shape
     flat = tokens.reshape(b * two, s)
-    model(flat, torch.arange(s, device=flat.device).expand_as(flat), None)
-    values = value_head_output(unwrap(model))                                  # [2b, S]
+    gpt = unwrap(model)
+    _, hidden = gpt_forward(gpt, flat, torch.arange(s, device=flat.device).expand_as(flat), None)
+    values = value_head_output(gpt, DecoderStates(hidden))                     # [2b, S]
     mask = loss_mask.reshape(b * two, s)
     last = (mask * torch.arange(s, device=mask.device)).argmax(-1)             # last completion label pos
     # label t is token t + 1: the last completion token sits at input position `last`

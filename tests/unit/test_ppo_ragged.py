@@ -6,7 +6,7 @@ import torch
 
 from nemo_rlhf.config.schema import ModelConfig, ParallelConfig
 from nemo_rlhf.generation.sampling import SamplingParams, generate, left_pad
-from nemo_rlhf.modules.engine import lm_forward, shift_rows
+from nemo_rlhf.modules.engine import lm_forward, lm_forward_with_states, shift_rows
 from nemo_rlhf.modules.ppo import PromptDataset, trim_left_padding
 
 PROMPTS = [[5, 6], [7, 8, 9, 10], [4], [7, 8, 9, 10, 11]]
@@ -73,8 +73,8 @@ def test_training_forward_logprobs_equal_the_samplers_on_ragged_prompts(arch, re
     inputs, labels, mask = _experience_layout(out)
     p = out.prompt_length
     with torch.no_grad():
-        logprobs = -lm_forward(model, inputs, labels, mask, pad) * mask
-        values = value_head_output(model) * mask
+        nll, states = lm_forward_with_states(model, inputs, labels, mask, pad)
+        logprobs, values = -nll * mask, value_head_output(model, states) * mask
     got, want = logprobs[:, p - 1:], out.logprobs * out.mask
     assert float(out.mask.sum()) > 8
     assert (got - want).abs().max() < 1e-5, (got, want)
@@ -86,8 +86,8 @@ def test_training_forward_logprobs_equal_the_samplers_on_ragged_prompts(arch, re
     for i in range(len(PROMPTS)):
         k = int(pad[i])
         with torch.no_grad():
-            alone = -lm_forward(model, inputs[i:i + 1, k:], labels[i:i + 1, k:], mask[i:i + 1, k:]) * mask[i:i + 1, k:]
-            alone_values = value_head_output(model) * mask[i:i + 1, k:]
+            nll, states = lm_forward_with_states(model, inputs[i:i + 1, k:], labels[i:i + 1, k:], mask[i:i + 1, k:])
+            alone, alone_values = -nll * mask[i:i + 1, k:], value_head_output(model, states) * mask[i:i + 1, k:]
         assert (alone[0] - logprobs[i, k:]).abs().max() < 1e-5, i
         assert (alone_values[0] - values[i, k:]).abs().max() < 1e-5, i
         assert float(logprobs[i, :k].abs().sum()) == 0.0 and float(values[i, :k].abs().sum()) == 0.0

@@ -124,15 +124,36 @@ def test_sampled_logprobs_equal_training_nll_and_padding_is_invisible(t5):
 
 def test_value_head_on_the_t5_decoder_returns_the_causal_layout(t5):
     from nemo_rlhf.models.heads import attach_value_head, value_head_output
-    from nemo_rlhf.modules.engine import lm_forward
+    from nemo_rlhf.modules.engine import lm_forward_with_states
 
     head = attach_value_head(t5, T5.hidden_size)
     torch.nn.init.normal_(head.linear.weight)
+    assert not t5.decoder._forward_hooks
     tokens, _, mask = _batch()
-    lm_forward(t5, tokens, None, mask)
-    values = value_head_output(t5)
+    nll, states = lm_forward_with_states(t5, tokens, None, mask)
+    assert nll is None and states.hidden.shape == (8, 2, T5.hidden_size)      # [Sd, N, H]: decoder positions
+    values = value_head_output(t5, states)
     assert values.shape == (2, 8)
     assert float(values[1, :2].abs().sum()) == 0.0 and float(values[1, 2:6].abs().min()) > 0.0
+
+
+@pytest.mark.parametrize("positions", ["learned_absolute", "relative"])
+def test_t5_decode_is_megatrons_decoder_half_exactly(mp, positions):
+    """t5_decode repeats T5Model.forward's decoder half (to hand the heads its hidden states): same
+    logits and per-token loss as megatron's own call, bit for bit."""
+    from nemo_rlhf.models.t5 import build_t5_chunks, t5_decode
+
+    torch.manual_seed(0)
+    t5 = build_t5_chunks(dataclasses.replace(T5, position_embedding_type=positions), ParallelConfig(),
+                         vocab_size=12)[0].eval()
+    b = split_causal_batch(*_batch())
+    enc_mask, cross = attention_masks(b.enc_valid, b.dec_tokens.shape[1])
+    with torch.no_grad():
+        enc = t5(b.enc_tokens, None, enc_mask, None, None, output_encoder_hidden_only=True)
+        for labels in (None, b.dec_labels):
+            got, hidden = t5_decode(t5, b.dec_tokens, enc, None, cross, lm_labels=labels)
+            assert torch.equal(got, t5(b.enc_tokens, b.dec_tokens, enc_mask, None, cross, lm_labels=labels))
+    assert hidden.shape == (b.dec_tokens.shape[1], 2, T5.hidden_size)
 
 
 def test_config_errors_name_the_key(dist1):
