@@ -47,3 +47,31 @@ def test_interrupted_write_is_never_loaded(engine, tmp_path):
 def test_missing_checkpoint_named(engine, tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "nowhere", engine.chunks)
+
+
+def test_heads_are_saved_and_loaded_under_their_keys(mp, tmp_path):
+    """Heads are children of the GPTModel: a checkpoint holds them as value_head.* / ilql_heads.*
+    next to the GPT's own keys (as checkpoints written before have them), and loads them back."""
+    from megatron.core import dist_checkpointing
+
+    from nemo_rlhf.models.heads import attach_ilql_heads, attach_value_head
+
+    def heads(gpt):
+        attach_value_head(gpt, gpt.config.hidden_size)
+        attach_ilql_heads(gpt, two_qs=False)
+
+    torch.manual_seed(0)
+    engine = MegatronEngine(ModelConfig(), ParallelConfig(), OptimConfig(), vocab_size=20, max_steps=10, setup=heads)
+    with torch.no_grad():
+        engine.module.value_head.linear.weight.normal_()
+    path = save_checkpoint(tmp_path, 1, engine.chunks)
+    keys = set(dist_checkpointing.load_tensors_metadata(str(path)))
+    assert {"value_head.linear.weight", "ilql_heads.q_heads.0.weight", "ilql_heads.target_q_heads.0.weight",
+            "ilql_heads.v_head.bias", "embedding.word_embeddings.weight"} <= keys
+    saved = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    with torch.no_grad():
+        for p in engine.module.parameters():
+            p.add_(1.0)
+    load_checkpoint(path, engine.chunks)
+    for n, p in engine.module.named_parameters():
+        assert torch.equal(p, saved[n]), n
