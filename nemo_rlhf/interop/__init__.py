@@ -18,7 +18,9 @@ from nemo_rlhf.interop.hf_config import (ARCH_FIELDS, SUPPORTED, hf_config_from_
                                          model_config_from_hf, read_hf_config)
 from nemo_rlhf.interop.hf_gpt import (gather_full_state, hf_to_megatron, load_full_state, megatron_to_hf,
                                       read_hf_weights)
+from nemo_rlhf.interop.hf_t5 import export_hf_t5
 from nemo_rlhf.logging import get_logger
+from nemo_rlhf.models.gpt import padded_vocab_size
 
 log = get_logger(__name__)
 
@@ -34,8 +36,6 @@ def import_hf(path, chunks: List[torch.nn.Module], model: ModelConfig,
               skip_prefixes=("value_head.", "ilql_heads.", "reward_head.")) -> None:
     """Fill ``chunks`` (this rank's GPTModel chunks, any TP/PP) from the HF directory ``path``.
     ``model`` must describe the same architecture (see :func:`model_config_from_hf`)."""
-    from nemo_rlhf.models.gpt import padded_vocab_size
-
     hf_cfg = read_hf_config(path)
     model_config_from_hf(path, model)   # raises if ``model`` disagrees with config.json
     full = hf_to_megatron(read_hf_weights(path), hf_cfg["model_type"], model,
@@ -54,8 +54,6 @@ def export_hf(directory, chunks: List[torch.nn.Module], model: ModelConfig, voca
     from safetensors.torch import save_file
 
     if getattr(model, "arch", "gpt") == "t5":   # encoder-decoder: AutoModelForSeq2SeqLM (interop/hf_t5.py)
-        from nemo_rlhf.interop.hf_t5 import export_hf_t5
-
         out = export_hf_t5(directory, chunks, model, vocab_size, tokenizer=tokenizer)
         if out is not None:
             _write_tokenizer(out, source_dir if source_dir is not None and is_hf_dir(source_dir) else None,

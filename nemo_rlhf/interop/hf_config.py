@@ -18,7 +18,8 @@ import json
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from nemo_rlhf.config.schema import ConfigError, ModelConfig
+from nemo_rlhf.config.schema import ModelConfig
+from nemo_rlhf.errors import ConfigError
 
 SUPPORTED = ("gpt2", "llama", "mistral", "qwen2", "gpt_neox")
 

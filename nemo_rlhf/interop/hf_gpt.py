@@ -25,8 +25,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from nemo_rlhf.checkpoint.dist_ckpt import CheckpointError
 from nemo_rlhf.config.schema import GATED_ACTIVATIONS, ModelConfig
+from nemo_rlhf.errors import CheckpointError
+from nemo_rlhf.models.gpt import unwrap
 
 Tensor = torch.Tensor
 StateDict = Dict[str, Tensor]
@@ -250,8 +251,6 @@ _TE_NAMES = {"self_attention.linear_qkv.layer_norm_weight": "input_layernorm.wei
 
 def _global_names(chunk) -> Dict[str, str]:
     """Local parameter name -> name in the TP=1/PP=1 model (layer numbers made global)."""
-    from nemo_rlhf.models.gpt import unwrap
-
     gpt = unwrap(chunk)
     offsets = {}
     if getattr(gpt, "decoder", None) is not None:
@@ -286,8 +285,6 @@ def load_full_state(full: StateDict, chunks: List[torch.nn.Module], model: Model
     not under ``skip_prefixes`` must be filled, with the right shape."""
     from megatron.core import parallel_state as ps
 
-    from nemo_rlhf.models.gpt import unwrap
-
     tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     missing, bad = [], []
     for chunk in chunks:
@@ -321,8 +318,6 @@ def gather_full_state(chunks: List[torch.nn.Module], model: ModelConfig,
     pipeline stages' pieces are gathered to rank 0 (the first data-parallel replica sends)."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
-
-    from nemo_rlhf.models.gpt import unwrap
 
     tp = ps.get_tensor_model_parallel_world_size()
     group = ps.get_tensor_model_parallel_group() if tp > 1 else None

@@ -32,7 +32,11 @@ from typing import Any, Dict, List
 
 import torch
 
-from nemo_rlhf.config.schema import ConfigError, ModelConfig
+from nemo_rlhf.config.schema import ModelConfig
+from nemo_rlhf.errors import CheckpointError, ConfigError
+from nemo_rlhf.interop.hf_config import read_hf_config
+from nemo_rlhf.interop.hf_gpt import read_hf_weights
+from nemo_rlhf.models.gpt import padded_vocab_size, unwrap
 
 Tensor = torch.Tensor
 StateDict = Dict[str, Tensor]
@@ -69,9 +73,6 @@ def model_config_from_hf_t5(hf: Dict[str, Any], base: ModelConfig | None = None,
 def model_config_from_hf_t5_dir(path, base: ModelConfig | None = None) -> ModelConfig:
     """:func:`model_config_from_hf_t5` for an HF directory (reads the weights to see whether the LM
     head is tied); used when ``model.path`` of an arch=t5 run is a Hugging Face T5 directory."""
-    from nemo_rlhf.interop.hf_config import read_hf_config
-    from nemo_rlhf.interop.hf_gpt import read_hf_weights
-
     return model_config_from_hf_t5(read_hf_config(path), base, tied=lm_head_is_tied(read_hf_weights(path)),
                                    where=f"{path}/config.json")
 
@@ -178,8 +179,6 @@ def load_hf_t5(full: StateDict, t5: torch.nn.Module, gated: bool, skip_prefixes=
     right shape."""
     from megatron.core import parallel_state as ps
 
-    from nemo_rlhf.checkpoint import CheckpointError
-
     tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     skip = HEAD_PREFIXES + tuple(skip_prefixes)
     names = {n: p for n, p in t5.named_parameters() if not n.startswith(skip)}
@@ -205,10 +204,6 @@ def load_hf_t5(full: StateDict, t5: torch.nn.Module, gated: bool, skip_prefixes=
 def import_hf_t5(path, chunks: List[torch.nn.Module], model: ModelConfig, skip_prefixes=()) -> None:
     """Fill T5 ``chunks`` (built from ``model``, e.g. :func:`model_config_from_hf_t5`) with the HF
     T5 checkpoint in directory ``path`` (config.json + safetensors / .bin)."""
-    from nemo_rlhf.interop.hf_config import read_hf_config
-    from nemo_rlhf.interop.hf_gpt import read_hf_weights
-    from nemo_rlhf.models.gpt import padded_vocab_size, unwrap
-
     hf = read_hf_config(path)
     hf_sd = read_hf_weights(path)
     t5 = unwrap(chunks[0])
@@ -341,8 +336,6 @@ def export_hf_t5(directory, chunks: List[torch.nn.Module], model: ModelConfig, v
 
     import torch.distributed as dist
     from safetensors.torch import save_file
-
-    from nemo_rlhf.models.gpt import unwrap
 
     hf = hf_t5_config_from_model(model, vocab_size)
     if tokenizer is not None:

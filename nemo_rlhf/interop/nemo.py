@@ -31,8 +31,10 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from nemo_rlhf.checkpoint.dist_ckpt import CheckpointError
-from nemo_rlhf.config.schema import GATED_ACTIVATIONS, ConfigError, ModelConfig
+from nemo_rlhf.config.schema import GATED_ACTIVATIONS, ModelConfig
+from nemo_rlhf.errors import CheckpointError, ConfigError
+from nemo_rlhf.interop.hf_gpt import load_full_state
+from nemo_rlhf.models.gpt import unwrap
 
 StateDict = Dict[str, torch.Tensor]
 
@@ -235,9 +237,6 @@ def read_nemo1_weights(path) -> Tuple[Dict[str, Any], StateDict]:
 def load_nemo1(path, chunks, skip_prefixes=()):
     from megatron.core import parallel_state as ps
 
-    from nemo_rlhf.interop.hf_gpt import load_full_state
-    from nemo_rlhf.models.gpt import unwrap
-
     cfg, full = read_nemo1_weights(path)
     model = dataclasses.replace(ModelConfig(seq_length=1), **arch_fields_from_nemo1(cfg, str(path)))
     # NeMo pads the vocabulary to make_vocab_size_divisible_by * TP; ours may be padded differently:
@@ -277,8 +276,6 @@ def detect_prefix(keys) -> str:
 def load_mcore_dist(path, chunks, skip_prefixes=()):
     """Weights of a NeMo 2 / Megatron-LM dist checkpoint into ``chunks`` (any TP/PP)."""
     from megatron.core import dist_checkpointing
-
-    from nemo_rlhf.models.gpt import unwrap
 
     wdir = _weights_dir(path)
     available = set(dist_checkpointing.load_tensors_metadata(str(wdir)))
