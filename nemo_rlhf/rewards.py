@@ -67,9 +67,9 @@ class RewardModelScorer:
     Works at any TP (the head reads the full hidden state on every rank)."""
 
     def __init__(self, path, model_cfg, parallel_cfg, tokenizer, batch_size: int = 64):
-        from nemo_rlhf.checkpoint import load_weights
         from nemo_rlhf.models.gpt import build_gpt_chunks
         from nemo_rlhf.models.heads import attach_value_head
+        from nemo_rlhf.weights import load_weights
 
         self.path, self.tokenizer, self.batch_size = str(path), tokenizer, batch_size
         self.model = build_gpt_chunks(model_cfg, parallel_cfg, tokenizer.vocab_size)[0].eval()

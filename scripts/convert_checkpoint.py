@@ -48,12 +48,12 @@ def _model_yaml(model) -> str:
 
 def import_checkpoint(args) -> Path:
     from nemo_rlhf.checkpoint import save_checkpoint
-    from nemo_rlhf.checkpoint.dist_ckpt import load_weights
     from nemo_rlhf.config.schema import ModelConfig, ParallelConfig
     from nemo_rlhf.interop import TOKENIZER_FILES
     from nemo_rlhf.interop.formats import checkpoint_format, resolve_model_config
     from nemo_rlhf.models.gpt import build_gpt_chunks
     from nemo_rlhf.parallel import init_distributed, initialize_model_parallel
+    from nemo_rlhf.weights import load_weights
 
     src = Path(args.from_hf or args.from_nemo)
     fmt = checkpoint_format(src)
@@ -97,7 +97,7 @@ def import_checkpoint(args) -> Path:
 def export_checkpoint(args) -> Path:
     from omegaconf import OmegaConf
 
-    from nemo_rlhf.checkpoint.dist_ckpt import load_weights, read_meta
+    from nemo_rlhf.checkpoint import load_own_weights, read_meta
     from nemo_rlhf.config import to_run_config
     from nemo_rlhf.config.schema import ParallelConfig
     from nemo_rlhf.data.tokenizers import has_tokenizer, load_tokenizer, tokenizer_for
@@ -124,7 +124,7 @@ def export_checkpoint(args) -> Path:
     initialize_model_parallel(ParallelConfig(), seed=0)
     vocab = model.vocab_size or tok.vocab_size
     chunks = build_gpt_chunks(model, ParallelConfig(), vocab)
-    load_weights(ckpt, chunks)
+    load_own_weights(ckpt, chunks)
     out = export_hf(args.to_hf, chunks, model, vocab, source_dir=args.source_hf, tokenizer=tok)
     print(f"exported {ckpt} -> {out} (transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}))")
     return out
@@ -143,8 +143,7 @@ def main(argv=None) -> None:
     ap.add_argument("--pp", type=int, default=1, help="pipeline-parallel size of the conversion")
     ap.add_argument("--seq-length", type=int, default=16, help="model.seq_length recorded with the import")
     args = ap.parse_args(argv)
-    from nemo_rlhf.checkpoint import CheckpointError
-    from nemo_rlhf.config.schema import ConfigError
+    from nemo_rlhf.errors import CheckpointError, ConfigError
     from nemo_rlhf.parallel import destroy
 
     try:

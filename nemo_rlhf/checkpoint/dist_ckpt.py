@@ -26,16 +26,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from nemo_rlhf.errors import CheckpointError  # noqa: F401  (re-exported)
 from nemo_rlhf.logging import get_logger
+from nemo_rlhf.models.gpt import unwrap
 
 log = get_logger(__name__)
 
 META_FILE = "nemo_rlhf_meta.json"
 LATEST_FILE = "latest"
 _DIST_OPT_META = {"distrib_optim_sharding_type": "dp_reshardable"}
-
-
-from nemo_rlhf.errors import CheckpointError  # noqa: F401  (re-exported)
 
 
 def _rank() -> int:
@@ -60,8 +59,6 @@ def current_layout() -> Dict[str, Any]:
 
 def _model_sharded_state_dict(chunks: List[torch.nn.Module], name: str = "model") -> Dict[str, Any]:
     """``name`` prefixes the sharded keys too, so two models (policy, critic) can share a checkpoint."""
-    from nemo_rlhf.models.gpt import unwrap
-
     prefix = "" if name == "model" else f"{name}."
     if len(chunks) == 1:
         return {name: unwrap(chunks[0]).sharded_state_dict(prefix=prefix)}
@@ -208,8 +205,6 @@ def load_checkpoint(path: str | os.PathLike, chunks: List[torch.nn.Module], opti
     RNG state when given and compatible. Returns the saved loop state (``step`` included)."""
     from megatron.core import dist_checkpointing
 
-    from nemo_rlhf.models.gpt import unwrap
-
     path = Path(path)
     meta = read_meta(path)
     layout = current_layout()
@@ -264,20 +259,15 @@ def load_checkpoint(path: str | os.PathLike, chunks: List[torch.nn.Module], opti
     return dict(loaded.get("loop_state", meta.get("loop_state", {})))
 
 
-def load_weights(path: str | os.PathLike, chunks: List[torch.nn.Module], skip_prefixes=("value_head.",)) -> None:
-    """Initialise ``chunks`` from the policy weights of a checkpoint (any layout). Parameters
+def load_own_weights(path: str | os.PathLike, chunks: List[torch.nn.Module], skip_prefixes=("value_head.",)) -> None:
+    """Initialise ``chunks`` from the policy weights of a nemo_rlhf checkpoint (any layout). Parameters
     under ``skip_prefixes`` (heads the checkpoint does not have, e.g. a fresh value head) keep
-    their initialisation; anything else missing is an error."""
+    their initialisation; anything else missing is an error. Only our own format: for a
+    ``model.path`` that may be a Hugging Face directory, a ``.nemo`` file or a NeMo 2 / Megatron
+    checkpoint, call :func:`nemo_rlhf.weights.load_weights`, which dispatches on the format."""
     from megatron.core import dist_checkpointing
 
-    from nemo_rlhf.models.gpt import unwrap
-
     path = Path(path)
-    from nemo_rlhf.interop.formats import foreign_checkpoint_loader
-
-    foreign = foreign_checkpoint_loader(path)   # a Hugging Face directory, a .nemo file, a NeMo 2 / Megatron checkpoint
-    if foreign is not None:
-        return foreign(path, chunks, skip_prefixes)
     read_meta(path)
     state = _model_sharded_state_dict(chunks)
     for key in list(state):

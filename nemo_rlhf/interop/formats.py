@@ -10,15 +10,20 @@
 
 :func:`resolve_model_config` is called once per run (train.run): for an HF directory or a
 ``.nemo`` file the architecture fields come from the checkpoint's own config, and a field the
-user set differently raises (see :mod:`nemo_rlhf.interop.hf_config`).
+user set differently raises (see :mod:`nemo_rlhf.interop.hf_config`). Which loader fills a model
+from each format is the table in :mod:`nemo_rlhf.weights` (above both checkpoint/ and interop/).
 """
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Callable, Optional
 
-from nemo_rlhf.config.schema import ConfigError, ModelConfig
+from nemo_rlhf.config.schema import ModelConfig
+from nemo_rlhf.errors import ConfigError
+from nemo_rlhf.interop import import_hf
+from nemo_rlhf.interop.hf_config import model_config_from_hf, read_hf_config
+from nemo_rlhf.interop.hf_t5 import import_hf_t5, model_config_from_hf_t5_dir
+from nemo_rlhf.interop.nemo import model_config_from_nemo1
 
 # encoder-decoder HF types are imported by the T5 interop (nemo_rlhf/interop/hf_t5.py)
 SEQ2SEQ_TYPES = ("t5", "mt5", "umt5")
@@ -42,32 +47,12 @@ def checkpoint_format(path) -> str:
     return "unknown"
 
 
-def foreign_checkpoint_loader(path) -> Optional[Callable]:
-    """``fn(path, chunks, skip_prefixes)`` filling the chunks from a non-nemo_rlhf checkpoint,
-    or None for our own format (and for paths that are no checkpoint: the caller reports those)."""
-    fmt = checkpoint_format(path)
-    if fmt == "hf":
-        return _load_hf
-    if fmt == "nemo1":
-        from nemo_rlhf.interop.nemo import load_nemo1
-
-        return load_nemo1
-    if fmt == "mcore":
-        from nemo_rlhf.interop.nemo import load_mcore_dist
-
-        return load_mcore_dist
-    return None
-
-
-def _load_hf(path, chunks, skip_prefixes):
-    from nemo_rlhf.interop import import_hf
-    from nemo_rlhf.interop.hf_config import model_config_from_hf, read_hf_config
-
+def load_hf(path, chunks, skip_prefixes=()):
+    """Fill ``chunks`` (GPT or T5) from the Hugging Face directory ``path``: the loader of the
+    "hf" format in :data:`nemo_rlhf.weights.LOADERS`."""
     hf = read_hf_config(path)
     mt = hf.get("model_type")
     if mt == "t5":
-        from nemo_rlhf.interop.hf_t5 import import_hf_t5, model_config_from_hf_t5_dir
-
         import_hf_t5(path, chunks, model_config_from_hf_t5_dir(path, ModelConfig(seq_length=1)),
                      skip_prefixes=tuple(skip_prefixes))
         return
@@ -83,22 +68,16 @@ def resolve_model_config(model: ModelConfig) -> ModelConfig:
     """``model`` with the architecture of the checkpoint at ``model.path`` when that is a Hugging
     Face directory or a NeMo 1.x archive (other formats carry no architecture we read)."""
     if model.path is not None and getattr(model, "arch", "gpt") == "t5" and checkpoint_format(model.path) == "hf":
-        from nemo_rlhf.interop.hf_t5 import model_config_from_hf_t5_dir
-
         return model_config_from_hf_t5_dir(model.path, model)
     if model.path is None or getattr(model, "arch", "gpt") != "gpt":
         return model
     fmt = checkpoint_format(model.path)
     if fmt == "hf":
-        from nemo_rlhf.interop.hf_config import model_config_from_hf, read_hf_config
-
         mt = read_hf_config(model.path).get("model_type")
         if mt in SEQ2SEQ_TYPES:
             raise ConfigError(f"model.path={model.path} is a {mt} (encoder-decoder) model: set model.arch=t5")
         return model_config_from_hf(model.path, model)
     if fmt == "nemo1":
-        from nemo_rlhf.interop.nemo import model_config_from_nemo1
-
         return model_config_from_nemo1(model.path, model)
     return model
 

@@ -121,7 +121,7 @@ class DPOModule(TrainingSystem):
                 p.requires_grad_(False)
 
     def init_from(self, path) -> None:
-        from nemo_rlhf.checkpoint import load_weights
+        from nemo_rlhf.weights import load_weights
 
         load_weights(path, self.engine.chunks)
         self.engine.optimizer.reload_model_params()

@@ -151,7 +151,7 @@ class PPOModule(TrainingSystem):
     # -- set-up -------------------------------------------------------------------------------
     def init_from(self, path) -> None:
         """Policy, critic trunk and reference all start from the policy weights in ``path``."""
-        from nemo_rlhf.checkpoint import load_weights
+        from nemo_rlhf.weights import load_weights
 
         load_weights(path, self.actor.chunks)
         self.actor.optimizer.reload_model_params()

@@ -22,8 +22,8 @@ import json, sys
 from pathlib import Path
 import torch, transformers
 from omegaconf import OmegaConf
-from nemo_rlhf.checkpoint.dist_ckpt import load_weights, read_meta
-from nemo_rlhf.config import to_run_config
+from nemo_rlhf.checkpoint import load_own_weights, read_meta
+from nemo_rlhf.recipes.registry import to_run_config
 from nemo_rlhf.config.schema import ParallelConfig
 from nemo_rlhf.data.tokenizers import load_tokenizer
 from nemo_rlhf.models.gpt import build_gpt_chunks
@@ -35,7 +35,7 @@ init_distributed()
 initialize_model_parallel(ParallelConfig(), seed=0)
 chunks = build_gpt_chunks(model.__class__(**{**model.__dict__, "path": None, "transformer_impl": "local"}),
                           ParallelConfig(), model.vocab_size)
-load_weights(ckpt, chunks)
+load_own_weights(ckpt, chunks)
 tok, ours_tok = transformers.AutoTokenizer.from_pretrained(str(out)), load_tokenizer(out)
 texts = ["bcdefgh", "cbaihgf"]
 ids = torch.tensor([tok(t, add_special_tokens=False)["input_ids"] for t in texts])

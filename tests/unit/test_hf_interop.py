@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from nemo_rlhf.checkpoint import CheckpointError
+from nemo_rlhf.errors import CheckpointError
 from nemo_rlhf.config.schema import ConfigError, ModelConfig, ParallelConfig
 from tests.distributed.hf_checks import (VOCAB, build_imported, hf_configs, input_ids, make_hf_model,
                                          max_tensor_diff, megatron_logits)
@@ -62,7 +62,7 @@ torch.save(out, sys.argv[3])
 def test_export_reloads_in_transformers_with_the_same_logits(hf_models, mp, tmp_path):
     """Import each model through load_weights (model.path's loader), export it with the tokenizer
     files, reload all exports in one fresh transformers process."""
-    from nemo_rlhf.checkpoint import load_weights
+    from nemo_rlhf.weights import load_weights
     from nemo_rlhf.data.tokenizers import load_tokenizer
     from nemo_rlhf.interop import export_hf, model_config_from_hf, read_hf_weights
     from nemo_rlhf.models.gpt import build_gpt_chunks

@@ -74,7 +74,7 @@ def _write_nemo(path, config, members):
 
 
 def test_nemo1_tp2_archive_loads_at_tp1(tmp_path, mp):
-    from nemo_rlhf.checkpoint import load_weights
+    from nemo_rlhf.weights import load_weights
     from nemo_rlhf.interop.formats import resolve_model_config
     from nemo_rlhf.interop.nemo import split_tp_shards
 
@@ -93,7 +93,7 @@ def test_nemo1_tp2_archive_loads_at_tp1(tmp_path, mp):
 
 
 def test_nemo1_pp2_layout_merges_the_stages(tmp_path, mp):
-    from nemo_rlhf.checkpoint import load_weights
+    from nemo_rlhf.weights import load_weights
 
     gpt2_like = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128, seq_length=16,
                             transformer_impl="local")
@@ -137,7 +137,7 @@ def test_nemo1_unsupported_layouts_are_named(tmp_path):
 def test_nemo2_dist_checkpoint_with_module_prefix(tmp_path, mp):
     from megatron.core import dist_checkpointing
 
-    from nemo_rlhf.checkpoint import load_weights
+    from nemo_rlhf.weights import load_weights
     from nemo_rlhf.interop.formats import checkpoint_format
 
     src = _build(seed=4)

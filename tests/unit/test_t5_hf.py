@@ -74,7 +74,7 @@ def test_import_from_a_saved_directory_and_named_errors(mp, tmp_path):
 
     hf = _hf("v1.0")
     hf.save_pretrained(tmp_path)
-    from nemo_rlhf.checkpoint import load_weights
+    from nemo_rlhf.weights import load_weights
     from nemo_rlhf.interop.formats import resolve_model_config
 
     # model.path=<HF T5 dir> with model.arch=t5: the architecture comes from config.json + weights
