@@ -10,16 +10,16 @@
 ``model_path`` is a nemo_rlhf / megatron dist checkpoint directory (``.../checkpoints/step_X``), a
 Hugging Face model directory (config.json + safetensors; the architecture and tokenizer come from
 it), a NeMo ``.nemo`` file or a NeMo 2 / Megatron-LM dist checkpoint;
-with none, PPO starts with an SFT warm-up on the task's data (``config.ppo.sft_steps``).
+with none, PPO starts with an SFT warm-up on the task's data (``config.ppo.sft_warmup``).
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
-from nemo_rlhf.config import RunConfig, register_configs, to_run_config
-
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+from nemo_rlhf.config import CONF_DIR
+from nemo_rlhf.config.schema import RunConfig
+from nemo_rlhf.recipes.registry import RECIPES, check_renamed, register_configs, to_run_config, with_algorithm
 
 
 def _compose(name: str, overrides: Sequence[str] = ()) -> RunConfig:
@@ -27,6 +27,7 @@ def _compose(name: str, overrides: Sequence[str] = ()) -> RunConfig:
     from hydra.core.global_hydra import GlobalHydra
 
     register_configs()
+    check_renamed(overrides)
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return to_run_config(compose(config_name=name, overrides=list(overrides)))
@@ -71,11 +72,11 @@ class Trainer:
 
         tok = self.tokenizer
         processor = None
-        if self.config.algorithm.name == "ilql":
-            from nemo_rlhf.modules.ilql import ilql_logits_processor
-
-            processor = ilql_logits_processor(self._engine.module, self.config.ilql.beta if beta is None else beta)
-            top_k = self.config.ilql.gen_top_k if top_k is None else top_k
+        recipe = RECIPES[self.config.algorithm.name]
+        if hasattr(recipe.module, "generation_processor"):   # ILQL: logits shifted by its heads
+            processor, default_top_k = recipe.module.generation_processor(
+                self._engine.module, recipe.config_block(self.config), beta)
+            top_k = default_top_k if top_k is None else top_k
         top_k = top_k or 0
         ids, lengths = left_pad([tok.encode(p) for p in prompts], tok.pad_id)
         out = generate(self._engine.module, ids, SamplingParams(
@@ -93,21 +94,9 @@ class Trainer:
         TP/PP (heads such as the PPO value head stay out). With ``megatron`` (default) also the
         megatron dist checkpoint under ``directory/checkpoints`` (loadable at any TP/PP with
         ``model.path=``) and config.yaml; returns that checkpoint's path, else ``directory``."""
-        from nemo_rlhf.checkpoint import save_checkpoint
-        from nemo_rlhf.interop import export_hf, is_hf_dir
+        from nemo_rlhf.runner import export
 
-        directory = Path(directory)
-        engine = self._engine
-        model = self.config.model
-        source = model.path if model.path is not None and is_hf_dir(model.path) else None
-        export_hf(directory, engine.chunks, model, model.vocab_size or self.tokenizer.vocab_size,
-                  source_dir=source, tokenizer=self.tokenizer)
-        if not megatron:
-            return directory
-        path = save_checkpoint(directory / "checkpoints", self.module.step, engine.chunks,
-                               config_yaml=self.module.config_yaml)
-        (directory / "config.yaml").write_text(self.module.config_yaml)
-        return path
+        return export(self.module, self._engine, self.config, self.tokenizer, directory, megatron)
 
 
 def checkpoint_model_config(model, model_path):
@@ -142,22 +131,28 @@ def train(model_path: Optional[str] = None, reward_fn: Optional[Callable] = None
     import dataclasses
     import time
 
-    from nemo_rlhf.train import run
+    from nemo_rlhf.runner import run
 
     if reward_fn is not None and samples is not None:
         raise ValueError("give either reward_fn (online PPO) or samples + rewards (offline ILQL), not both")
-    # trlX's convention: reward_fn -> PPO; samples + rewards -> ILQL; samples alone -> SFT
-    algorithm = ("ppo" if reward_fn is not None else "ilql" if rewards is not None
-                 else "sft" if samples is not None else None)   # None: whatever the config says
     if rewards is not None and samples is None:
         raise ValueError("rewards need samples (one reward per sample)")
+    # trlX's convention: reward_fn -> PPO; samples + rewards -> ILQL; samples alone -> SFT;
+    # nothing -> whatever the config says (sft_tiny without one)
+    given = {"reward_fn": reward_fn, "rewards": rewards, "samples": samples}
+    algorithm = next((name for key, name in INPUT_ALGORITHMS if given[key] is not None), None)
     if config is None:
-        config = {"ppo": default_ppo_config, "ilql": default_ilql_config}.get(algorithm, default_sft_config)()
+        config = DEFAULT_CONFIGS.get(algorithm, default_sft_config)()
     if algorithm is not None and config.algorithm.name != algorithm:
-        config = dataclasses.replace(config, algorithm=dataclasses.replace(config.algorithm, name=algorithm))
+        config = with_algorithm(config, algorithm)
     if model_path is not None:
         config = dataclasses.replace(config, model=checkpoint_model_config(config.model, model_path))
     run_dir = run_dir or f"runs/api_{config.algorithm.name}/{time.strftime('%Y-%m-%d_%H-%M-%S')}"
-    summary, ctx = run(config, run_dir, reward_fn=reward_fn, prompts=prompts, eval_prompts=eval_prompts,
-                       samples=samples, rewards=rewards, return_context=True)
+    summary, ctx = run(config, run_dir, return_context=True, reward_fn=reward_fn, prompts=prompts,
+                       eval_prompts=eval_prompts, samples=samples, rewards=rewards)
     return Trainer(summary, ctx)
+
+
+INPUT_ALGORITHMS = (("reward_fn", "ppo"), ("rewards", "ilql"), ("samples", "sft"))
+"""trlX's convention, first match wins: which input picks which algorithm."""
+DEFAULT_CONFIGS = {"ppo": default_ppo_config, "ilql": default_ilql_config, "sft": default_sft_config}

@@ -19,8 +19,9 @@ import sys
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
-from nemo_rlhf.config import ConfigError, RunConfig, register_configs, to_run_config
+from nemo_rlhf.config import CONF_DIR, ConfigError, RunConfig
 from nemo_rlhf.planning.memory import GIB, MemoryEstimate, estimate_memory, layout_of, param_count, with_overrides
+from nemo_rlhf.recipes.registry import check_renamed, register_configs, to_run_config
 
 DEFAULT_GPUS_PER_NODE = 8
 
@@ -41,9 +42,8 @@ def compose(config_name: str, overrides: Sequence[str] = ()) -> RunConfig:
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from nemo_rlhf.train import CONF_DIR
-
     register_configs()
+    check_renamed(overrides)
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = hydra_compose(config_name=config_name, overrides=list(overrides))

@@ -48,7 +48,8 @@ def parse_args():
 
 
 def setup(args):
-    from nemo_rlhf.config.schema import DPOConfig, ModelConfig, OptimConfig, ParallelConfig
+    from nemo_rlhf.config.schema import ModelConfig, OptimConfig, ParallelConfig
+    from nemo_rlhf.recipes.dpo import DPOConfig
     from nemo_rlhf.data.preference import PreferenceDataset, randomwalk_pairs
     from nemo_rlhf.data.tokenizers import CharTokenizer
     from nemo_rlhf.parallel import init_distributed, initialize_model_parallel

@@ -1,31 +1,15 @@
-"""Configuration: dataclass schemas registered with Hydra, plus helpers to turn a DictConfig
-into validated objects."""
+"""Configuration shared by every run: the typed, documented dataclasses of ``schema.py``. Each
+algorithm's own block lives in its recipe (``nemo_rlhf/recipes/<name>.py``); the run config that
+Hydra validates against, with the chosen recipe's block, comes from ``nemo_rlhf.recipes.registry``
+(``register_configs``, ``to_run_config``)."""
 from __future__ import annotations
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
-
 from nemo_rlhf.config.schema import (  # noqa: F401
-    AlgorithmConfig, ConfigError, GenerationConfig, LoggerConfig, ModelConfig, OptimConfig,
-    ParallelConfig, RunConfig, TaskConfig, TrainerConfig,
+    AlgorithmConfig, ConfigError, DataConfig, GenerationConfig, LoggerConfig, ModelConfig, OptimConfig,
+    ParallelConfig, RunConfig, SFTWarmupConfig, TaskConfig, TrainerConfig,
 )
 
-_REGISTERED = False
+from pathlib import Path as _Path
 
-
-def register_configs() -> None:
-    """Register the schemas so YAML files can name them in their defaults lists."""
-    global _REGISTERED
-    if _REGISTERED:
-        return
-    cs = ConfigStore.instance()
-    cs.store(name="run_schema", node=RunConfig)
-    _REGISTERED = True
-
-
-def to_run_config(cfg: DictConfig) -> RunConfig:
-    """Merge ``cfg`` into the schema (unknown keys and type errors name the key) and validate."""
-    if isinstance(cfg, RunConfig):
-        return cfg
-    merged = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
-    return OmegaConf.to_object(merged)
+CONF_DIR = str(_Path(__file__).resolve().parent.parent.parent / "conf")
+"""The YAML configs (Hydra's config dir): conf/<algorithm>_<size>.yaml and the groups under it."""

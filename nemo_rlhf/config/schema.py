@@ -3,7 +3,7 @@
 Every YAML under ``conf/`` is merged into these dataclasses (registered in Hydra's ConfigStore),
 so an unknown key or a value of the wrong type fails at start with Hydra's message naming the
 key. ``__post_init__`` checks values and cross-field constraints (run when the config is turned
-into objects with :func:`nemo_rlhf.config.to_run_config`); errors raise :class:`ConfigError` with
+into objects with :func:`nemo_rlhf.recipes.registry.to_run_config`); errors raise :class:`ConfigError` with
 the dotted key in the message. Layout checks that need the world size live in
 :func:`nemo_rlhf.parallel.validate_layout`.
 """
@@ -12,152 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-
+from nemo_rlhf.config.checks import _positive, _require
+from nemo_rlhf.config.model import GATED_ACTIVATIONS, ModelConfig  # noqa: F401  (re-exported)
 from nemo_rlhf.errors import ConfigError  # noqa: F401  (re-exported)
-
-
-def _require(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
-
-
-def _positive(value, key: str) -> None:
-    _require(value is not None and value > 0, f"{key} must be > 0, got {value!r}")
-
-
-GATED_ACTIVATIONS = ("swiglu", "geglu", "geglu_tanh")
-"""model.activation values with a gated linear unit: linear_fc1 holds two stacked projections
-(gate and up), which every weight map, TP split and parameter count must know."""
-
-
-@dataclass
-class ModelConfig:
-    """A megatron-core GPT model (``megatron.core.models.gpt.GPTModel``)."""
-
-    num_layers: int = 2
-    """Transformer layers (split evenly over pipeline stages)."""
-    hidden_size: int = 64
-    num_attention_heads: int = 4
-    """Must be divisible by parallel.tensor_model_parallel_size."""
-    ffn_hidden_size: Optional[int] = None
-    """MLP width; null means 4 * hidden_size."""
-    seq_length: int = 16
-    """Maximum sequence length (prompt + completion)."""
-    position_embedding_type: str = "learned_absolute"
-    """learned_absolute | rope | none"""
-    normalization: str = "LayerNorm"
-    """LayerNorm | RMSNorm"""
-    num_query_groups: Optional[int] = None
-    """Key/value heads (grouped-query attention); null = num_attention_heads (multi-head)."""
-    activation: str = "gelu"
-    """MLP activation: gelu (exact) | gelu_tanh (GPT-2's gelu_new) | relu | silu | swiglu (gated
-    SiLU, Llama) | geglu (gated gelu) | geglu_tanh (gated tanh-gelu: T5 v1.1 / flan-T5 gated-gelu)."""
-    add_bias_linear: bool = True
-    """Biases in the attention and MLP linear layers (GPT-2, GPT-NeoX: true; Llama: false)."""
-    add_qkv_bias: bool = False
-    """Bias on the QKV projection even when add_bias_linear=false (Qwen2)."""
-    layernorm_epsilon: float = 1e-5
-    rotary_base: float = 10000.0
-    """RoPE theta (HF rope_theta)."""
-    rotary_percent: float = 1.0
-    """Fraction of each head's dimensions that RoPE rotates (GPT-NeoX rotary_pct)."""
-    rope_scaling: Optional[str] = None
-    """null | llama3 (Llama 3.1 frequency scaling) | linear (position interpolation)."""
-    rope_scaling_factor: float = 8.0
-    vocab_size: Optional[int] = None
-    """Embedding rows before padding (an imported checkpoint's vocabulary); null = the tokenizer's."""
-    max_position_embeddings: Optional[int] = None
-    """Rows of the learned position table (GPT-2 n_positions); null = seq_length. Must be >= seq_length."""
-    hidden_dropout: float = 0.0
-    attention_dropout: float = 0.0
-    init_method_std: float = 0.02
-    share_embeddings_and_output_weights: bool = True
-    make_vocab_size_divisible_by: int = 64
-    """Vocabulary is padded to a multiple of this (independent of TP, so checkpoints reshard);
-    must be divisible by parallel.tensor_model_parallel_size."""
-    precision: str = "fp32"
-    """fp32 | bf16 | fp16. bf16/fp16 are GPU paths."""
-    transformer_impl: str = "auto"
-    """auto (Transformer Engine when it imports and CUDA is present, else local) | local |
-    transformer_engine"""
-    recompute_granularity: Optional[str] = None
-    """null | selective | full (activation recompute)"""
-    path: Optional[str] = None
-    """Initial weights: a nemo_rlhf checkpoint directory (dist_checkpointing), a Hugging Face model
-    directory (config.json + safetensors/.bin; its architecture and tokenizer are used, see
-    nemo_rlhf/interop), a NeMo .nemo file or a NeMo 2 / Megatron dist checkpoint. null = random init."""
-    arch: str = "gpt"
-    """gpt (megatron GPTModel, decoder-only) | t5 (megatron T5Model: the prompt goes to the encoder,
-    the completion comes from the decoder; num_layers is the decoder depth)."""
-    encoder_num_layers: Optional[int] = None
-    """arch=t5: encoder layers; null = num_layers."""
-    relative_attention_num_buckets: int = 32
-    """arch=t5 with position_embedding_type=relative: T5's relative-position buckets."""
-    relative_attention_max_distance: int = 128
-    """arch=t5 with position_embedding_type=relative: distance beyond which all positions share a bucket."""
-    kv_channels: Optional[int] = None
-    """arch=t5: width of each attention head's q/k/v (T5's d_kv); null = hidden_size / num_attention_heads."""
-    attention_softmax_scale: Optional[float] = None
-    """arch=t5: multiplier of q.k before the softmax; null = 1/sqrt(kv_channels). Hugging Face T5
-    uses 1.0 (the scale lives in its query weights)."""
-
-    def __post_init__(self):
-        for key in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
-            _positive(getattr(self, key), f"model.{key}")
-        _require(self.hidden_size % self.num_attention_heads == 0,
-                 f"model.hidden_size={self.hidden_size} is not divisible by "
-                 f"model.num_attention_heads={self.num_attention_heads}")
-        _require(self.position_embedding_type in ("learned_absolute", "rope", "none", "relative"),
-                 f"model.position_embedding_type must be learned_absolute|rope|none (or relative with "
-                 f"model.arch=t5), got {self.position_embedding_type!r}")
-        _require(self.arch in ("gpt", "t5"), f"model.arch must be gpt|t5, got {self.arch!r}")
-        if self.arch == "t5":
-            _require(self.position_embedding_type in ("learned_absolute", "rope", "relative"),
-                     f"model.arch=t5 needs model.position_embedding_type learned_absolute|rope|relative, "
-                     f"got {self.position_embedding_type!r}")
-            if self.encoder_num_layers is not None:
-                _positive(self.encoder_num_layers, "model.encoder_num_layers")
-            _positive(self.relative_attention_num_buckets, "model.relative_attention_num_buckets")
-            _positive(self.relative_attention_max_distance, "model.relative_attention_max_distance")
-            if self.kv_channels is not None:
-                _positive(self.kv_channels, "model.kv_channels")
-            if self.attention_softmax_scale is not None:
-                _positive(self.attention_softmax_scale, "model.attention_softmax_scale")
-        else:
-            _require(self.kv_channels is None and self.attention_softmax_scale is None,
-                     "model.kv_channels / model.attention_softmax_scale are arch=t5 settings")
-            _require(self.position_embedding_type != "relative",
-                     "model.position_embedding_type=relative (T5's relative attention bias) needs model.arch=t5")
-        _require(self.normalization in ("LayerNorm", "RMSNorm"),
-                 f"model.normalization must be LayerNorm|RMSNorm, got {self.normalization!r}")
-        _require(self.precision in ("fp32", "bf16", "fp16"),
-                 f"model.precision must be fp32|bf16|fp16, got {self.precision!r}")
-        _require(self.transformer_impl in ("auto", "local", "transformer_engine"),
-                 f"model.transformer_impl must be auto|local|transformer_engine, "
-                 f"got {self.transformer_impl!r}")
-        _require(self.recompute_granularity in (None, "selective", "full"),
-                 f"model.recompute_granularity must be null|selective|full, "
-                 f"got {self.recompute_granularity!r}")
-        _positive(self.make_vocab_size_divisible_by, "model.make_vocab_size_divisible_by")
-        if self.num_query_groups is not None:
-            _positive(self.num_query_groups, "model.num_query_groups")
-            _require(self.num_attention_heads % self.num_query_groups == 0,
-                     f"model.num_attention_heads={self.num_attention_heads} is not divisible by "
-                     f"model.num_query_groups={self.num_query_groups}")
-        _require(self.activation in ("gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu", "geglu_tanh"),
-                 f"model.activation must be gelu|gelu_tanh|relu|silu|swiglu|geglu|geglu_tanh, got {self.activation!r}")
-        _positive(self.layernorm_epsilon, "model.layernorm_epsilon")
-        _positive(self.rotary_base, "model.rotary_base")
-        _require(0.0 < self.rotary_percent <= 1.0,
-                 f"model.rotary_percent must be in (0, 1], got {self.rotary_percent!r}")
-        _require(self.rope_scaling in (None, "llama3", "linear"),
-                 f"model.rope_scaling must be null|llama3|linear, got {self.rope_scaling!r}")
-        _positive(self.rope_scaling_factor, "model.rope_scaling_factor")
-        if self.vocab_size is not None:
-            _positive(self.vocab_size, "model.vocab_size")
-        _require(self.max_position_embeddings is None or self.max_position_embeddings >= self.seq_length,
-                 f"model.max_position_embeddings={self.max_position_embeddings} is smaller than "
-                 f"model.seq_length={self.seq_length}")
 
 
 @dataclass
@@ -286,75 +143,43 @@ class LoggerConfig:
     """metrics.csv under <run dir>/csv (metrics.jsonl is always written)."""
 
 
-ALGORITHMS = ("sft", "ppo", "ilql", "dpo", "kto", "rm")
-
-
 @dataclass
 class AlgorithmConfig:
     name: str = "sft"
-    """sft | ppo | ilql | dpo (and its variants ipo, hinge, robust, simpo, orpo) | kto | rm (reward model)"""
-
-    def __post_init__(self):
-        _require(self.name in ALGORITHMS,
-                 f"algorithm.name: unknown algorithm {self.name!r} (known: {', '.join(ALGORITHMS)})")
+    """The recipe to run: one row of ``nemo_rlhf.recipes.RECIPES`` (sft | ppo | ilql | dpo | kto | rm).
+    Chosen with the Hydra group option ``algorithm=<name>``, which also adds that recipe's own
+    config block (``ppo:``, ``dpo:``, ...) to the run's config."""
 
 
 @dataclass
-class PPOConfig:
-    """PPO (used when algorithm.name=ppo). One trainer step = one PPO iteration:
-    generate num_rollouts samples -> score -> logprobs/values/ref -> advantages -> ppo_epochs of
-    num_minibatches updates."""
+class SFTWarmupConfig:
+    """The SFT run that precedes an RL / preference recipe when ``model.path`` is null, in the same
+    command, into ``<run dir>/sft`` (skipped when already complete there). The recipe then starts
+    from (and, where it has one, uses as its reference) that SFT policy."""
 
-    num_rollouts: int = 64
-    """Prompts (= samples) per iteration, over all data-parallel ranks."""
-    ppo_epochs: int = 4
-    num_minibatches: int = 4
-    """Minibatches per epoch; minibatch size = num_rollouts / num_minibatches."""
-    init_kl_coef: float = 0.05
-    """beta of the per-token KL penalty against the reference (initial) policy."""
-    target_kl: Optional[float] = None
-    """null = fixed KL coefficient; a number = adaptive controller (Ziegler et al. 2019) aiming at it."""
-    kl_horizon: int = 10000
-    gamma: float = 1.0
-    lam: float = 0.95
-    cliprange: float = 0.2
-    cliprange_value: float = 0.2
-    vf_coef: float = 1.0
-    """Weight of the value loss (used with critic=value_head, where both share one backward)."""
-    cliprange_reward: float = 10.0
-    """Scores are clipped to [-c, c] (0 disables)."""
-    scale_reward: str = "none"
-    """none | running (divide scores by a running std)"""
-    whiten_advantages: bool = True
-    critic: str = "separate"
-    """separate (own GPT trunk + value head, own optimizer) | value_head (on the policy trunk)"""
-    critic_lr: Optional[float] = None
-    """Learning rate of the separate critic; null = optim.lr."""
-    reward_fn: str = "randomwalks"
-    """randomwalks (the task's optimality) | 'package.module:function' called as
-    fn(samples, prompts=..., completions=...) -> list of floats."""
-    reward_model: Optional[str] = None
-    """A checkpoint of a GPT with a scalar head (value_head) to score samples instead of reward_fn
-    (score = the head's output at the last token)."""
-    sft_steps: int = 1000
-    """When model.path is null: SFT warm-up steps on the task's data before PPO (0 = start from random init)."""
-    sft_lr: float = 3e-3
-    sft_global_batch_size: int = 64
-    sft_micro_batch_size: int = 32
+    steps: int = 1000
+    """SFT steps on the task's data (0 = start the recipe from random init)."""
+    lr: float = 3e-3
+    """Peak learning rate (cosine decay to lr / 30, no warm-up)."""
+    global_batch_size: int = 64
+    micro_batch_size: int = 32
 
     def __post_init__(self):
-        for key in ("num_rollouts", "ppo_epochs", "num_minibatches", "kl_horizon"):
-            _positive(getattr(self, key), f"ppo.{key}")
-        _require(self.num_rollouts % self.num_minibatches == 0,
-                 f"ppo.num_rollouts={self.num_rollouts} is not divisible by ppo.num_minibatches={self.num_minibatches}")
-        _require(self.critic in ("separate", "value_head"),
-                 f"ppo.critic must be separate|value_head, got {self.critic!r}")
-        _require(self.scale_reward in ("none", "running"),
-                 f"ppo.scale_reward must be none|running, got {self.scale_reward!r}")
-        _require(self.init_kl_coef >= 0, f"ppo.init_kl_coef must be >= 0, got {self.init_kl_coef}")
-        _require(self.target_kl is None or self.target_kl > 0, "ppo.target_kl must be null or > 0")
-        _require(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "ppo.gamma and ppo.lam must be in [0, 1]")
-        _require(self.sft_steps >= 0, f"ppo.sft_steps must be >= 0, got {self.sft_steps}")
+        _require(self.steps >= 0, f"sft_warmup.steps must be >= 0, got {self.steps}")
+        _positive(self.lr, "sft_warmup.lr")
+        _positive(self.global_batch_size, "sft_warmup.global_batch_size")
+        _positive(self.micro_batch_size, "sft_warmup.micro_batch_size")
+        _require(self.global_batch_size % self.micro_batch_size == 0,
+                 f"sft_warmup.global_batch_size={self.global_batch_size} is not divisible by "
+                 f"sft_warmup.micro_batch_size={self.micro_batch_size}")
+
+
+RENAMED_KEYS = {"sft_steps": "sft_warmup.steps", "sft_lr": "sft_warmup.lr",
+                "sft_global_batch_size": "sft_warmup.global_batch_size",
+                "sft_micro_batch_size": "sft_warmup.micro_batch_size"}
+"""Keys of a recipe's block that were renamed (old -> new, relative to the block, e.g.
+``ppo.sft_steps`` -> ``ppo.sft_warmup.steps``). A command line or config that still uses an
+old one stops with a message naming the new one (:func:`nemo_rlhf.recipes.check_renamed`)."""
 
 
 @dataclass
@@ -371,113 +196,6 @@ class GenerationConfig:
         _require(self.temperature > 0, f"generation.temperature must be > 0, got {self.temperature}")
         _require(self.top_k >= 0, f"generation.top_k must be >= 0, got {self.top_k}")
         _require(0 < self.top_p <= 1, f"generation.top_p must be in (0, 1], got {self.top_p}")
-
-
-@dataclass
-class ILQLConfig:
-    """ILQL (used when algorithm.name=ilql): offline RL on (sample, reward) pairs."""
-
-    tau: float = 0.7
-    """Expectile of the V regression."""
-    gamma: float = 0.99
-    alpha: float = 1.0
-    """Weight of the V loss."""
-    cql_scale: float = 0.1
-    awac_scale: float = 1.0
-    awac_beta: float = 0.0
-    """AWAC advantage temperature (0 = plain behaviour cloning weight 1, as trlX's default)."""
-    two_qs: bool = True
-    steps_for_target_q_sync: int = 5
-    target_sync_rate: float = 1.0
-    """Polyak rate of the target-Q update every steps_for_target_q_sync steps (1 = copy)."""
-    reward_normalization: str = "standard"
-    """standard ((r - mean) / std over the dataset, as trlX) | none"""
-    beta: float = 1.0
-    """Sampling: logits = log pi + beta * (min target Q - V)."""
-    gen_top_k: int = 20
-    samples_path: Optional[str] = None
-    """JSONL with {"sample": str | [prompt, completion], "reward": float} per line; null = the task's
-    walks labeled with their optimality."""
-
-    def __post_init__(self):
-        _require(0 < self.tau < 1, f"ilql.tau must be in (0, 1), got {self.tau}")
-        _require(0 <= self.gamma <= 1, f"ilql.gamma must be in [0, 1], got {self.gamma}")
-        _positive(self.steps_for_target_q_sync, "ilql.steps_for_target_q_sync")
-        _require(0 < self.target_sync_rate <= 1, f"ilql.target_sync_rate must be in (0, 1], got {self.target_sync_rate}")
-        _require(self.reward_normalization in ("standard", "none"),
-                 f"ilql.reward_normalization must be standard|none, got {self.reward_normalization!r}")
-        _require(self.beta >= 0, f"ilql.beta must be >= 0, got {self.beta}")
-
-
-@dataclass
-class DPOConfig:
-    """DPO (used when algorithm.name=dpo) on preference pairs."""
-
-    beta: float = 0.1
-    loss_type: str = "sigmoid"
-    """sigmoid | ipo | hinge | robust (DPO variants, nemo_rlhf.algorithms.dpo.DPO_LOSSES) |
-    simpo | orpo (reference-free: no reference pass or model)"""
-    simpo_gamma: float = 0.5
-    """SimPO target margin gamma (SimPO uses length-normalised log-probs)."""
-    orpo_lambda: float = 0.1
-    """ORPO weight of the odds-ratio term next to the chosen completion's NLL."""
-    label_smoothing: float = 0.0
-    """Conservative DPO / robust DPO label-noise rate."""
-    length_normalize: bool = False
-    """Use mean instead of summed token log-probs (IPO's option)."""
-    reference: str = "precomputed"
-    """precomputed (one pass with the initial policy before training, saved with the run) | model
-    (a frozen copy in memory)"""
-    num_pairs: int = 4000
-    """Pairs built from the task's walks (two walks from one start, the more optimal one chosen)."""
-    sft_steps: int = 1000
-    """When model.path is null: SFT warm-up steps before DPO (the reference is that SFT policy)."""
-    sft_lr: float = 3e-3
-    sft_global_batch_size: int = 64
-    sft_micro_batch_size: int = 32
-
-    def __post_init__(self):
-        _require(self.loss_type in ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"),
-                 f"dpo.loss_type must be sigmoid|ipo|hinge|robust|simpo|orpo, got {self.loss_type!r}")
-        _require(self.beta > 0, f"dpo.beta must be > 0, got {self.beta}")
-        _require(0 <= self.label_smoothing < 0.5, f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        _require(self.reference in ("precomputed", "model"),
-                 f"dpo.reference must be precomputed|model, got {self.reference!r}")
-        _positive(self.num_pairs, "dpo.num_pairs")
-        _require(self.sft_steps >= 0, f"dpo.sft_steps must be >= 0, got {self.sft_steps}")
-
-
-@dataclass
-class KTOConfig:
-    """KTO (algorithm.name=kto; Ethayarajh et al. 2024) on unpaired completions labelled desirable
-    or undesirable. The reference point z0 is KL(policy || reference) estimated per micro-batch from
-    mismatched prompt/completion pairs (each prompt with another example's completion), detached."""
-
-    beta: float = 0.1
-    desirable_weight: float = 1.0
-    """lambda_D; the paper keeps lambda_D * n_D / (lambda_U * n_U) in [1, 4/3]."""
-    undesirable_weight: float = 1.0
-    """lambda_U."""
-    reference: str = "precomputed"
-    """precomputed (one pass before training, saved as reference_logps.pt) | model (frozen copy)"""
-    num_pairs: int = 4000
-    """Without data.train_file: preference pairs built from the task's walks, then unpaired (each
-    pair gives one desirable and one undesirable example, as TRL's unpair_preference_dataset)."""
-    sft_steps: int = 1000
-    """When model.path is null: SFT warm-up steps before KTO (the reference is that SFT policy)."""
-    sft_lr: float = 3e-3
-    sft_global_batch_size: int = 64
-    sft_micro_batch_size: int = 32
-
-    def __post_init__(self):
-        _require(self.beta > 0, f"kto.beta must be > 0, got {self.beta}")
-        _require(self.desirable_weight > 0 and self.undesirable_weight > 0,
-                 f"kto.desirable_weight and kto.undesirable_weight must be > 0, got "
-                 f"{self.desirable_weight} and {self.undesirable_weight}")
-        _require(self.reference in ("precomputed", "model"),
-                 f"kto.reference must be precomputed|model, got {self.reference!r}")
-        _positive(self.num_pairs, "kto.num_pairs")
-        _require(self.sft_steps >= 0, f"kto.sft_steps must be >= 0, got {self.sft_steps}")
 
 
 @dataclass
@@ -512,24 +230,10 @@ class DataConfig:
 
 
 @dataclass
-class RMConfig:
-    """Reward-model training (algorithm.name=rm): Bradley-Terry on preference pairs, a scalar
-    head on a megatron GPT read at the last completion token. PPO takes the result as
-    ppo.reward_model=<run dir>/checkpoints/step_X."""
-
-    num_pairs: int = 4000
-    heldout_fraction: float = 0.1
-    """Pairs kept out of training to measure pairwise accuracy."""
-    margin: float = 0.0
-
-    def __post_init__(self):
-        _positive(self.num_pairs, "rm.num_pairs")
-        _require(0 < self.heldout_fraction < 1, f"rm.heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
-
-
-@dataclass
 class RunConfig:
-    """Top-level configuration of one run (``python -m nemo_rlhf.train --config-name ...``)."""
+    """What every run shares (``python -m nemo_rlhf.train --config-name ...``). The algorithm's own
+    block (``ppo``, ``dpo``, ...) is a field that ``nemo_rlhf.recipes`` adds, one per recipe, and
+    only the chosen recipe's is set; checks that depend on the algorithm live in its recipe row."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -539,11 +243,6 @@ class RunConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
-    ppo: PPOConfig = field(default_factory=PPOConfig)
-    ilql: ILQLConfig = field(default_factory=ILQLConfig)
-    dpo: DPOConfig = field(default_factory=DPOConfig)
-    kto: KTOConfig = field(default_factory=KTOConfig)
-    rm: RMConfig = field(default_factory=RMConfig)
     data: DataConfig = field(default_factory=DataConfig)
     resume: Optional[str] = None
     """null (fresh run) | auto (latest complete checkpoint in this run dir, fresh if none) |
@@ -575,22 +274,11 @@ class RunConfig:
         _require(self.trainer.global_batch_size % self.trainer.micro_batch_size == 0,
                  f"trainer.global_batch_size={self.trainer.global_batch_size} is not divisible by "
                  f"trainer.micro_batch_size={self.trainer.micro_batch_size}")
-        if self.algorithm.name == "ilql":
-            _require(pp == 1 and not self.parallel.sequence_parallel,
-                     "algorithm.name=ilql needs parallel.pipeline_model_parallel_size=1 and "
-                     "parallel.sequence_parallel=false (its heads sit on the last stage's full hidden states)")
-        if self.algorithm.name == "ppo":
-            _require(pp == 1, "algorithm.name=ppo needs parallel.pipeline_model_parallel_size=1 (rollout "
-                              "generation and value heads run on a single pipeline stage)")
         if self.model.arch == "t5":
             _require(pp == 1, "model.arch=t5 needs parallel.pipeline_model_parallel_size=1 (pipeline "
                               "parallelism is not supported for T5 policies)")
             _require(not self.parallel.sequence_parallel,
                      "model.arch=t5 does not support parallel.sequence_parallel=true yet")
-            _require(self.algorithm.name in ("sft", "dpo", "kto", "ppo", "ilql"),
-                     f"model.arch=t5 supports algorithm.name sft|dpo|kto|ppo|ilql, got {self.algorithm.name!r}")
-            _require(self.algorithm.name != "ppo" or self.ppo.reward_model is None,
-                     "model.arch=t5 with ppo.reward_model is not supported (reward models are GPT)")
         _require(self.verbosity.upper() in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
                  f"verbosity must be DEBUG|INFO|WARNING|ERROR|CRITICAL, got {self.verbosity!r}")
         if self.resume not in (None, "auto"):

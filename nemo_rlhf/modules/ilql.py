@@ -9,7 +9,8 @@ from typing import Any, Dict
 import torch
 
 from nemo_rlhf.algorithms.ilql import ilql_logits, ilql_loss, polyak_update
-from nemo_rlhf.config.schema import ILQLConfig, RunConfig
+from nemo_rlhf.config.schema import RunConfig
+
 from nemo_rlhf.data.ilql import ILQLDataset
 from nemo_rlhf.logging import get_logger
 from nemo_rlhf.models.gpt import unwrap
@@ -21,13 +22,13 @@ from nemo_rlhf.modules.run_dir import RunDirectory
 log = get_logger(__name__)
 
 
-def ilql_forward(batch: Dict[str, torch.Tensor], model, cfg: ILQLConfig):
+def ilql_forward(batch: Dict[str, torch.Tensor], model, cfg):
     nll, states = lm_forward_with_states(model, batch["tokens"], batch["labels"], batch["mask"])
     heads = ilql_heads_output(unwrap(model), states)
     return nll, partial(ilql_loss_func, batch, cfg, heads)
 
 
-def ilql_loss_func(batch, cfg: ILQLConfig, heads, nll):
+def ilql_loss_func(batch, cfg, heads, nll):
     qs, target_qs, v = heads
     mask = batch["mask"]
     v_next = torch.cat([v[:, 1:], torch.zeros_like(v[:, :1])], 1)

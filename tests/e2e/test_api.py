@@ -15,7 +15,7 @@ def test_python_api_ppo_generate_save(tmp_path):
         calls.append(len(samples))
         return [1.0 if "a" in c else 0.0 for c in completions]
 
-    config = nemo_rlhf.default_ppo_config("trainer.max_steps=3", "ppo.sft_steps=50", "ppo.num_rollouts=32",
+    config = nemo_rlhf.default_ppo_config("trainer.max_steps=3", "ppo.sft_warmup.steps=50", "ppo.num_rollouts=32",
                                           "trainer.progress_bar=false", "task.eval_samples_per_start=2")
     config.trainer.eval_every_n_steps = 0                  # editable dataclass
     trainer = nemo_rlhf.train(reward_fn=shorter_is_better, prompts=["b", "c", "d", "e"],

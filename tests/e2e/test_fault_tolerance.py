@@ -165,7 +165,7 @@ def test_ppo_sigterm_checkpoints_its_loop_state_and_resumes(tmp_path):
     resumed run completes the remaining iterations exactly once."""
     run = tmp_path / "ppo"
     common = ["trainer.progress_bar=false", "trainer.max_steps=6", "trainer.eval_every_n_steps=0",
-              "trainer.log_every_n_steps=1", "trainer.checkpoint_every_n_steps=0", "ppo.sft_steps=0",
+              "trainer.log_every_n_steps=1", "trainer.checkpoint_every_n_steps=0", "ppo.sft_warmup.steps=0",
               "ppo.num_rollouts=32", "task.eval_samples_per_start=2"]
     with open(tmp_path / "ppo.log", "w") as log:
         proc = _popen([sys.executable, "-m", "nemo_rlhf.train", "--config-name", "ppo_tiny", f"hydra.run.dir={run}",

@@ -32,7 +32,7 @@ def test_dpo_tiny_first_step_ln2_and_final_model_improves(tmp_path):
 
 def test_dpo_in_memory_reference_and_ipo(tmp_path):
     run = tmp_path / "ipo"
-    _ok(train([f"hydra.run.dir={run}", "trainer.progress_bar=false", "trainer.max_steps=3", "dpo.sft_steps=20",
+    _ok(train([f"hydra.run.dir={run}", "trainer.progress_bar=false", "trainer.max_steps=3", "dpo.sft_warmup.steps=20",
                "dpo.reference=model", "dpo.loss_type=ipo", "trainer.eval_every_n_steps=0",
                "task.eval_samples_per_start=1", "dpo.num_pairs=256"], config="dpo_tiny"))
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in l]

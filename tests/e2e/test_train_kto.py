@@ -48,7 +48,7 @@ def test_dpo_and_sft_from_files(tmp_path):
     rows.append({"prompt": "a", "chosen": "b" * 40, "rejected": "c"})     # 42 tokens > seq_length 16
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "pairs.parquet"))
     run = tmp_path / "dpo"
-    _ok(train([f"hydra.run.dir={run}", "trainer.progress_bar=false", "trainer.max_steps=3", "dpo.sft_steps=20",
+    _ok(train([f"hydra.run.dir={run}", "trainer.progress_bar=false", "trainer.max_steps=3", "dpo.sft_warmup.steps=20",
                "trainer.eval_every_n_steps=0", "task.eval_samples_per_start=1",
                f"data.train_file={tmp_path / 'pairs.parquet'}", "data.overlong=drop"], config="dpo_tiny"))
     s = json.loads((run / "summary.json").read_text())
@@ -56,7 +56,7 @@ def test_dpo_and_sft_from_files(tmp_path):
     assert abs(_train_rows(run)[0]["loss"] - math.log(2)) < 1e-6
 
     # the same over-long row with the default data.overlong=error: a named error before any training
-    proc = train([f"hydra.run.dir={tmp_path / 'err'}", "dpo.sft_steps=20",
+    proc = train([f"hydra.run.dir={tmp_path / 'err'}", "dpo.sft_warmup.steps=20",
                   f"data.train_file={tmp_path / 'pairs.parquet'}"], config="dpo_tiny")
     assert proc.returncode != 0
     assert "row 257: 42 tokens (prompt 1 + completion 40 + EOS), more than model.seq_length + 1 = 17" in proc.stderr

@@ -38,7 +38,7 @@ def test_ppo_value_head_critic_and_resume(tmp_path):
     """critic=value_head on the policy trunk; a resumed run equals the uninterrupted one."""
     common = ["trainer.progress_bar=false", "trainer.max_steps=6", "trainer.eval_every_n_steps=0",
               "trainer.checkpoint_every_n_steps=3", "trainer.keep_last_n_checkpoints=5", "ppo.critic=value_head",
-              "ppo.sft_steps=0", "ppo.num_rollouts=32", "task.eval_samples_per_start=2", "ppo.target_kl=1.0"]
+              "ppo.sft_warmup.steps=0", "ppo.num_rollouts=32", "task.eval_samples_per_start=2", "ppo.target_kl=1.0"]
     full = tmp_path / "full"
     _ok(train([f"hydra.run.dir={full}", *common], config="ppo_tiny"))
     import shutil
@@ -60,7 +60,7 @@ def test_ppo_value_head_critic_and_resume(tmp_path):
     ("returns_nan", "reward function returns_nan returned nan for sample 3"),
 ])
 def test_bad_reward_function_stops_with_a_named_error(tmp_path, fn, message):
-    proc = train([f"hydra.run.dir={tmp_path / 'r'}", "trainer.progress_bar=false", "ppo.sft_steps=0",
+    proc = train([f"hydra.run.dir={tmp_path / 'r'}", "trainer.progress_bar=false", "ppo.sft_warmup.steps=0",
                   f"ppo.reward_fn=tests.helpers.rewards:{fn}", "trainer.max_steps=3"], config="ppo_tiny")
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr[-3000:]
@@ -69,7 +69,7 @@ def test_bad_reward_function_stops_with_a_named_error(tmp_path, fn, message):
 
 def test_reward_failure_leaves_the_last_checkpoint_intact(tmp_path):
     run = tmp_path / "r"
-    proc = train([f"hydra.run.dir={run}", "trainer.progress_bar=false", "ppo.sft_steps=0",
+    proc = train([f"hydra.run.dir={run}", "trainer.progress_bar=false", "ppo.sft_warmup.steps=0",
                   "ppo.reward_fn=tests.helpers.rewards:fails_on_third_call", "trainer.max_steps=5",
                   "trainer.checkpoint_every_n_steps=1", "ppo.num_rollouts=16", "task.eval_samples_per_start=1"],
                  config="ppo_tiny")
@@ -77,7 +77,7 @@ def test_reward_failure_leaves_the_last_checkpoint_intact(tmp_path):
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_"))
     assert ckpts == ["step_0000001", "step_0000002"]
     # and it resumes from there with a working reward
-    _ok(train([f"hydra.run.dir={run}", "trainer.progress_bar=false", "ppo.sft_steps=0", "resume=auto",
+    _ok(train([f"hydra.run.dir={run}", "trainer.progress_bar=false", "ppo.sft_warmup.steps=0", "resume=auto",
                "ppo.reward_fn=tests.helpers.rewards:length_reward", "trainer.max_steps=3",
                "ppo.num_rollouts=16", "task.eval_samples_per_start=1"], config="ppo_tiny"))
     assert json.loads((run / "summary.json").read_text())["steps"] == 3
@@ -88,7 +88,7 @@ def test_ppo_tp2_through_lightning_matches_single_process(tmp_path):
     from tests.conftest import torchrun
 
     common = ["trainer.progress_bar=false", "trainer.max_steps=4", "trainer.eval_every_n_steps=0",
-              "trainer.checkpoint_every_n_steps=0", "ppo.sft_steps=100", "ppo.num_rollouts=32",
+              "trainer.checkpoint_every_n_steps=0", "ppo.sft_warmup.steps=100", "ppo.num_rollouts=32",
               "task.eval_samples_per_start=2"]
     single, multi = tmp_path / "single", tmp_path / "tp2"
     _ok(train([f"hydra.run.dir={single}", *common], config="ppo_tiny"))
@@ -105,7 +105,7 @@ def test_ppo_tp2_through_lightning_matches_single_process(tmp_path):
 
 
 def test_ppo_with_a_reward_model_checkpoint(tmp_path):
-    fast = ["trainer.progress_bar=false", "ppo.sft_steps=0", "ppo.num_rollouts=16", "trainer.eval_every_n_steps=0",
+    fast = ["trainer.progress_bar=false", "ppo.sft_warmup.steps=0", "ppo.num_rollouts=16", "trainer.eval_every_n_steps=0",
             "task.eval_samples_per_start=1", "trainer.max_steps=2"]
     # any checkpoint of a GPT with a value_head is a reward model: here a PPO run with critic=value_head
     src = tmp_path / "src"
@@ -136,7 +136,7 @@ def test_ppo_on_ragged_prompts_from_a_jsonl_file(tmp_path):
     data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
     run = tmp_path / "ppo"
     _ok(train([f"hydra.run.dir={run}", "trainer.progress_bar=false", f"data.train_file={data}",
-               "data.overlong=drop", "ppo.sft_steps=150", "trainer.max_steps=8", "ppo.num_rollouts=64",
+               "data.overlong=drop", "ppo.sft_warmup.steps=150", "trainer.max_steps=8", "ppo.num_rollouts=64",
                "trainer.eval_every_n_steps=0", "trainer.checkpoint_every_n_steps=0",
                "task.eval_samples_per_start=1"], config="ppo_tiny"))
     s = json.loads((run / "summary.json").read_text())
@@ -148,7 +148,7 @@ def test_ppo_on_ragged_prompts_from_a_jsonl_file(tmp_path):
     assert last > first + 0.15, [r["reward_mean"] for r in rows]
     # an over-long prompt with data.overlong=error names the row
     proc = train([f"hydra.run.dir={tmp_path / 'bad'}", "trainer.progress_bar=false", f"data.train_file={data}",
-                  "ppo.sft_steps=0", "trainer.max_steps=1"], config="ppo_tiny")
+                  "ppo.sft_warmup.steps=0", "trainer.max_steps=1"], config="ppo_tiny")
     assert proc.returncode != 0 and "row 6: prompt of 9 tokens, more than model.seq_length" in proc.stderr, \
         proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr

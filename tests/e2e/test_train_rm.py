@@ -23,7 +23,7 @@ def test_rm_tiny_accuracy_and_ppo_with_the_trained_reward_model(tmp_path):
     ckpt = rm / "checkpoints" / "step_0000120"
     ppo = tmp_path / "ppo"
     _ok(train([f"hydra.run.dir={ppo}", "trainer.progress_bar=false", f"ppo.reward_model={ckpt}",
-               "trainer.max_steps=12", "ppo.sft_steps=600", "trainer.eval_every_n_steps=0"], config="ppo_tiny"))
+               "trainer.max_steps=12", "ppo.sft_warmup.steps=600", "trainer.eval_every_n_steps=0"], config="ppo_tiny"))
     p = json.loads((ppo / "summary.json").read_text())
     rows = [json.loads(l) for l in (ppo / "metrics.jsonl").read_text().splitlines() if '"train"' in l]
     assert rows[-1]["reward_mean"] > rows[0]["reward_mean"]                  # the RM's score goes up

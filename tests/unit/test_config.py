@@ -5,7 +5,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
-from nemo_rlhf.config import ConfigError, register_configs, to_run_config
+from nemo_rlhf.config import ConfigError
+from nemo_rlhf.recipes.registry import register_configs, to_run_config
 from nemo_rlhf.config.schema import ParallelConfig
 from nemo_rlhf.parallel.distributed import detect_launch_env, validate_layout
 from tests.conftest import train

@@ -222,7 +222,7 @@ def test_prompt_file_schema_and_overlong_policies(tmp_path):
 def test_api_prompts_of_any_length_are_encoded_and_checked():
     from nemo_rlhf.config.schema import ConfigError
     from nemo_rlhf.data.tokenizers import CharTokenizer
-    from nemo_rlhf.train import encode_prompts
+    from nemo_rlhf.recipes.common import encode_prompts
 
     tok = CharTokenizer(list("abcdefgh"))
     assert encode_prompts(tok, ["b", "cde"], max_tokens=3) == [tok.encode("b"), tok.encode("cde")]

@@ -157,7 +157,7 @@ def test_t5_decode_is_megatrons_decoder_half_exactly(mp, positions):
 
 
 def test_config_errors_name_the_key(dist1):
-    from nemo_rlhf.config.schema import AlgorithmConfig, ParallelConfig as P
+    from nemo_rlhf.config.schema import ParallelConfig as P
 
     t5 = dataclasses.replace(T5, seq_length=16)
     with pytest.raises(ConfigError, match="model.arch=t5 needs parallel.pipeline_model_parallel_size=1"):
@@ -166,10 +166,12 @@ def test_config_errors_name_the_key(dist1):
         ModelConfig(arch="bart")
     with pytest.raises(ConfigError, match="needs model.arch=t5"):
         ModelConfig(position_embedding_type="relative")
-    with pytest.raises(ConfigError, match="algorithm.name sft\\|dpo\\|kto\\|ppo\\|ilql"):
-        RunConfig(model=t5, algorithm=AlgorithmConfig(name="rm"))
-    RunConfig(model=t5, algorithm=AlgorithmConfig(name="dpo"))                  # fine
-    RunConfig(model=t5, algorithm=AlgorithmConfig(name="kto"))                  # fine
+    from nemo_rlhf.recipes.registry import validate, with_algorithm
+
+    with pytest.raises(ConfigError, match="algorithm.name sft\\|ppo\\|ilql\\|dpo\\|kto, got 'rm'"):
+        validate(with_algorithm(RunConfig(model=t5), "rm"))
+    validate(with_algorithm(RunConfig(model=t5), "dpo"))                  # fine
+    validate(with_algorithm(RunConfig(model=t5), "kto"))                  # fine
     with pytest.raises(ConfigError, match="are arch=t5 settings"):
         ModelConfig(kv_channels=8)
 

@@ -1,0 +1,130 @@
+"""PPO recipe (algorithm=ppo): actor, critic (a separate GPT or a value head on the policy trunk)
+and frozen reference on megatron engines; one trainer step is one PPO iteration (read it top to
+bottom in nemo_rlhf/modules/ppo.py). Prompts come from Python, data.train_file's prompt column, or
+the task (the start node of each walk, as trlX); rewards from a function or a reward model."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Optional
+
+import torch
+
+from nemo_rlhf.config.checks import _positive, _require
+from nemo_rlhf.config.schema import RunConfig, SFTWarmupConfig
+from nemo_rlhf.generation.sampling import SamplingParams, generate, left_pad
+from nemo_rlhf.modules.ppo import PPOModule
+from nemo_rlhf.recipes.common import Job, RunContext, encode_prompts, file_examples
+from nemo_rlhf.rewards import RewardModelScorer, resolve_reward_fn, score
+
+
+@dataclass
+class PPOConfig:
+    """PPO (``ppo:`` block). One trainer step = one PPO iteration:
+    generate num_rollouts samples -> score -> logprobs/values/ref -> advantages -> ppo_epochs of
+    num_minibatches updates."""
+
+    num_rollouts: int = 64
+    """Prompts (= samples) per iteration, over all data-parallel ranks."""
+    ppo_epochs: int = 4
+    num_minibatches: int = 4
+    """Minibatches per epoch; minibatch size = num_rollouts / num_minibatches."""
+    init_kl_coef: float = 0.05
+    """beta of the per-token KL penalty against the reference (initial) policy."""
+    target_kl: Optional[float] = None
+    """null = fixed KL coefficient; a number = adaptive controller (Ziegler et al. 2019) aiming at it."""
+    kl_horizon: int = 10000
+    gamma: float = 1.0
+    lam: float = 0.95
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 1.0
+    """Weight of the value loss (used with critic=value_head, where both share one backward)."""
+    cliprange_reward: float = 10.0
+    """Scores are clipped to [-c, c] (0 disables)."""
+    scale_reward: str = "none"
+    """none | running (divide scores by a running std)"""
+    whiten_advantages: bool = True
+    critic: str = "separate"
+    """separate (own GPT trunk + value head, own optimizer) | value_head (on the policy trunk)"""
+    critic_lr: Optional[float] = None
+    """Learning rate of the separate critic; null = optim.lr."""
+    reward_fn: str = "randomwalks"
+    """randomwalks (the task's optimality) | 'package.module:function' called as
+    fn(samples, prompts=..., completions=...) -> list of floats."""
+    reward_model: Optional[str] = None
+    """A checkpoint of a GPT with a scalar head (value_head) to score samples instead of reward_fn
+    (score = the head's output at the last token)."""
+    sft_warmup: SFTWarmupConfig = field(default_factory=SFTWarmupConfig)
+    """When model.path is null: SFT warm-up on the task's data before PPO (steps=0: from random init)."""
+
+    def __post_init__(self):
+        for key in ("num_rollouts", "ppo_epochs", "num_minibatches", "kl_horizon"):
+            _positive(getattr(self, key), f"ppo.{key}")
+        _require(self.num_rollouts % self.num_minibatches == 0,
+                 f"ppo.num_rollouts={self.num_rollouts} is not divisible by ppo.num_minibatches={self.num_minibatches}")
+        _require(self.critic in ("separate", "value_head"),
+                 f"ppo.critic must be separate|value_head, got {self.critic!r}")
+        _require(self.scale_reward in ("none", "running"),
+                 f"ppo.scale_reward must be none|running, got {self.scale_reward!r}")
+        _require(self.init_kl_coef >= 0, f"ppo.init_kl_coef must be >= 0, got {self.init_kl_coef}")
+        _require(self.target_kl is None or self.target_kl > 0, "ppo.target_kl must be null or > 0")
+        _require(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "ppo.gamma and ppo.lam must be in [0, 1]")
+
+
+
+
+Config = PPOConfig
+
+
+@dataclass
+class PPOData:
+    prompt_ids: list
+    reward_fn: object
+    eval_prompt_ids: Optional[list]
+    summary: dict
+
+
+def prepare(ctx: RunContext, rcfg: RunConfig, block: PPOConfig, reward_fn=None, prompts=None,
+            eval_prompts=None) -> PPOData:
+    """Prompts (strings of any token lengths) and the reward function, checked before any training."""
+    if block.reward_model is not None and reward_fn is None:
+        reward_fn = RewardModelScorer(block.reward_model, rcfg.model, rcfg.parallel, ctx.tokenizer)
+    reward_fn = resolve_reward_fn(reward_fn if reward_fn is not None else block.reward_fn, ctx.task)
+    room = rcfg.model.seq_length - (rcfg.generation.max_new_tokens or rcfg.task.max_length)
+    prompt_ids, extra = (None, {}) if prompts is not None else file_examples(
+        ctx, "prompt", rcfg.generation.max_new_tokens or rcfg.task.max_length)
+    if prompts is not None:
+        prompt_ids = encode_prompts(ctx.tokenizer, prompts, room)
+    elif prompt_ids is None:  # the task's prompts: the start node of each walk (as trlX)
+        prompt_ids = [[ctx.tokenizer.ids[ctx.task.walk_text(w[:1])]] for w in ctx.task.walks]
+    eval_ids = None if eval_prompts is None else encode_prompts(ctx.tokenizer, eval_prompts, room, "eval_prompts")
+    return PPOData(prompt_ids, reward_fn, eval_ids, {"num_prompts": len(prompt_ids), **extra})
+
+
+def build(ctx: RunContext, rcfg: RunConfig, block: PPOConfig, data: PPOData, rd, config_yaml: str) -> Job:
+    evaluate_fn = ctx.evaluate_fn
+    if data.eval_prompt_ids is not None:
+        evaluate_fn = partial(evaluate_with_prompts, ctx, data.eval_prompt_ids, data.reward_fn)
+    module = PPOModule(rcfg, data.prompt_ids, ctx.tokenizer, data.reward_fn, rd, evaluate_fn, ctx.dp_rank,
+                       ctx.dp_size, config_yaml=config_yaml)
+    return Job(module, load_initial=module.init_from, engine=module.actor,
+               extra_engines=module.engines_for_checkpoint(),
+               after_resume=lambda loop, rd: module.load_loop_state(loop), summary=data.summary)
+
+
+def evaluate_with_prompts(ctx: RunContext, prompt_ids, reward_fn, engine, step):
+    """Task metrics plus the mean reward of temperature-1 samples from user-given eval prompts."""
+    metrics = ctx.evaluate_fn(engine, step)
+    tok, g = ctx.tokenizer, ctx.rcfg.generation
+    ids, lengths = left_pad(prompt_ids, tok.pad_id)
+    out = generate(engine.module, ids, SamplingParams(
+        max_new_tokens=g.max_new_tokens or ctx.rcfg.task.max_length, temperature=g.temperature, top_k=g.top_k,
+        top_p=g.top_p, eos_id=tok.eos_id, pad_id=tok.pad_id),
+        generator=torch.Generator().manual_seed(ctx.rcfg.trainer.seed + step), vocab_size=tok.vocab_size,
+        prompt_lengths=lengths)
+    prompts = [tok.decode(p) for p in prompt_ids]
+    completions = [tok.decode(c.tolist()) for c in out.completions]
+    scores = score(reward_fn, [p + c for p, c in zip(prompts, completions)], prompts, completions)
+    metrics["eval_reward_mean"] = sum(scores) / len(scores)
+    return metrics

@@ -1,0 +1,177 @@
+"""The recipe table: Hydra's ``algorithm`` option -> recipe, and the run config built from it.
+
+A row says which config block the recipe owns (``ppo:``, ``dpo:``, ...), which layouts and model
+architectures it supports, and which Python-API inputs it takes. ``register_configs`` stores, for
+every row, the Hydra option ``algorithm=<name>`` (sets ``algorithm.name`` and adds the recipe's
+block with its defaults), so a YAML or command line only ever carries the chosen recipe's block
+and a typo in it fails at start naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
+
+from omegaconf import DictConfig, OmegaConf
+
+from nemo_rlhf.config.schema import RENAMED_KEYS, RunConfig
+from nemo_rlhf.errors import ConfigError
+from nemo_rlhf.recipes import dpo, ilql, kto, ppo, rm, sft
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    """The Hydra ``algorithm`` option and ``algorithm.name``."""
+    module: ModuleType
+    """Its file: ``Config`` (the block's dataclass or None), ``prepare(ctx, rcfg, block, **inputs)``
+    (reads and checks the data before any training) and ``build(ctx, rcfg, block, data, rd,
+    config_yaml) -> Job``."""
+    block: Optional[str] = None
+    """The RunConfig field holding its config block (None: no block)."""
+    inputs: Tuple[str, ...] = ()
+    """Keyword inputs the Python API may pass (nemo_rlhf.train(reward_fn=..., prompts=...))."""
+    pipeline_parallel: bool = True
+    sequence_parallel: bool = True
+    t5: bool = True
+    why_not: str = ""
+    """Why a layout / architecture above is refused (shown in the error)."""
+
+    def config_block(self, rcfg) -> Any:
+        return getattr(rcfg, self.block) if self.block else None
+
+
+RECIPES: Dict[str, Recipe] = {r.name: r for r in (
+    Recipe("sft", sft, inputs=("samples",)),
+    Recipe("ppo", ppo, "ppo", inputs=("reward_fn", "prompts", "eval_prompts"), pipeline_parallel=False,
+           why_not="rollout generation and value heads run on a single pipeline stage"),
+    Recipe("ilql", ilql, "ilql", inputs=("samples", "rewards"), pipeline_parallel=False, sequence_parallel=False,
+           why_not="its heads sit on the last stage's full hidden states"),
+    Recipe("dpo", dpo, "dpo"),
+    Recipe("kto", kto, "kto"),
+    Recipe("rm", rm, "rm", t5=False, why_not="reward models are GPT"),
+)}
+
+
+def recipe_for(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise ConfigError(f"algorithm.name: unknown algorithm {name!r} (known: {', '.join(RECIPES)})")
+    return RECIPES[name]
+
+
+def _run_config_class() -> type:
+    """RunConfig plus one optional field per recipe block (only the chosen recipe's is set)."""
+    fields = [(r.block, Optional[r.module.Config], dataclasses.field(default=None)) for r in RECIPES.values() if r.block]
+    cls = dataclasses.make_dataclass("RecipeRunConfig", fields, bases=(RunConfig,),
+                                     namespace={"__doc__": RunConfig.__doc__})
+    cls.__module__ = __name__   # picklable by name
+    return cls
+
+
+RecipeRunConfig = _run_config_class()
+_REGISTERED = False
+
+
+def register_configs() -> None:
+    """``run_schema`` (the run config) and one ``algorithm=<name>`` option per recipe in Hydra's ConfigStore."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RecipeRunConfig)
+    for r in RECIPES.values():
+        node = {"algorithm": {"name": r.name}}
+        if r.block:
+            node[r.block] = r.module.Config
+        cs.store(group="algorithm", name=r.name, package="_global_", node=node)
+    _REGISTERED = True
+
+
+def check_renamed(overrides: Iterable[str]) -> None:
+    """Stop on a command-line key that was renamed, naming the new key (``ppo.sft_steps=0`` ->
+    ``ppo.sft_warmup.steps``)."""
+    for ov in overrides:
+        key = ov.split("=", 1)[0].lstrip("+~")
+        block, _, rest = key.partition(".")
+        if block in {r.block for r in RECIPES.values()} and rest in RENAMED_KEYS:
+            raise ConfigError(f"{key} was renamed: use {block}.{RENAMED_KEYS[rest]}")
+
+
+def to_run_config(cfg) -> RunConfig:
+    """Merge ``cfg`` (a DictConfig, a plain dict, or a RunConfig) into the schema (unknown keys and type
+    errors name the key) and validate it against its recipe's row."""
+    if not isinstance(cfg, RunConfig):
+        cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+        name = OmegaConf.select(cfg, "algorithm.name", default="sft")
+        recipe = recipe_for(name)
+        cfg = _upgrade(cfg, recipe)
+        schema = OmegaConf.structured(RecipeRunConfig)
+        if recipe.block and OmegaConf.select(cfg, recipe.block) is None:
+            schema[recipe.block] = OmegaConf.structured(recipe.module.Config)   # its defaults
+        cfg = OmegaConf.to_object(OmegaConf.merge(schema, cfg))
+    validate(cfg)
+    return cfg
+
+
+def _upgrade(cfg: DictConfig, recipe: Recipe) -> DictConfig:
+    """Configs saved before blocks were per recipe (checkpoint metadata): other recipes' blocks are
+    dropped and renamed keys of the recipe's block move to their new place."""
+    cfg = OmegaConf.masked_copy(cfg, [k for k in cfg.keys()
+                                      if k == recipe.block or k not in {r.block for r in RECIPES.values()}])
+    block = OmegaConf.select(cfg, recipe.block) if recipe.block else None
+    if isinstance(block, DictConfig):
+        for old, new in RENAMED_KEYS.items():
+            if old in block:
+                OmegaConf.update(cfg, f"{recipe.block}.{new}", block[old], force_add=True)
+                block.pop(old)
+    return cfg
+
+
+def validate(rcfg: RunConfig) -> Recipe:
+    """The recipe of ``rcfg``, after the checks that depend on it (layouts, architecture, its block)."""
+    recipe = recipe_for(rcfg.algorithm.name)
+    p, name = rcfg.parallel, recipe.name
+    if recipe.block and recipe.config_block(rcfg) is None:
+        raise ConfigError(f"algorithm.name={name} but the config has no {recipe.block}: block "
+                          f"(compose it with the Hydra option algorithm={name})")
+    if not recipe.pipeline_parallel and p.pipeline_model_parallel_size > 1:
+        raise ConfigError(f"algorithm.name={name} needs parallel.pipeline_model_parallel_size=1 ({recipe.why_not})")
+    if not recipe.sequence_parallel and p.sequence_parallel:
+        raise ConfigError(f"algorithm.name={name} needs parallel.sequence_parallel=false ({recipe.why_not})")
+    if rcfg.model.arch == "t5":
+        t5_ok = [r.name for r in RECIPES.values() if r.t5]
+        if not recipe.t5:
+            raise ConfigError(f"model.arch=t5 supports algorithm.name {'|'.join(t5_ok)}, got {name!r} ({recipe.why_not})")
+        if name == "ppo" and rcfg.ppo.reward_model is not None:
+            raise ConfigError("model.arch=t5 with ppo.reward_model is not supported (reward models are GPT)")
+    return recipe
+
+
+def with_algorithm(rcfg: RunConfig, name: str) -> RunConfig:
+    """``rcfg`` switched to recipe ``name`` (its block with defaults when ``rcfg`` has none)."""
+    recipe = recipe_for(name)
+    changes: Dict[str, Any] = {"algorithm": dataclasses.replace(rcfg.algorithm, name=name)}
+    if recipe.block and recipe.config_block(rcfg) is None:
+        changes[recipe.block] = recipe.module.Config()
+    if not isinstance(rcfg, RecipeRunConfig):
+        rcfg = RecipeRunConfig(**{f.name: getattr(rcfg, f.name) for f in dataclasses.fields(RunConfig)})
+    return dataclasses.replace(rcfg, **changes)
+
+
+def check_inputs(recipe: Recipe, given: Dict[str, Any]) -> None:
+    """Python-API inputs the recipe does not take are refused, naming the recipes that do."""
+    for key, value in given.items():
+        if value is not None and key not in recipe.inputs:
+            takers = [r.name for r in RECIPES.values() if key in r.inputs]
+            raise ConfigError(f"{key} is an input of algorithm.name={'|'.join(takers)}, not of {recipe.name}")
+
+
+def run_config_yaml(rcfg: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(rcfg))
+
+
+__all__: Sequence[str] = ("RECIPES", "Recipe", "recipe_for", "register_configs", "to_run_config", "validate",
+                          "with_algorithm", "check_inputs", "check_renamed", "RecipeRunConfig")

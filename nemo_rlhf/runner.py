@@ -1,0 +1,224 @@
+"""The runner: one code path for every recipe, used by the CLI (``nemo_rlhf.train``) and the Python
+API (``nemo_rlhf.api``).
+
+    run(cfg, run_dir)  ->  context (process layout, task, tokenizer)
+                       ->  execute(recipe):  run dir + config.yaml -> prepare data (fails fast)
+                           -> SFT warm-up stage if the recipe's block has one and model.path is null
+                           -> build (module + how to start / resume) -> resume or start
+                           -> Lightning fit -> final evaluation, checkpoint, summary.json
+                       ->  the before/after table on the console
+
+A recipe never touches the run directory's checkpoints, the Lightning trainer or the summary.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from nemo_rlhf import fault
+from nemo_rlhf.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from nemo_rlhf.config.schema import RunConfig
+from nemo_rlhf.errors import CheckpointError, ConfigError
+from nemo_rlhf.logging import get_logger, set_verbosity
+from nemo_rlhf.modules.run_dir import RunDirectory
+from nemo_rlhf.recipes import sft
+from nemo_rlhf.recipes.common import Job, RunContext
+from nemo_rlhf.recipes.registry import RECIPES, Recipe, check_inputs, run_config_yaml, to_run_config, validate
+
+log = get_logger(__name__)
+
+
+def run(cfg, run_dir: str | os.PathLike, return_context: bool = False, **inputs):
+    """Run the job ``cfg`` describes into ``run_dir``; returns the summary (also in summary.json), and
+    the context holding the trained module when ``return_context``. ``inputs``: the Python API's
+    reward_fn / prompts / eval_prompts / samples / rewards, as the recipe row allows."""
+    # SIGTERM / SIGUSR1 from here on (start-up included) stop at the next step boundary with a
+    # checkpoint; the caller's own handlers are back afterwards (nemo_rlhf.train from Python).
+    with fault.stop_at_step_boundary():
+        from nemo_rlhf.interop.formats import resolve_run_config
+
+        rcfg = resolve_run_config(to_run_config(cfg))   # architecture from an HF / .nemo model.path
+        recipe = validate(rcfg)
+        check_inputs(recipe, inputs)
+        set_verbosity(os.environ.get("NEMO_RLHF_VERBOSITY", rcfg.verbosity))
+        ctx = make_context(rcfg, Path(run_dir))
+        summary = execute(recipe, ctx, rcfg, ctx.run_dir, inputs)
+        print_summary(summary, ctx.run_dir, ctx.env.rank)
+        return (summary, ctx) if return_context else summary
+
+
+def make_context(rcfg: RunConfig, run_dir: Path) -> RunContext:
+    """torch.distributed and megatron parallel state, seeds, the task and the tokenizer."""
+    import torch
+    from megatron.core import parallel_state as ps
+
+    from nemo_rlhf.data.tokenizers import tokenizer_for
+    from nemo_rlhf.parallel import broadcast_object, init_distributed, initialize_model_parallel
+    from nemo_rlhf.tasks.randomwalks import RandomWalks
+
+    env = init_distributed(rcfg.parallel.backend)
+    dp_size = initialize_model_parallel(rcfg.parallel, seed=rcfg.trainer.seed)
+    run_dir = Path(broadcast_object(str(Path(run_dir).resolve())))
+    torch.manual_seed(rcfg.trainer.seed)
+    tc = rcfg.task
+    task = RandomWalks(tc.num_nodes, tc.edge_prob, tc.max_length, tc.num_walks, tc.seed)
+    # the checkpoint's tokenizer when model.path is a Hugging Face directory with one
+    return RunContext(rcfg, env, ps.get_data_parallel_rank(), dp_size, run_dir, task,
+                      tokenizer_for(rcfg.model.path, task.vocab))
+
+
+def execute(recipe: Recipe, ctx: RunContext, rcfg: RunConfig, run_dir: Path,
+            inputs: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """One stage: ``recipe`` with config ``rcfg`` into ``run_dir`` (the command's run dir, or
+    <run dir>/sft for a warm-up stage)."""
+    t_start = time.perf_counter()
+    block = recipe.config_block(rcfg)
+    config_yaml = run_config_yaml(rcfg)
+    rd = RunDirectory(run_dir)
+    rd.write_config(config_yaml)
+    resume_from = resume_path(rcfg, rd.checkpoint_dir)
+    data = recipe.module.prepare(ctx, rcfg, block, **{k: v for k, v in (inputs or {}).items() if v is not None})
+    init_path, stages = rcfg.model.path, {}
+    warmup = getattr(block, "sft_warmup", None)
+    if warmup is not None and init_path is None and warmup.steps > 0 and resume_from is None:
+        init_path, sft_summary = sft_warmup(ctx, rcfg, run_dir, warmup)
+        stages = {"sft": sft_summary} if sft_summary else {}
+    job: Job = recipe.module.build(ctx, rcfg, block, data, rd, config_yaml)
+    module, engine = job.module, job.engine or job.module.engine
+    if resume_from is not None:
+        loop = load_checkpoint(resume_from, engine.chunks, engine.optimizer, engine.scheduler, extra=job.extra_engines)
+        module.step, module.initial_eval = int(loop["step"]), loop.get("initial_eval")
+        module._last_ckpt_step = module.step
+        rd.truncate_metrics_after(module.step)   # records after the checkpoint will be redone
+        log.info("resumed from %s at step %d", resume_from, module.step)
+        job.after_resume(loop, rd)
+    else:
+        if init_path is not None:
+            job.load_initial(str(init_path))
+        job.after_start()
+    fit(module, ctx, rcfg, rd)
+    summary = finish(module, rd, ctx, rcfg, t_start, {**job.summary, **stages})
+    ctx.module = module
+    return summary
+
+
+def sft_warmup(ctx: RunContext, rcfg: RunConfig, run_dir: Path, warmup):
+    """(initial checkpoint, SFT summary or None): an SFT stage in the same command into
+    <run dir>/sft, skipped when already complete there."""
+    from nemo_rlhf.parallel import initialize_model_parallel
+
+    sft_dir = run_dir / "sft"
+    done, summary = latest_checkpoint(sft_dir / "checkpoints"), None
+    if done is None or int(done.name.split("_")[1]) < warmup.steps:
+        log.info("no SFT checkpoint given (model.path=null): SFT warm-up for %d steps into %s", warmup.steps, sft_dir)
+        summary = execute(RECIPES["sft"], ctx, sft.warmup_config(rcfg, warmup), sft_dir)
+        initialize_model_parallel(ctx.rcfg.parallel, seed=ctx.rcfg.trainer.seed)   # fresh state for the next models
+    summary = {k: summary[k] for k in ("initial", "final", "steps", "wall_time_s")} if summary else None
+    return latest_checkpoint(sft_dir / "checkpoints"), summary
+
+
+def resume_path(rcfg: RunConfig, checkpoint_dir: Path) -> Optional[Path]:
+    if rcfg.resume == "auto":
+        found = latest_checkpoint(checkpoint_dir)
+        if found is None:
+            log.info("resume=auto: no complete checkpoint in %s, starting fresh", checkpoint_dir)
+        return found
+    if rcfg.resume:
+        path = Path(rcfg.resume)
+        if not path.exists():
+            raise CheckpointError(f"resume={rcfg.resume}: no such checkpoint directory")
+        return path
+    return None
+
+
+def lightning_trainer(rcfg: RunConfig, env, run_dir: Path):
+    import pytorch_lightning as pl
+    import torch
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+    from nemo_rlhf.parallel.strategy import MegatronStrategy
+
+    if rcfg.trainer.num_nodes != env.num_nodes:
+        raise ConfigError(f"trainer.num_nodes={rcfg.trainer.num_nodes} but the launcher started "
+                          f"{env.world_size} processes on {env.num_nodes} node(s)")
+    if rcfg.trainer.devices is not None and rcfg.trainer.devices != env.local_world_size:
+        raise ConfigError(f"trainer.devices={rcfg.trainer.devices} but the launcher started "
+                          f"{env.local_world_size} process(es) per node")
+    loggers = []
+    if rcfg.logger.tensorboard:
+        loggers.append(TensorBoardLogger(str(run_dir), name="tensorboard", version=""))
+    if rcfg.logger.csv:
+        loggers.append(CSVLogger(str(run_dir), name="csv", version=""))
+    backend = rcfg.parallel.backend if rcfg.parallel.backend != "auto" else (
+        "nccl" if torch.cuda.is_available() else "gloo")
+    trainer = pl.Trainer(
+        accelerator="gpu" if torch.cuda.is_available() else "cpu",
+        devices=env.local_world_size, num_nodes=env.num_nodes,
+        strategy=MegatronStrategy(env, backend), max_epochs=1, precision="32-true",
+        use_distributed_sampler=False, logger=False, enable_checkpointing=False,
+        enable_model_summary=False, num_sanity_val_steps=0,
+        enable_progress_bar=rcfg.trainer.progress_bar and env.rank == 0,
+        default_root_dir=str(run_dir),
+    )
+    return trainer, loggers
+
+
+def fit(module, ctx: RunContext, rcfg: RunConfig, rd: RunDirectory) -> None:
+    trainer, rd.loggers = lightning_trainer(rcfg, ctx.env, rd.path)
+    if module.step < rcfg.trainer.max_steps:
+        trainer.fit(module)
+    else:
+        log.info("already at trainer.max_steps=%d; evaluating only", rcfg.trainer.max_steps)
+        module.initial_eval = module.initial_eval or module.evaluate()
+
+
+def finish(module, rd: RunDirectory, ctx: RunContext, rcfg: RunConfig, t_start: float,
+           extra: Dict[str, Any]) -> Dict[str, Any]:
+    """Final evaluation (unless the last step just ran one), final checkpoint, summary.json."""
+    final = module.last_eval if module.last_eval and module.last_eval.get("step") == module.step \
+        else module.evaluate()
+    module.save()
+    summary_extra = {"algorithm": rcfg.algorithm.name, "steps": module.step,
+                     "wall_time_s": time.perf_counter() - t_start, "world_size": ctx.env.world_size,
+                     "layout": {"tp": rcfg.parallel.tensor_model_parallel_size,
+                                "pp": rcfg.parallel.pipeline_model_parallel_size, "dp": ctx.dp_size},
+                     "checkpoint": str(rd.checkpoint_dir / f"step_{module.step:07d}"), **extra}
+    rd.write_summary(module.initial_eval or {}, final, summary_extra)
+    return {"initial": module.initial_eval or {}, "final": final, **summary_extra}
+
+
+SUMMARY_METRICS = ("optimality", "valid_rate", "optimality_greedy", "valid_rate_greedy", "optimality_beta0",
+                   "valid_rate_beta0", "behaviour_optimality", "accuracy", "reward_margin")
+"""The metrics of the before/after table, in this order, where the run has them."""
+
+
+def print_summary(summary: Dict[str, Any], run_dir: Path, rank: int) -> None:
+    if rank != 0:
+        return
+    init, fin = summary["initial"], summary["final"]
+    lines = [f"\nnemo_rlhf: {summary['steps']} steps in {summary['wall_time_s']:.1f}s -> {run_dir}",
+             f"  {'metric':<22}{'before':>10}{'after':>10}"]
+    for k in (k for k in SUMMARY_METRICS if k in fin):
+        lines.append(f"  {k:<22}{init.get(k, float('nan')):>10.3f}{fin[k]:>10.3f}")
+    lines.append(f"  summary: {run_dir / 'summary.json'}")
+    print("\n".join(lines), flush=True)
+
+
+def export(module, engine, rcfg: RunConfig, tokenizer, directory, megatron: bool = True) -> Path:
+    """The policy in ``engine`` as a Hugging Face model in ``directory`` (config.json, model.safetensors,
+    tokenizer files), gathered from any TP/PP (heads stay out); with ``megatron`` also the megatron
+    dist checkpoint under ``directory/checkpoints`` and config.yaml (returns that checkpoint's path)."""
+    from nemo_rlhf.interop import export_hf, is_hf_dir
+
+    directory = Path(directory)
+    model = rcfg.model
+    source = model.path if model.path is not None and is_hf_dir(model.path) else None
+    export_hf(directory, engine.chunks, model, model.vocab_size or tokenizer.vocab_size,
+              source_dir=source, tokenizer=tokenizer)
+    if not megatron:
+        return directory
+    path = save_checkpoint(directory / "checkpoints", module.step, engine.chunks, config_yaml=module.config_yaml)
+    (directory / "config.yaml").write_text(module.config_yaml)
+    return path
