@@ -1,4 +1,5 @@
 """Configs compose through Hydra into the dataclass schemas; bad values fail at start naming the key."""
+import re
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,73 @@ def test_cli_reports_bad_layout_and_unknown_key(tmp_path):
     assert "Traceback" not in proc.stderr
     proc = train([f"hydra.run.dir={tmp_path / 'b'}", "trainer.max_stepz=3"])
     assert proc.returncode != 0 and "max_stepz" in proc.stderr
+
+
+@pytest.mark.parametrize("name, overrides, message", [
+    ("ppo_tiny", ["parallel=pp2"], "algorithm.name=ppo needs parallel.pipeline_model_parallel_size=1"),
+    ("ilql_tiny", ["parallel=tp2_sp"], "algorithm.name=ilql needs parallel.sequence_parallel=false"),
+    ("rm_tiny", ["model=t5_tiny"], "model.arch=t5 supports algorithm.name sft|ppo|ilql|dpo|kto, got 'rm'"),
+    ("dpo_tiny", ["dpo.loss_type=cpo2"], "dpo.loss_type must be sigmoid|ipo|hinge|robust|simpo|orpo"),
+    ("ppo_tiny", ["ppo.sft_warmup.steps=-1"], "sft_warmup.steps must be >= 0"),
+])
+def test_recipe_rows_and_blocks_check_their_own_keys(name, overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load(overrides, name=name)
+
+
+def test_each_run_carries_only_its_recipes_block():
+    from nemo_rlhf.recipes.registry import RECIPES
+
+    for name, block in (("ppo_tiny", "ppo"), ("dpo_tiny", "dpo"), ("kto_tiny", "kto"), ("sft_tiny", None)):
+        cfg = load(name=name)
+        assert [r.block for r in RECIPES.values() if r.block and getattr(cfg, r.block) is not None] == \
+            ([block] if block else [])
+    # algorithm=<name> on the command line brings that recipe's block with its defaults
+    cfg = load(["algorithm=dpo"], name="sft_tiny")
+    assert cfg.algorithm.name == "dpo" and cfg.dpo.beta == 0.1 and cfg.dpo.sft_warmup.steps == 1000
+    with pytest.raises(ConfigCompositionException, match="Available options in 'algorithm'"):
+        load(["algorithm=grpo9"])
+
+
+def test_renamed_keys_name_the_new_key():
+    from nemo_rlhf.recipes.registry import check_renamed
+
+    with pytest.raises(ConfigError, match=re.escape("ppo.sft_steps was renamed: use ppo.sft_warmup.steps")):
+        check_renamed(["trainer.max_steps=3", "ppo.sft_steps=0"])
+    with pytest.raises(ConfigError, match=re.escape("dpo.sft_lr was renamed: use dpo.sft_warmup.lr")):
+        check_renamed(["+dpo.sft_lr=1e-3"])
+    check_renamed(["ppo.sft_warmup.steps=0", "trainer.sft_steps_note=1"])   # not a recipe block: Hydra's business
+
+
+def test_configs_saved_before_per_recipe_blocks_still_load():
+    """Checkpoint metadata written before this layout holds every algorithm's block and the flat
+    sft_* keys: the chosen recipe's keys move to sft_warmup, the other blocks are dropped."""
+    from omegaconf import OmegaConf
+
+    from nemo_rlhf.recipes.registry import to_run_config
+
+    old = {"algorithm": {"name": "ppo"}, "trainer": {"max_steps": 7},
+           "ppo": {"num_rollouts": 32, "sft_steps": 0, "sft_lr": 0.01},
+           "dpo": {"beta": 0.5, "sft_steps": 3}, "kto": {"beta": 0.2}, "ilql": {"tau": 0.5}, "rm": {"margin": 1.0}}
+    cfg = to_run_config(OmegaConf.create(old))
+    assert cfg.trainer.max_steps == 7 and cfg.ppo.num_rollouts == 32
+    assert (cfg.ppo.sft_warmup.steps, cfg.ppo.sft_warmup.lr) == (0, 0.01)
+    assert cfg.dpo is None and cfg.kto is None and cfg.ilql is None and cfg.rm is None
+
+
+def test_api_inputs_are_checked_against_the_recipe_row():
+    from nemo_rlhf.recipes.registry import RECIPES, check_inputs
+
+    check_inputs(RECIPES["ppo"], {"reward_fn": len, "prompts": ["a"], "samples": None})
+    with pytest.raises(ConfigError, match="reward_fn is an input of algorithm.name=ppo, not of sft"):
+        check_inputs(RECIPES["sft"], {"reward_fn": len})
+    with pytest.raises(ConfigError, match="rewards is an input of algorithm.name=ilql, not of dpo"):
+        check_inputs(RECIPES["dpo"], {"rewards": [1.0]})
+
+
+@pytest.mark.slow
+def test_cli_names_a_renamed_key(tmp_path):
+    proc = train([f"hydra.run.dir={tmp_path / 'a'}", "ppo.sft_steps=0"], config="ppo_tiny")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "ppo.sft_steps was renamed: use ppo.sft_warmup.steps" in proc.stderr
+    assert not (tmp_path / "a").exists()
