@@ -4,11 +4,13 @@ Inputs are per-example sequence log-probabilities (``[B]``): sums of token log-p
 completion, or their means where the method says so (SimPO, ORPO, and IPO with length
 normalisation). Every function returns per-example losses; the caller reduces them (a sum
 divided by the global number of examples, so the result does not depend on the batch split).
-Variants are a flat table (``DPO_LOSSES``), not an if/elif chain.
+The DPO family is one flat table (``DPO_LOSSES``: loss type -> row), not an if/elif chain.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Tuple
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +38,8 @@ def _robust(logits: torch.Tensor, beta: float, label_smoothing: float) -> torch.
             + F.logsigmoid(-beta * logits) * label_smoothing) / (1 - 2 * label_smoothing)
 
 
-DPO_LOSSES: Dict[str, Callable[[torch.Tensor, float, float], torch.Tensor]] = {
+# loss of the reference-relative log-ratio difference h, by DPO loss type
+_LOGIT_LOSSES: Dict[str, Callable[[torch.Tensor, float, float], torch.Tensor]] = {
     "sigmoid": _sigmoid, "ipo": _ipo, "hinge": _hinge, "robust": _robust,
 }
 
@@ -51,12 +54,12 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
         rewards = beta * (log pi - log pi_ref), detached
 
     Returns ``(losses, chosen_rewards, rejected_rewards)``, each ``[B]``."""
-    if loss_type not in DPO_LOSSES:
-        raise ValueError(f"unknown DPO loss_type {loss_type!r} (known: {', '.join(DPO_LOSSES)})")
+    if loss_type not in _LOGIT_LOSSES:
+        raise ValueError(f"unknown DPO loss_type {loss_type!r} (known: {', '.join(_LOGIT_LOSSES)})")
     if loss_type == "robust" and not 0 <= label_smoothing < 0.5:
         raise ValueError("robust DPO needs 0 <= label_smoothing < 0.5")
     logits = (policy_chosen_logps - policy_rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
-    losses = DPO_LOSSES[loss_type](logits, beta, label_smoothing)
+    losses = _LOGIT_LOSSES[loss_type](logits, beta, label_smoothing)
     chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
     rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
     return losses, chosen_rewards, rejected_rewards
@@ -84,6 +87,75 @@ def orpo_loss(policy_chosen_avg_logps: torch.Tensor, policy_rejected_avg_logps: 
     return chosen_nll - lam * ratio, log_odds.detach()
 
 
+class PreferenceLogps(NamedTuple):
+    """What a row of the DPO family reads, each ``[B]``."""
+
+    chosen: torch.Tensor
+    """log pi(y_w | x): summed token log-probs, or their mean when the row is length-normalised
+    (or dpo.length_normalize is set)."""
+    rejected: torch.Tensor
+    """log pi(y_l | x), the same way."""
+    ref_chosen: Optional[torch.Tensor]
+    """log pi_ref(y_w | x), the same way; None for reference-free rows."""
+    ref_rejected: Optional[torch.Tensor]
+    chosen_nll: torch.Tensor
+    """Mean token NLL of y_w (ORPO's SFT term; CPO's behaviour-cloning term)."""
+
+
+Rewards = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class DPOVariant:
+    """One row of the DPO family table."""
+
+    loss: Callable[[PreferenceLogps, Any], Rewards]
+    """(inputs, hyperparameters) -> (losses, chosen rewards, rejected rewards), each [B], the
+    rewards detached. The hyperparameters are the dpo config block (beta, label_smoothing,
+    simpo_gamma, orpo_lambda, ...): each row reads the fields it needs."""
+    needs_reference: bool
+    """False: no reference log-probs (no precomputing pass, no frozen model); ref_* are None."""
+    length_normalized: bool
+    """True: always mean token log-probs; False: sums, or means with dpo.length_normalize."""
+
+
+def _reference_relative(loss_type: str, x: PreferenceLogps, hp) -> Rewards:
+    return dpo_loss(x.chosen, x.rejected, x.ref_chosen, x.ref_rejected, hp.beta, loss_type, hp.label_smoothing)
+
+
+def _simpo(x: PreferenceLogps, hp) -> Rewards:
+    # reference-free "rewards": beta * average log-prob
+    losses = simpo_loss(x.chosen, x.rejected, hp.beta, hp.simpo_gamma, hp.label_smoothing)
+    return losses, hp.beta * x.chosen.detach(), hp.beta * x.rejected.detach()
+
+
+def _orpo(x: PreferenceLogps, hp) -> Rewards:
+    losses, _ = orpo_loss(x.chosen, x.rejected, x.chosen_nll, hp.orpo_lambda)
+    return losses, hp.beta * x.chosen.detach(), hp.beta * x.rejected.detach()
+
+
+DPO_LOSSES: Dict[str, DPOVariant] = {
+    #              loss                                       reference  length-normalised
+    "sigmoid": DPOVariant(partial(_reference_relative, "sigmoid"), True, False),
+    "ipo": DPOVariant(partial(_reference_relative, "ipo"), True, False),
+    "hinge": DPOVariant(partial(_reference_relative, "hinge"), True, False),
+    "robust": DPOVariant(partial(_reference_relative, "robust"), True, False),
+    "simpo": DPOVariant(_simpo, False, True),
+    "orpo": DPOVariant(_orpo, False, True),
+    # "cpo": DPOVariant(_cpo, False, False),   CPO (Xu et al. 2024): -log sigma(beta (logp_w - logp_l))
+    #                                          + alpha * chosen_nll -- the next issue's row
+}
+DPO_LOSS_TYPES: Tuple[str, ...] = tuple(DPO_LOSSES)
+"""The dpo.loss_type values."""
+
+
+def preference_loss(loss_type: str, x: PreferenceLogps, hp) -> Rewards:
+    """The ``loss_type`` row of :data:`DPO_LOSSES` on ``x``."""
+    if loss_type not in DPO_LOSSES:
+        raise ValueError(f"unknown dpo.loss_type {loss_type!r} (known: {', '.join(DPO_LOSS_TYPES)})")
+    return DPO_LOSSES[loss_type].loss(x, hp)
+
+
 def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor,
              beta: float, desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> torch.Tensor:
     """KTO (Ethayarajh et al. 2024, Eq. 8) on unpaired examples:
@@ -93,7 +165,7 @@ def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: tor
         undesirable: w_u * (1 - sigma(beta (z0 - r)))
 
     ``desirable`` [B] bool; ``kl`` a scalar estimate of KL(pi || pi_ref) (e.g. from mismatched
-    prompt/completion pairs, as the paper)."""
+    prompt/completion pairs, as the paper: :func:`kto_reference_point`)."""
     r = policy_logps - ref_logps
     z0 = torch.clamp(kl, min=0).detach()
     good = desirable_weight * (1 - torch.sigmoid(beta * (r - z0)))
@@ -101,11 +173,29 @@ def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: tor
     return torch.where(desirable.bool(), good, bad)
 
 
+def kto_kl_sums(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(sum, count) of the log-ratios log pi(y'|x) - log pi_ref(y'|x) over mismatched pairs (x, y')
+    ``[B]``, detached. Added up over all micro-batches and data-parallel ranks of a step, they give
+    the reference point of the whole global batch (TRL gathers the batch's KL terms across
+    processes too), which then does not depend on how the batch is split."""
+    log_ratio = (policy_kl_logps - ref_kl_logps).detach()
+    return log_ratio.sum(), torch.tensor(float(log_ratio.numel()), dtype=log_ratio.dtype, device=log_ratio.device)
+
+
+def kto_reference_point(mean_log_ratio: torch.Tensor) -> torch.Tensor:
+    """KTO's reference point (Ethayarajh et al. 2024, Sec. 4.1):
+
+        z0 = max(0, mean over mismatched pairs of log pi(y'|x) - log pi_ref(y'|x)), detached
+
+    (no gradient flows through the reference point). ``mean_log_ratio`` = sum / count of
+    :func:`kto_kl_sums` over the global batch."""
+    return torch.as_tensor(mean_log_ratio).clamp(min=0).detach()
+
+
 def kto_kl_estimate(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -> torch.Tensor:
-    """KTO's reference point z0 (Ethayarajh et al. 2024, Sec. 4.1): the batch mean of
-    log pi(y'|x) - log pi_ref(y'|x) over mismatched pairs (x, y'), clamped at 0 and detached (no
-    gradient flows through the reference point)."""
-    return (policy_kl_logps - ref_kl_logps).mean().clamp(min=0).detach()
+    """:func:`kto_reference_point` of one batch of mismatched pairs."""
+    total, count = kto_kl_sums(policy_kl_logps, ref_kl_logps)
+    return kto_reference_point(total / count.clamp(min=1))
 
 
 def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,

@@ -1,77 +1,88 @@
 """DPO (and its variants) and KTO as a LightningModule: examples as [N, 2, S] token tensors
 (DPO: chosen / rejected; KTO: the completion / a mismatched completion for the KL reference
 point), a megatron policy engine, a reference (precomputed log-probs or a frozen model), the
-losses from :mod:`nemo_rlhf.algorithms.dpo`."""
+losses from :mod:`nemo_rlhf.algorithms.dpo`. One step's forward-backward is chosen by the
+algorithm's name (:data:`FORWARD_BACKWARD`), the DPO variant by dpo.loss_type (one row of
+:data:`~nemo_rlhf.algorithms.dpo.DPO_LOSSES`)."""
 from __future__ import annotations
 
 import time
 from functools import partial
-from typing import Any, Dict
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple
 
 import torch
 
-from nemo_rlhf.algorithms.dpo import dpo_loss, kto_kl_estimate, kto_loss, orpo_loss, simpo_loss
-from nemo_rlhf.config.schema import DPOConfig, KTOConfig, RunConfig
+from nemo_rlhf.algorithms.dpo import (DPO_LOSSES, PreferenceLogps, kto_kl_sums, kto_loss, kto_reference_point,
+                                      preference_loss)
+from nemo_rlhf.config.schema import RunConfig
 from nemo_rlhf.data.preference import PreferenceDataset
 from nemo_rlhf.logging import get_logger
 from nemo_rlhf.modules.engine import MegatronEngine, build_chunks, lm_forward
 from nemo_rlhf.modules.loop import dp_loader, end_of_step, record_eval, save_engine, TrainingSystem
 from nemo_rlhf.modules.run_dir import RunDirectory
 
+if TYPE_CHECKING:
+    from nemo_rlhf.recipes.dpo import DPOConfig
+    from nemo_rlhf.recipes.kto import KTOConfig
+
 log = get_logger(__name__)
 
-REFERENCE_FREE = ("simpo", "orpo")
+Batch = Dict[str, torch.Tensor]
 
 
 def needs_reference(cfg) -> bool:
-    """KTO and the DPO variants compare with a reference policy; SimPO and ORPO do not."""
-    return getattr(cfg, "loss_type", "kto") not in REFERENCE_FREE
+    """Whether the algorithm block ``cfg`` compares with a reference policy: KTO (whose block has
+    no loss_type) always; a DPO variant as its row of DPO_LOSSES says (SimPO and ORPO do not)."""
+    loss_type = getattr(cfg, "loss_type", None)
+    return loss_type is None or DPO_LOSSES[loss_type].needs_reference
+
+
+def length_normalized(cfg) -> bool:
+    """Whether the DPO variant of ``cfg`` reads mean (not summed) token log-probs: its row says so
+    (SimPO, ORPO), or dpo.length_normalize; never for KTO."""
+    loss_type = getattr(cfg, "loss_type", None)
+    return loss_type is not None and (DPO_LOSSES[loss_type].length_normalized or cfg.length_normalize)
 
 
 def sequence_logps(model, tokens, labels, loss_mask, length_normalize: bool = False) -> torch.Tensor:
-    """[b, 2, S] pairs -> summed (or mean) completion log-probs [b, 2] (vocab-parallel safe: the
-    model's own cross-entropy gives -log p of each label)."""
-    b, two, s = tokens.shape
-    flat = tokens.reshape(b * two, s)
-    mask = loss_mask.reshape(b * two, s)
-    nll = lm_forward(model, flat, labels.reshape(b * two, s), mask)
+    """[b, k, S] sequences -> summed (or mean) completion log-probs [b, k] (vocab-parallel safe:
+    the model's own cross-entropy gives -log p of each label)."""
+    b, k, s = tokens.shape
+    flat = tokens.reshape(b * k, s)
+    mask = loss_mask.reshape(b * k, s)
+    nll = lm_forward(model, flat, labels.reshape(b * k, s), mask)
     logps = -(nll.float() * mask).sum(-1)
     if length_normalize:
         logps = logps / mask.sum(-1).clamp(min=1)
-    return logps.view(b, two)
+    return logps.view(b, k)
 
 
-def dpo_forward(batch: Dict[str, torch.Tensor], model, cfg: DPOConfig, reference=None):
+# -- DPO and its variants ----------------------------------------------------------------------------
+def dpo_forward(batch: Batch, model, cfg: DPOConfig, reference=None):
+    """Megatron forward step on [b, 2, S] pairs (chosen, rejected)."""
     b, two, s = batch["tokens"].shape
     flat = batch["tokens"].reshape(b * two, s)
     nll = lm_forward(model, flat, batch["labels"].reshape(b * two, s), batch["loss_mask"].reshape(b * two, s))
-    ref = batch["ref_logps"]
-    if reference is not None and needs_reference(cfg):
-        with torch.no_grad():
-            ref = sequence_logps(reference, batch["tokens"], batch["labels"], batch["loss_mask"],
-                                 getattr(cfg, "length_normalize", False))
-    loss_func = kto_loss_func if isinstance(cfg, KTOConfig) else dpo_loss_func
-    return nll, partial(loss_func, batch, cfg, ref)
+    ref = None
+    if needs_reference(cfg):
+        ref = batch["ref_logps"]
+        if reference is not None:
+            with torch.no_grad():
+                ref = sequence_logps(reference, batch["tokens"], batch["labels"], batch["loss_mask"],
+                                     length_normalized(cfg))
+    return nll, partial(dpo_loss_func, batch, cfg, ref)
 
 
-def dpo_loss_func(batch, cfg: DPOConfig, ref_logps, nll):
+def dpo_loss_func(batch: Batch, cfg: DPOConfig, ref_logps: Optional[torch.Tensor], nll):
     b, two, s = batch["tokens"].shape
     mask = batch["loss_mask"].reshape(b * two, s)
     sums = -(nll.float() * mask).sum(-1)
     counts = mask.sum(-1).clamp(min=1)
-    if cfg.loss_type in REFERENCE_FREE:
-        # SimPO / ORPO: length-normalised log-probs, no reference; "rewards" are beta * avg logp
-        avg = (sums / counts).view(b, two)
-        if cfg.loss_type == "simpo":
-            losses = simpo_loss(avg[:, 0], avg[:, 1], cfg.beta, cfg.simpo_gamma, cfg.label_smoothing)
-        else:
-            chosen_nll = -avg[:, 0]
-            losses, _ = orpo_loss(avg[:, 0], avg[:, 1], chosen_nll, cfg.orpo_lambda)
-        logps, rc, rr = avg, cfg.beta * avg[:, 0].detach(), cfg.beta * avg[:, 1].detach()
-    else:
-        logps = (sums / counts if cfg.length_normalize else sums).view(b, two)
-        losses, rc, rr = dpo_loss(logps[:, 0], logps[:, 1], ref_logps[:, 0], ref_logps[:, 1], cfg.beta,
-                                  cfg.loss_type, cfg.label_smoothing)
+    avg = (sums / counts).view(b, two)
+    logps = avg if length_normalized(cfg) else sums.view(b, two)
+    ref = (None, None) if ref_logps is None else (ref_logps[:, 0], ref_logps[:, 1])
+    x = PreferenceLogps(logps[:, 0], logps[:, 1], *ref, chosen_nll=-avg[:, 0])
+    losses, rc, rr = preference_loss(cfg.loss_type, x, cfg)
     n = torch.tensor(float(b), device=losses.device)
     pair = lambda x: torch.stack([x.detach().sum().double(), n.double()])
     report = {"loss": pair(losses), "rewards/chosen": pair(rc), "rewards/rejected": pair(rr),
@@ -81,41 +92,117 @@ def dpo_loss_func(batch, cfg: DPOConfig, ref_logps, nll):
     return losses.sum(), n.to(torch.int), report
 
 
-def kto_loss_func(batch, cfg: KTOConfig, ref_logps, nll):
-    """KTO on a micro-batch: index 0 of each example is its completion, index 1 a mismatched
-    completion whose policy/reference log-ratio estimates KL(policy || reference) (z0)."""
-    b, two, s = batch["tokens"].shape
-    mask = batch["loss_mask"].reshape(b * two, s)
-    logps = (-(nll.float() * mask).sum(-1)).view(b, two)
-    kl = kto_kl_estimate(logps[:, 1], ref_logps[:, 1])
+def dpo_forward_backward(engine: MegatronEngine, batch: Batch, micro_batch_size: int, cfg: DPOConfig,
+                         reference=None) -> Dict[str, float]:
+    """One DPO step's forward-backward over the DP-local part of the global batch."""
+    return engine.forward_backward(batch, micro_batch_size, partial(dpo_forward, cfg=cfg, reference=reference))
+
+
+# -- KTO -----------------------------------------------------------------------------------------
+def kto_split(batch: Batch) -> Tuple[Batch, Batch]:
+    """[N, 2, S] KTO examples -> (the completions, the mismatched completions), each [N, S] with
+    their [N] reference log-probs (``desirable`` goes with the completions)."""
+    halves = []
+    for i in (0, 1):
+        half = {k: batch[k][:, i] for k in ("tokens", "labels", "loss_mask", "ref_logps")}
+        halves.append(half)
+    halves[0]["desirable"] = batch["desirable"]
+    return halves[0], halves[1]
+
+
+def _logps_and_reference(batch: Batch, model, reference):
+    """Policy NLL [b, S] of ``batch``'s [b, S] sequences and their reference log-probs [b]."""
+    nll = lm_forward(model, batch["tokens"], batch["labels"], batch["loss_mask"])
+    ref = batch["ref_logps"]
+    if reference is not None:
+        with torch.no_grad():
+            ref = sequence_logps(reference, batch["tokens"][:, None], batch["labels"][:, None],
+                                 batch["loss_mask"][:, None])[:, 0]
+    return nll, ref
+
+
+def kto_kl_forward(batch: Batch, model, reference=None):
+    """Forward step of the no-grad pass over the mismatched completions [b, S]: reports the sum and
+    count of their log pi - log pi_ref (the engine adds them over micro-batches and DP ranks)."""
+    nll, ref = _logps_and_reference(batch, model, reference)
+
+    def report(nll):
+        logps = -(nll.float() * batch["loss_mask"]).sum(-1)
+        total, count = kto_kl_sums(logps, ref)
+        return total, count.to(torch.int), {"kl": torch.stack([total, count]).double()}
+
+    return nll, report
+
+
+def kto_forward(batch: Batch, model, cfg: KTOConfig, z0: torch.Tensor, reference=None):
+    """Megatron forward step on the completions [b, S], with the global batch's reference point z0."""
+    nll, ref = _logps_and_reference(batch, model, reference)
+    return nll, partial(kto_loss_func, batch, cfg, ref, z0)
+
+
+def kto_loss_func(batch: Batch, cfg: KTOConfig, ref_logps: torch.Tensor, z0: torch.Tensor, nll):
+    b = batch["tokens"].shape[0]
+    logps = -(nll.float() * batch["loss_mask"]).sum(-1)
     desirable = batch["desirable"].bool()
-    losses = kto_loss(logps[:, 0], ref_logps[:, 0], desirable, kl, cfg.beta, cfg.desirable_weight,
-                      cfg.undesirable_weight)
-    rewards = cfg.beta * (logps[:, 0] - ref_logps[:, 0]).detach()
+    z0 = z0.to(logps.device)
+    losses = kto_loss(logps, ref_logps, desirable, z0, cfg.beta, cfg.desirable_weight, cfg.undesirable_weight)
+    rewards = cfg.beta * (logps - ref_logps).detach()
     d = desirable.to(rewards.dtype)
     n = torch.tensor(float(b), device=losses.device)
     both = lambda total, count: torch.stack([total.detach().double(), count.double()])
-    report = {"loss": both(losses.sum(), n), "kl": both(kl * b, n),
+    report = {"loss": both(losses.sum(), n), "kl": both(z0 * b, n),
               "rewards/chosen": both((rewards * d).sum(), d.sum()),
               "rewards/rejected": both((rewards * (1 - d)).sum(), (1 - d).sum()),
-              "logps/chosen": both((logps[:, 0] * d).sum(), d.sum()),
-              "logps/rejected": both((logps[:, 0] * (1 - d)).sum(), (1 - d).sum())}
+              "logps/chosen": both((logps * d).sum(), d.sum()),
+              "logps/rejected": both((logps * (1 - d)).sum(), (1 - d).sum())}
     return losses.sum(), n.to(torch.int), report
+
+
+def kto_global_reference_point(engine: MegatronEngine, mismatched: Batch, micro_batch_size: int,
+                               reference=None) -> torch.Tensor:
+    """z0 of the whole global batch: one no-grad pass over all micro-batches of the mismatched
+    completions; the engine's stat reduction adds their (sum, count) over micro-batches and DP
+    ranks (and broadcasts it from the last pipeline stage), then z0 = max(0, sum / count)."""
+    stats = engine.forward_backward(mismatched, micro_batch_size, partial(kto_kl_forward, reference=reference),
+                                    forward_only=True)
+    return kto_reference_point(torch.tensor(stats["kl"], dtype=torch.float32))
+
+
+def kto_forward_backward(engine: MegatronEngine, batch: Batch, micro_batch_size: int, cfg: KTOConfig,
+                         reference=None) -> Dict[str, float]:
+    """One KTO step's forward-backward over the DP-local part of the global batch: the reference
+    point z0 from all its mismatched completions first (no grad), then the loss of the completions
+    with that z0, so the loss and grads do not depend on the micro-batch or data-parallel split."""
+    completions, mismatched = kto_split(batch)
+    z0 = kto_global_reference_point(engine, mismatched, micro_batch_size, reference)
+    return engine.forward_backward(completions, micro_batch_size,
+                                   partial(kto_forward, cfg=cfg, z0=z0, reference=reference))
+
+
+ForwardBackward = Callable[[MegatronEngine, Batch, int, Any, Any], Dict[str, float]]
+FORWARD_BACKWARD: Dict[str, ForwardBackward] = {"dpo": dpo_forward_backward, "kto": kto_forward_backward}
+"""One step's forward-backward by algorithm name: (engine, DP-local batch, micro-batch size,
+algorithm config block, reference model or None) -> the global batch's stats."""
 
 
 class DPOModule(TrainingSystem):
     """DPO and its variants (algorithm.name=dpo) or KTO (algorithm.name=kto)."""
 
     def __init__(self, cfg: RunConfig, dataset: PreferenceDataset, vocab_size: int, run_dir: RunDirectory,
-                 evaluate_fn, dp_rank: int, dp_size: int, config_yaml: str = ""):
+                 evaluate_fn, dp_rank: int, dp_size: int, config_yaml: str = "", *, algorithm: str,
+                 algo_cfg: DPOConfig | KTOConfig):
+        """``algorithm``: "dpo" | "kto" (a key of :data:`FORWARD_BACKWARD`); ``algo_cfg``: its
+        config block (the DPOConfig or KTOConfig)."""
         super().__init__()
+        if algorithm not in FORWARD_BACKWARD:
+            raise ValueError(f"DPOModule runs {' | '.join(FORWARD_BACKWARD)}, not {algorithm!r}")
         self.cfg, self.dataset, self.run_dir = cfg, dataset, run_dir
-        self.dpo = cfg.kto if cfg.algorithm.name == "kto" else cfg.dpo
+        self.algorithm, self.algo_cfg = algorithm, algo_cfg
         self.evaluate_fn, self.dp_rank, self.dp_size, self.config_yaml = evaluate_fn, dp_rank, dp_size, config_yaml
         self.engine = MegatronEngine(cfg.model, cfg.parallel, cfg.optim, vocab_size, cfg.trainer.max_steps)
         self.chunks = torch.nn.ModuleList(self.engine.chunks)
         self.reference = None
-        if self.dpo.reference == "model" and needs_reference(self.dpo):
+        if algo_cfg.reference == "model" and needs_reference(algo_cfg):
             self.reference = build_chunks(cfg.model, cfg.parallel, vocab_size)[0].eval()
             for p in self.reference.parameters():
                 p.requires_grad_(False)
@@ -137,7 +224,7 @@ class DPOModule(TrainingSystem):
         for i in range(0, len(ds), batch_size):
             sl = slice(i, i + batch_size)
             ds.ref_logps[sl] = sequence_logps(model, ds.tokens[sl], ds.labels[sl], ds.loss_mask[sl],
-                                              getattr(self.dpo, "length_normalize", False))
+                                              length_normalized(self.algo_cfg))
         model.train()
         path = self.run_dir.path / "reference_logps.pt"
         if self.dp_rank == 0:
@@ -147,8 +234,9 @@ class DPOModule(TrainingSystem):
         return dp_loader(self.dataset, self)
 
     def training_step(self, batch, batch_idx):
-        stats = self.engine.train_step(batch, self.cfg.trainer.micro_batch_size,
-                                       partial(dpo_forward, cfg=self.dpo, reference=self.reference))
+        stats = FORWARD_BACKWARD[self.algorithm](self.engine, batch, self.cfg.trainer.micro_batch_size,
+                                                 self.algo_cfg, self.reference)
+        stats.update(self.engine.optimizer_step())
         self.step += 1
         end_of_step(self, stats)
 

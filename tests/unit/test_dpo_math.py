@@ -1,10 +1,14 @@
 """Preference losses pinned to values derived by hand from the papers' formulas."""
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from nemo_rlhf.algorithms.dpo import bradley_terry_loss, dpo_loss, kto_loss, orpo_loss, simpo_loss
+from nemo_rlhf.algorithms.dpo import (DPO_LOSS_TYPES, DPO_LOSSES, PreferenceLogps, bradley_terry_loss, dpo_loss,
+                                      kto_kl_estimate, kto_kl_sums, kto_loss, kto_reference_point, orpo_loss,
+                                      preference_loss, simpo_loss)
+from nemo_rlhf.modules.dpo import length_normalized, needs_reference
 
 T = torch.tensor
 ls = lambda x: math.log(1 / (1 + math.exp(-x)))      # log sigma(x)
@@ -56,3 +60,103 @@ def test_simpo_orpo_kto_bt_by_hand():
     # Bradley-Terry
     loss, correct = bradley_terry_loss(T([2.0, 0.0]), T([1.0, 1.0]))
     assert loss.tolist() == pytest.approx([-ls(1.0), -ls(-1.0)]) and correct.tolist() == [1.0, 0.0]
+
+
+# -- the DPO family as one table --------------------------------------------------------------------
+HP = SimpleNamespace(beta=0.5, label_smoothing=0.0, simpo_gamma=0.5, orpo_lambda=0.1, length_normalize=False)
+
+
+def test_the_family_table_rows():
+    assert DPO_LOSS_TYPES == ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo")
+    assert [t for t in DPO_LOSS_TYPES if not DPO_LOSSES[t].needs_reference] == ["simpo", "orpo"]
+    assert [t for t in DPO_LOSS_TYPES if DPO_LOSSES[t].length_normalized] == ["simpo", "orpo"]
+    # KTO's block has no loss_type: always a reference
+    assert needs_reference(SimpleNamespace(beta=0.1)) and not needs_reference(SimpleNamespace(loss_type="orpo"))
+    assert needs_reference(SimpleNamespace(loss_type="ipo"))
+    assert length_normalized(SimpleNamespace(loss_type="simpo", length_normalize=False))
+    assert length_normalized(SimpleNamespace(loss_type="ipo", length_normalize=True))
+    assert not length_normalized(SimpleNamespace(loss_type="sigmoid", length_normalize=False))
+    assert not length_normalized(SimpleNamespace(beta=0.1))                     # KTO: sums
+    with pytest.raises(ValueError, match="unknown dpo.loss_type 'cpo'"):
+        preference_loss("cpo", PreferenceLogps(T([0.0]), T([0.0]), None, None, T([0.0])), HP)
+
+
+def test_each_row_by_hand():
+    # reference rows: h = (-1 - -3) - (-2 - -2) = 2, beta 0.5 -> beta h = 1 ; rewards beta (logp - ref)
+    x = PreferenceLogps(T([-1.0]), T([-3.0]), T([-2.0]), T([-2.0]), chosen_nll=T([0.25]))
+    losses, rc, rr = preference_loss("sigmoid", x, HP)
+    assert losses.item() == pytest.approx(-ls(1.0)) and rc.item() == 0.5 and rr.item() == -0.5
+    assert preference_loss("ipo", x, HP)[0].item() == pytest.approx((2 - 1) ** 2)       # (h - 1 / (2 beta))^2
+    assert preference_loss("hinge", x, HP)[0].item() == 0.0                             # max(0, 1 - 1)
+    assert preference_loss("robust", x, HP)[0].item() == pytest.approx(-ls(1.0))        # eps 0: sigmoid
+    # reference-free rows on average log-probs -1 vs -1.5: SimPO logits 0.5 * 0.5 - 0.5 = -0.25
+    x = PreferenceLogps(T([-1.0]), T([-1.5]), None, None, chosen_nll=T([1.0]))
+    losses, rc, rr = preference_loss("simpo", x, HP)
+    assert losses.item() == pytest.approx(-ls(-0.25)) and rc.item() == -0.5 and rr.item() == -0.75
+    # ORPO: log odds = log(p_w / (1 - p_w)) - log(p_l / (1 - p_l)), p = e^avg ; loss NLL_w - lambda log sigma
+    lo = math.log(math.exp(-1) / (1 - math.exp(-1))) - math.log(math.exp(-1.5) / (1 - math.exp(-1.5)))
+    losses, rc, _ = preference_loss("orpo", x, HP)
+    assert losses.item() == pytest.approx(1.0 - 0.1 * ls(lo)) and rc.item() == -0.5
+
+
+def test_kto_reference_point_of_sums():
+    # log-ratios 1, 2 in one micro-batch and -2 in another: global mean 1/3 ; per micro-batch 1.5 and 0
+    s1, n1 = kto_kl_sums(T([-1.0, -1.0]), T([-2.0, -3.0]))
+    s2, n2 = kto_kl_sums(T([-3.0]), T([-1.0]))
+    assert (s1.item(), n1.item(), s2.item(), n2.item()) == (3.0, 2.0, -2.0, 1.0)
+    assert kto_reference_point((s1 + s2) / (n1 + n2)).item() == pytest.approx(1 / 3)
+    assert kto_reference_point(T(-0.5)).item() == 0.0
+    assert kto_kl_estimate(T([-1.0, -1.0]), T([-2.0, -3.0])).item() == 1.5
+
+
+# -- KTO's z0 over the global batch: loss and grads do not depend on the micro-batch size -------------
+def _kto_engine_and_batch():
+    from nemo_rlhf.config.schema import ModelConfig, OptimConfig, ParallelConfig
+    from nemo_rlhf.data.preference import KTODataset, randomwalk_pairs, unpair
+    from nemo_rlhf.data.tokenizers import CharTokenizer
+    from nemo_rlhf.modules.dpo import sequence_logps
+    from nemo_rlhf.modules.engine import MegatronEngine
+    from nemo_rlhf.tasks.randomwalks import RandomWalks
+
+    task = RandomWalks(seed=1000)
+    tok = CharTokenizer(task.vocab)
+    model = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64, seq_length=16)
+    torch.manual_seed(0)
+    engine = MegatronEngine(model, ParallelConfig(), OptimConfig(name="sgd", lr=0.1, clip_grad=0.0),
+                            tok.vocab_size, max_steps=10)
+    ds = KTODataset.build_unpaired(unpair(randomwalk_pairs(task, tok, 4, seed=0)), model.seq_length, tok.pad_id,
+                                   tok.eos_id, seed=0)
+    with torch.no_grad():
+        logps = sequence_logps(engine.module.eval(), ds.tokens, ds.labels, ds.loss_mask)
+    # reference log-probs near the policy's: log-ratios of order 1 (the KL ones mostly positive, so
+    # that z0 > 0 and each micro-batch alone would give another z0)
+    g = torch.Generator().manual_seed(5)
+    ref = logps - torch.stack([0.5 * torch.randn(len(ds), generator=g), 0.3 + torch.randn(len(ds), generator=g)], 1)
+    batch = {"tokens": ds.tokens, "labels": ds.labels, "loss_mask": ds.loss_mask, "ref_logps": ref,
+             "desirable": ds.desirable}
+    return engine, batch, logps
+
+
+def test_kto_loss_and_grads_equal_at_micro_batch_1_and_4(mp):
+    from types import SimpleNamespace as NS
+
+    from nemo_rlhf.modules.dpo import kto_forward_backward
+
+    engine, batch, logps = _kto_engine_and_batch()
+    cfg = NS(beta=1.0, desirable_weight=1.0, undesirable_weight=1.5)
+    runs = {}
+    for mbs in (1, 4, 8):
+        stats = kto_forward_backward(engine, batch, mbs, cfg)
+        runs[mbs] = stats, [p.main_grad.detach().clone() for p in engine.module.parameters()]
+    log_ratio = logps[:, 1] - batch["ref_logps"][:, 1]
+    z0 = float(log_ratio.mean())
+    assert z0 > 0.1 and runs[8][0]["kl"] == pytest.approx(z0, rel=1e-5)
+    # per micro-batch of 1 (the old estimate) z0 would have been each example's clamped log-ratio
+    assert float((log_ratio.clamp(min=0) - z0).abs().max()) > 0.1
+    base, base_grads = runs[8]
+    assert 0 < base["loss"] < 1.5 and any(float(g.abs().max()) > 1e-4 for g in base_grads)
+    for mbs in (1, 4):
+        stats, grads = runs[mbs]
+        for k in base:
+            assert stats[k] == pytest.approx(base[k], rel=1e-5, abs=1e-6), (mbs, k)
+        assert max(float((g - b).abs().max()) for g, b in zip(grads, base_grads)) < 1e-6, mbs
