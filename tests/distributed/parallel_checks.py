@@ -11,6 +11,8 @@ computed on each rank from the same weights and the same batch of randomwalks da
              sequences per pair in each micro-batch)
   dp2        DP=2 (each rank half the batch): loss, gradients, parameters after one step,
              replicas identical
+  dp2_reductions  PPO's advantage whitening and running reward moments at DP=2 (each rank half the
+             rows, statistics reduced over the DP group) equal those of the whole batch, on every rank
   dp2_distopt  DP=2 with the distributed optimizer: the same
   ckpt_tp2_to_tp1 / ckpt_tp1_to_tp2  dist checkpoint saved at one TP, loaded at the other
   gen_tp2    greedy KV-cached generation at TP=2 equals TP=1
@@ -19,6 +21,8 @@ computed on each rank from the same weights and the same batch of randomwalks da
              TP=1 (and the cached decoding equals re-running the decoder)
   t5_hf_*    Hugging Face T5 (v1.0, v1.1/flan) imported at TP=2: logits equal transformers; exported
              from TP=2, transformers reloads it with our logits
+  dpo_* / kto_*  a DPO / KTO step at TP=2, PP=2 and DP=2 (micro-batches of 1) equals TP=1 (KTO's
+             reference point z0 comes from the whole global batch, whatever the split)
 Rank 0 writes {check: {metric: value}} to OUT.json; the pytest side asserts on the numbers.
 """
 from __future__ import annotations
@@ -29,6 +33,7 @@ import sys
 import tempfile
 import traceback
 from functools import partial
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -47,6 +52,10 @@ MODEL = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hid
 OPTIM = OptimConfig(name="sgd", lr=0.5, clip_grad=0.0)
 BATCH = 8
 T5_MODEL = dataclasses.replace(MODEL, arch="t5", encoder_num_layers=1)
+# the fields of the ppo / dpo / kto config blocks that the modules read
+PPO = SimpleNamespace(cliprange=0.2, cliprange_value=0.2, vf_coef=0.5)
+DPO = SimpleNamespace(beta=0.1, loss_type="sigmoid", label_smoothing=0.0, length_normalize=False)
+KTO = SimpleNamespace(beta=0.1, desirable_weight=1.0, undesirable_weight=1.0)
 
 
 def data():
@@ -244,7 +253,6 @@ def main(out_path):
         """One DPO step at PP=2 x VPP=2 (a micro-batch feeds 2 sequences per pair to the model:
         the interleaved schedule's fixed activation shape must count them) against PP=1, 4 layers."""
         global MODEL
-        from nemo_rlhf.config.schema import DPOConfig
         from nemo_rlhf.data.preference import PreferenceDataset, randomwalk_pairs
         from nemo_rlhf.modules.dpo import dpo_forward
 
@@ -256,7 +264,7 @@ def main(out_path):
             g = torch.Generator().manual_seed(5)
             pbatch = {"tokens": ds.tokens, "labels": ds.labels, "loss_mask": ds.loss_mask,
                       "ref_logps": -6 + torch.randn(len(ds), 2, generator=g)}
-            step = partial(dpo_forward, cfg=DPOConfig(beta=0.1))
+            step = partial(dpo_forward, cfg=DPO)
             single = engine_for(ParallelConfig(), vocab)
             params4 = {n: p.detach().clone() for n, p in named_params(single)}
             base = single.forward_backward(pbatch, 4, step)
@@ -279,6 +287,37 @@ def main(out_path):
         dist.broadcast(other, src=0)
         out["replica_max_abs_diff"] = float((p - other).abs().max())
         return out
+
+    def dp2_reductions():
+        """PPO's whitening (sums reduced over DP) and running moments (Chan-combined over DP) of each
+        rank's half of the rows against the whole batch on one rank; each rank reports its own."""
+        from megatron.core import parallel_state as ps
+
+        from nemo_rlhf.algorithms.ppo import whiten
+        from nemo_rlhf.algorithms.reductions import INITIAL_MOMENTS, moments, update_moments
+        from nemo_rlhf.parallel.reductions import data_parallel_group, dp_moments, dp_whiten
+
+        initialize_model_parallel(ParallelConfig(), seed=7)
+        group = data_parallel_group()
+        r, n = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        g = torch.Generator().manual_seed(13)
+        x = 0.5 + 2 * torch.randn(BATCH, 6, generator=g)
+        mask = (torch.rand(BATCH, 6, generator=g) > 0.3).float()
+        scores = [3 + torch.randn(BATCH, generator=g), -1 + 2 * torch.randn(BATCH, generator=g)]
+        rows = slice(r * BATCH // n, (r + 1) * BATCH // n)
+        whole = whiten(x, mask)
+        state, state_dp = INITIAL_MOMENTS, INITIAL_MOMENTS
+        for s in scores:                 # two PPO iterations of scale_reward=running
+            state = update_moments(state, moments(s))
+            state_dp = update_moments(state_dp, dp_moments(s[rows], group))
+        mine = torch.tensor([float((dp_whiten(x[rows], mask[rows], group) - whole[rows]).abs().max()),
+                             float((whiten(x[rows], mask[rows]) - whole[rows]).abs().max()),
+                             max(abs(a - b) for a, b in zip(state_dp, state))], dtype=torch.float64)
+        every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(every, mine)
+        return {"dp_size": n, "whiten_max_abs_diff": [float(e[0]) for e in every],
+                "shard_alone_whiten_max_abs_diff": [float(e[1]) for e in every],
+                "moments_max_abs_diff": [float(e[2]) for e in every], "moments": list(state)}
 
     def dp2_distopt():
         # The distributed optimizer supports Adam only; compare it with the plain megatron Adam
@@ -363,6 +402,7 @@ def main(out_path):
     check("pp2_vpp2", pp2_vpp2)
     check("dpo_pp2_vpp2", dpo_pp2_vpp2)
     check("dp2", dp2)
+    check("dp2_reductions", dp2_reductions)
     check("dp2_distopt", dp2_distopt)
     check("ckpt_tp2_to_tp1", lambda: ckpt(2, 1))
     check("ckpt_tp1_to_tp2", lambda: ckpt(1, 2))
@@ -370,7 +410,6 @@ def main(out_path):
     def ppo_step(tp, sp=False):
         """One PPO actor update (clipped policy loss + value loss on a value head) on a fixed
         synthetic rollout batch; returns loss, stats and full (TP-gathered) grads."""
-        from nemo_rlhf.config.schema import PPOConfig
         from nemo_rlhf.models.heads import attach_value_head
         from nemo_rlhf.modules.ppo import actor_forward
 
@@ -386,8 +425,7 @@ def main(out_path):
                    "advantages": torch.randn(mask.shape, generator=g) * mask,
                    "values": 0.1 * torch.randn(mask.shape, generator=g) * mask,
                    "returns": torch.randn(mask.shape, generator=g) * mask}
-        ppo = PPOConfig(cliprange=0.2, cliprange_value=0.2, vf_coef=0.5)
-        stats = engine.forward_backward(rollout, BATCH // 2, partial(actor_forward, ppo=ppo, with_value=True))
+        stats = engine.forward_backward(rollout, BATCH // 2, partial(actor_forward, ppo=PPO, with_value=True))
         grads = {n: tp_full(p.main_grad, p) for n, p in named_params(engine)}
         return stats, grads
 
@@ -443,12 +481,14 @@ def main(out_path):
                 "v_head_grad_norm": float(grads["ilql_heads.v_head.weight"].norm()),
                 "n_grads": len(grads)}
 
-    def dpo_layout(parallel, mbs, kto=False):
+    def dpo_layout(parallel, mbs, kto=False, dp_split=False):
         """One DPO step (sigmoid loss, precomputed reference) on the same 4 pairs, or one KTO step on
-        them unpaired (8 examples, z0 from each micro-batch's mismatched pairs)."""
-        from nemo_rlhf.config.schema import DPOConfig, KTOConfig
+        them unpaired (8 examples, z0 from all of their mismatched pairs); with ``dp_split`` each DP
+        rank takes its share of the examples."""
+        from megatron.core import parallel_state as ps
+
         from nemo_rlhf.data.preference import KTODataset, PreferenceDataset, randomwalk_pairs, unpair
-        from nemo_rlhf.modules.dpo import dpo_forward
+        from nemo_rlhf.modules.dpo import FORWARD_BACKWARD
 
         pairs = randomwalk_pairs(RandomWalks(seed=1000), tok, 4, seed=0)
         if kto:
@@ -456,19 +496,25 @@ def main(out_path):
         else:
             ds = PreferenceDataset.build(pairs, MODEL.seq_length, tok.pad_id, tok.eos_id)
         g = torch.Generator().manual_seed(5)
-        pbatch = {"tokens": ds.tokens, "labels": ds.labels, "loss_mask": ds.loss_mask,
-                  "ref_logps": -6 + torch.randn(len(ds), 2, generator=g)}
+        ref_logps = -6 + torch.randn(len(ds), 2, generator=g)
+        if kto:
+            # below the policy's log-probs of the mismatched completions: z0 > 0 (not clamped)
+            ref_logps[:, 1] -= 30
+        pbatch = {"tokens": ds.tokens, "labels": ds.labels, "loss_mask": ds.loss_mask, "ref_logps": ref_logps}
         if kto:
             pbatch["desirable"] = ds.desirable
         engine = engine_for(parallel, vocab)
         load_reference_weights(engine, ref["params"])
-        cfg = KTOConfig(beta=0.1) if kto else DPOConfig(beta=0.1)
-        stats = engine.forward_backward(pbatch, mbs, partial(dpo_forward, cfg=cfg))
+        if dp_split:
+            r, n = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+            size = len(ds) // n
+            pbatch = {k: v[r * size:(r + 1) * size] for k, v in pbatch.items()}
+        stats = FORWARD_BACKWARD["kto" if kto else "dpo"](engine, pbatch, mbs, KTO if kto else DPO)
         grads = {n: tp_full(p.main_grad, p) for n, p in named_params(engine)}
         return stats, grads
 
-    def dpo_check(parallel, mbs, kto=False):
-        stats, grads = dpo_layout(parallel, mbs, kto)
+    def dpo_check(parallel, mbs, kto=False, dp_split=False):
+        stats, grads = dpo_layout(parallel, mbs, kto, dp_split)
         base = kto_ref if kto else dpo_ref
         if "stats" not in base:
             base["stats"], base["grads"] = stats, grads
@@ -480,10 +526,13 @@ def main(out_path):
     check("dpo_tp1", lambda: dpo_check(ParallelConfig(), 4))
     check("dpo_tp2", lambda: dpo_check(ParallelConfig(tensor_model_parallel_size=2), 4))
     check("dpo_pp2", lambda: dpo_check(ParallelConfig(pipeline_model_parallel_size=2), 2))
-    kto_ref = {}   # two micro-batches of 4 everywhere: z0 is estimated per micro-batch
+    # (dpo_tp1 / kto_tp1 run at DP=2 with the whole batch on both ranks: the DP=1 result)
+    check("dpo_dp2", lambda: dpo_check(ParallelConfig(), 1, dp_split=True))
+    kto_ref = {}   # z0 from the whole global batch: the same whatever the micro-batch, TP, PP or DP split
     check("kto_tp1", lambda: dpo_check(ParallelConfig(), 4, kto=True))
     check("kto_tp2", lambda: dpo_check(ParallelConfig(tensor_model_parallel_size=2), 4, kto=True))
-    check("kto_pp2", lambda: dpo_check(ParallelConfig(pipeline_model_parallel_size=2), 4, kto=True))
+    check("kto_pp2", lambda: dpo_check(ParallelConfig(pipeline_model_parallel_size=2), 2, kto=True))
+    check("kto_dp2", lambda: dpo_check(ParallelConfig(), 1, kto=True, dp_split=True))
     ilql_ref = {}
     check("ilql_tp1", lambda: ilql_tp(1))
     check("ilql_tp2", lambda: ilql_tp(2))

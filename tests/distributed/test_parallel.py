@@ -78,6 +78,15 @@ def test_dp2_replicas_identical_and_equal_single_process(results):
     assert r["replica_max_abs_diff"] == 0.0
 
 
+def test_dp2_ppo_whitening_and_running_moments_equal_the_whole_batch_on_every_rank(results):
+    r = _ok(results, "dp2_reductions")
+    assert r["dp_size"] == 2 and len(r["whiten_max_abs_diff"]) == 2
+    assert max(r["whiten_max_abs_diff"]) < 1e-6
+    assert min(r["shard_alone_whiten_max_abs_diff"]) > 1e-2     # the reduction is what makes them equal
+    assert max(r["moments_max_abs_diff"]) < 1e-5
+    assert r["moments"][0] == pytest.approx(2 * 8)              # two iterations of 8 scores
+
+
 def test_dp2_distributed_optimizer_equals_plain_optimizer(results):
     r = _ok(results, "dp2_distopt")
     assert r["loss_diff"] < EXACT
@@ -133,8 +142,8 @@ def test_ilql_step_tp2_equals_tp1(results):
     assert r["q_head_grad_norm"] > 1e-4 and r["v_head_grad_norm"] > 1e-4
 
 
-@pytest.mark.parametrize("name", ["dpo_tp2", "dpo_pp2"])
-def test_dpo_step_tp2_and_pp2_equal_tp1(results, name):
+@pytest.mark.parametrize("name", ["dpo_tp2", "dpo_pp2", "dpo_dp2"])
+def test_dpo_step_tp2_pp2_and_dp2_equal_tp1(results, name):
     base = _ok(results, "dpo_tp1")
     assert base["loss"] > 0 and 0 < base["rewards/accuracy"] <= 1
     r = _ok(results, name)
@@ -142,10 +151,12 @@ def test_dpo_step_tp2_and_pp2_equal_tp1(results, name):
     assert r["grad_max_abs_diff"] < 1e-6
 
 
-@pytest.mark.parametrize("name", ["kto_tp2", "kto_pp2"])
-def test_kto_step_tp2_and_pp2_equal_tp1(results, name):
+@pytest.mark.parametrize("name", ["kto_tp2", "kto_pp2", "kto_dp2"])
+def test_kto_step_tp2_pp2_and_dp2_equal_tp1(results, name):
+    """KTO's reference point z0 is the global batch's: the same at TP=2, PP=2 (4 micro-batches) and
+    DP=2 with micro-batches of 1 as at TP=1 with micro-batches of 4."""
     base = _ok(results, "kto_tp1")
-    assert 0 < base["loss"] < 1 and base["kl"] >= 0            # each KTO loss is in (0, w)
+    assert 0 < base["loss"] < 1 and base["kl"] > 0.1          # each KTO loss is in (0, w); z0 not clamped
     r = _ok(results, name)
     assert r["max_stat_abs_diff"] < 1e-5
     assert r["grad_max_abs_diff"] < 1e-6
