@@ -33,7 +33,6 @@ import sys
 import tempfile
 import traceback
 from functools import partial
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -44,6 +43,10 @@ from nemo_rlhf.data.tokenizers import CharTokenizer
 from nemo_rlhf.modules.engine import MegatronEngine, lm_forward_step
 from nemo_rlhf.modules.sft import sft_loss_func
 from nemo_rlhf.parallel import init_distributed, initialize_model_parallel
+from nemo_rlhf.recipes.dpo import DPOConfig
+from nemo_rlhf.recipes.ilql import ILQLConfig
+from nemo_rlhf.recipes.kto import KTOConfig
+from nemo_rlhf.recipes.ppo import PPOConfig
 from nemo_rlhf.tasks.randomwalks import RandomWalks
 
 MODEL = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128, seq_length=16)
@@ -52,10 +55,9 @@ MODEL = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hid
 OPTIM = OptimConfig(name="sgd", lr=0.5, clip_grad=0.0)
 BATCH = 8
 T5_MODEL = dataclasses.replace(MODEL, arch="t5", encoder_num_layers=1)
-# the fields of the ppo / dpo / kto config blocks that the modules read
-PPO = SimpleNamespace(cliprange=0.2, cliprange_value=0.2, vf_coef=0.5)
-DPO = SimpleNamespace(beta=0.1, loss_type="sigmoid", label_smoothing=0.0, length_normalize=False)
-KTO = SimpleNamespace(beta=0.1, desirable_weight=1.0, undesirable_weight=1.0)
+PPO = PPOConfig(cliprange=0.2, cliprange_value=0.2, vf_coef=0.5)
+DPO = DPOConfig(beta=0.1)
+KTO = KTOConfig(beta=0.1)
 
 
 def data():
@@ -453,7 +455,6 @@ def main(out_path):
     check("ppo_tp2_sp", lambda: ppo_tp(2, sp=True))
     def ilql_tp(tp):
         """One ILQL step (Q, V, CQL, AWAC terms) on the same batch of walks labeled with optimality."""
-        from nemo_rlhf.config.schema import ILQLConfig
         from nemo_rlhf.data.ilql import ILQLDataset
         from nemo_rlhf.models.heads import attach_ilql_heads
         from nemo_rlhf.modules.ilql import ilql_forward
