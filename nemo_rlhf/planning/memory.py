@@ -43,6 +43,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+from nemo_rlhf.algorithms.dpo import DPO_LOSSES
 from nemo_rlhf.config.schema import GATED_ACTIVATIONS, ModelConfig, RunConfig
 
 GIB = 1024 ** 3
@@ -282,8 +283,9 @@ def optimizer_bytes_per_param(cfg: RunConfig) -> float:
 
 
 def rows_per_microbatch(cfg: RunConfig) -> int:
-    """Sequences per micro-batch: a DPO pair or a KTO example (with its mismatched completion) is 2."""
-    return cfg.trainer.micro_batch_size * (2 if cfg.algorithm.name in ("dpo", "kto", "rm") else 1)
+    """Sequences per micro-batch: a DPO / reward-model pair is 2; KTO runs its mismatched completions in a
+    no-grad pass of their own (the reference point over the global batch), so 1 in each pass."""
+    return cfg.trainer.micro_batch_size * (2 if cfg.algorithm.name in ("dpo", "rm") else 1)
 
 
 def layout_of(cfg: RunConfig, world_size: int) -> Layout:
@@ -378,7 +380,8 @@ def estimate_memory(cfg: RunConfig, world_size: int, vocab_size: int, gpu_memory
                               note=f"{b_roll} rollouts x {seq} x V/TP, fp32 (policy/reference log-probs)"))
     elif algo in ("dpo", "kto"):
         block = cfg.dpo if algo == "dpo" else cfg.kto
-        if block.reference == "model" and not (algo == "dpo" and cfg.dpo.loss_type in ("simpo", "orpo")):
+        reference_free = algo == "dpo" and not DPO_LOSSES[cfg.dpo.loss_type].needs_reference   # SimPO, ORPO
+        if block.reference == "model" and not reference_free:
             est.terms.append(Term("reference policy (frozen)", frozen, note=f"{m.precision} weights"))
     return est
 

@@ -18,9 +18,11 @@ log = get_logger(__name__)
 
 @dataclass
 class KTOConfig:
-    """KTO (algorithm.name=kto; Ethayarajh et al. 2024) on unpaired completions labelled desirable
-    or undesirable. The reference point z0 is KL(policy || reference) estimated per micro-batch from
-    mismatched prompt/completion pairs (each prompt with another example's completion), detached."""
+    """KTO (``kto:`` block; Ethayarajh et al. 2024) on unpaired completions labelled desirable or
+    undesirable. The reference point z0 is KL(policy || reference) estimated over the whole global
+    batch (all micro-batches and data-parallel ranks of a step) from mismatched prompt/completion
+    pairs (each prompt with another example's completion), clamped at 0 and detached, so the loss
+    does not depend on trainer.micro_batch_size or the parallel layout."""
 
     beta: float = 0.1
     desirable_weight: float = 1.0
