@@ -98,12 +98,12 @@ def export_checkpoint(args) -> Path:
     from omegaconf import OmegaConf
 
     from nemo_rlhf.checkpoint import load_own_weights, read_meta
-    from nemo_rlhf.config import to_run_config
     from nemo_rlhf.config.schema import ParallelConfig
     from nemo_rlhf.data.tokenizers import has_tokenizer, load_tokenizer, tokenizer_for
     from nemo_rlhf.interop import export_hf
     from nemo_rlhf.models.gpt import build_gpt_chunks
     from nemo_rlhf.parallel import init_distributed, initialize_model_parallel
+    from nemo_rlhf.recipes.registry import to_run_config
     from nemo_rlhf.tasks.randomwalks import RandomWalks
 
     ckpt = Path(args.from_ckpt)
