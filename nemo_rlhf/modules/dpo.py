@@ -3,12 +3,14 @@
 point), a megatron policy engine, a reference (precomputed log-probs or a frozen model), the
 losses from :mod:`nemo_rlhf.algorithms.dpo`. One step's forward-backward is chosen by the
 algorithm's name (:data:`FORWARD_BACKWARD`), the DPO variant by dpo.loss_type (one row of
-:data:`~nemo_rlhf.algorithms.dpo.DPO_LOSSES`)."""
+:data:`~nemo_rlhf.algorithms.dpo.DPO_LOSSES`). ``cfg`` / ``algo_cfg`` arguments are the recipe's config
+block (``nemo_rlhf.recipes.dpo.DPOConfig`` / ``recipes.kto.KTOConfig``; modules sit below recipes
+and do not import them)."""
 from __future__ import annotations
 
 import time
 from functools import partial
-from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -21,9 +23,6 @@ from nemo_rlhf.modules.engine import MegatronEngine, build_chunks, lm_forward
 from nemo_rlhf.modules.loop import dp_loader, end_of_step, record_eval, save_engine, TrainingSystem
 from nemo_rlhf.modules.run_dir import RunDirectory
 
-if TYPE_CHECKING:
-    from nemo_rlhf.recipes.dpo import DPOConfig
-    from nemo_rlhf.recipes.kto import KTOConfig
 
 log = get_logger(__name__)
 
@@ -58,7 +57,7 @@ def sequence_logps(model, tokens, labels, loss_mask, length_normalize: bool = Fa
 
 
 # -- DPO and its variants ----------------------------------------------------------------------------
-def dpo_forward(batch: Batch, model, cfg: DPOConfig, reference=None):
+def dpo_forward(batch: Batch, model, cfg, reference=None):
     """Megatron forward step on [b, 2, S] pairs (chosen, rejected)."""
     b, two, s = batch["tokens"].shape
     flat = batch["tokens"].reshape(b * two, s)
@@ -73,7 +72,7 @@ def dpo_forward(batch: Batch, model, cfg: DPOConfig, reference=None):
     return nll, partial(dpo_loss_func, batch, cfg, ref)
 
 
-def dpo_loss_func(batch: Batch, cfg: DPOConfig, ref_logps: Optional[torch.Tensor], nll):
+def dpo_loss_func(batch: Batch, cfg, ref_logps: Optional[torch.Tensor], nll):
     b, two, s = batch["tokens"].shape
     mask = batch["loss_mask"].reshape(b * two, s)
     sums = -(nll.float() * mask).sum(-1)
@@ -92,7 +91,7 @@ def dpo_loss_func(batch: Batch, cfg: DPOConfig, ref_logps: Optional[torch.Tensor
     return losses.sum(), n.to(torch.int), report
 
 
-def dpo_forward_backward(engine: MegatronEngine, batch: Batch, micro_batch_size: int, cfg: DPOConfig,
+def dpo_forward_backward(engine: MegatronEngine, batch: Batch, micro_batch_size: int, cfg,
                          reference=None) -> Dict[str, float]:
     """One DPO step's forward-backward over the DP-local part of the global batch."""
     return engine.forward_backward(batch, micro_batch_size, partial(dpo_forward, cfg=cfg, reference=reference))
@@ -134,13 +133,13 @@ def kto_kl_forward(batch: Batch, model, reference=None):
     return nll, report
 
 
-def kto_forward(batch: Batch, model, cfg: KTOConfig, z0: torch.Tensor, reference=None):
+def kto_forward(batch: Batch, model, cfg, z0: torch.Tensor, reference=None):
     """Megatron forward step on the completions [b, S], with the global batch's reference point z0."""
     nll, ref = _logps_and_reference(batch, model, reference)
     return nll, partial(kto_loss_func, batch, cfg, ref, z0)
 
 
-def kto_loss_func(batch: Batch, cfg: KTOConfig, ref_logps: torch.Tensor, z0: torch.Tensor, nll):
+def kto_loss_func(batch: Batch, cfg, ref_logps: torch.Tensor, z0: torch.Tensor, nll):
     b = batch["tokens"].shape[0]
     logps = -(nll.float() * batch["loss_mask"]).sum(-1)
     desirable = batch["desirable"].bool()
@@ -168,7 +167,7 @@ def kto_global_reference_point(engine: MegatronEngine, mismatched: Batch, micro_
     return kto_reference_point(torch.tensor(stats["kl"], dtype=torch.float32))
 
 
-def kto_forward_backward(engine: MegatronEngine, batch: Batch, micro_batch_size: int, cfg: KTOConfig,
+def kto_forward_backward(engine: MegatronEngine, batch: Batch, micro_batch_size: int, cfg,
                          reference=None) -> Dict[str, float]:
     """One KTO step's forward-backward over the DP-local part of the global batch: the reference
     point z0 from all its mismatched completions first (no grad), then the loss of the completions
@@ -190,7 +189,7 @@ class DPOModule(TrainingSystem):
 
     def __init__(self, cfg: RunConfig, dataset: PreferenceDataset, vocab_size: int, run_dir: RunDirectory,
                  evaluate_fn, dp_rank: int, dp_size: int, config_yaml: str = "", *, algorithm: str,
-                 algo_cfg: DPOConfig | KTOConfig):
+                 algo_cfg):
         """``algorithm``: "dpo" | "kto" (a key of :data:`FORWARD_BACKWARD`); ``algo_cfg``: its
         config block (the DPOConfig or KTOConfig)."""
         super().__init__()

@@ -4,13 +4,15 @@
     -> ppo_epochs x num_minibatches updates of actor (and critic) -> KL controller
 
 The math is in :mod:`nemo_rlhf.algorithms.ppo`; this module wires megatron engines, data and logging.
+``ppo`` arguments are the recipe's config block (``nemo_rlhf.recipes.ppo.PPOConfig``; modules sit
+below recipes and do not import them).
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, fields
 from functools import partial
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
@@ -27,8 +29,6 @@ from nemo_rlhf.modules.run_dir import RunDirectory
 from nemo_rlhf.parallel.reductions import all_reduce_sum, data_parallel_group, dp_moments, dp_whiten
 from nemo_rlhf.rewards import score as score_samples
 
-if TYPE_CHECKING:
-    from nemo_rlhf.recipes.ppo import PPOConfig
 
 log = get_logger(__name__)
 
@@ -63,13 +63,13 @@ def _stats_report(loss: torch.Tensor, stats: Dict[str, torch.Tensor], mask: torc
     return total, n.to(torch.int), report
 
 
-def actor_forward(batch: Dict[str, torch.Tensor], model, ppo: PPOConfig, with_value: bool):
+def actor_forward(batch: Dict[str, torch.Tensor], model, ppo, with_value: bool):
     nll, states = lm_forward_with_states(model, batch["inputs"], batch["labels"], batch["mask"], batch.get("pad"))
     values = value_head_output(unwrap(model), states) if with_value else None
     return nll, partial(actor_loss, batch, ppo, values)
 
 
-def actor_loss(batch, ppo: PPOConfig, values, nll):
+def actor_loss(batch, ppo, values, nll):
     mask = batch["mask"]
     loss, stats = policy_loss(-nll.float(), batch["logprobs"], batch["advantages"], mask, ppo.cliprange)
     if values is not None:
@@ -79,13 +79,13 @@ def actor_loss(batch, ppo: PPOConfig, values, nll):
     return _stats_report(loss, stats, mask)
 
 
-def critic_forward(batch: Dict[str, torch.Tensor], model, ppo: PPOConfig):
+def critic_forward(batch: Dict[str, torch.Tensor], model, ppo):
     _, states = lm_forward_with_states(model, batch["inputs"], None, batch["mask"], batch.get("pad"))
     values = value_head_output(unwrap(model), states)
     return values, partial(critic_loss, batch, ppo)
 
 
-def critic_loss(batch, ppo: PPOConfig, values):
+def critic_loss(batch, ppo, values):
     mask = batch["mask"]
     loss, stats = value_loss(values, batch["values"], batch["returns"], mask, ppo.cliprange_value)
     return _stats_report(loss, stats, mask)
