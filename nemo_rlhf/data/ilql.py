@@ -11,9 +11,11 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import List, Sequence, Tuple, Union
 
 import torch
+
+from nemo_rlhf.data.batches import ILQLBatch
 
 Sample = Union[str, Sequence[str]]
 
@@ -53,15 +55,15 @@ def load_jsonl_samples(path: str | Path) -> Tuple[List[Sample], List[float]]:
 class ILQLDataset(torch.utils.data.Dataset):
     tokens: torch.Tensor           # [N, S] right-padded
     labels: torch.Tensor           # [N, S] tokens shifted left (action at state t), pad at the end
-    mask: torch.Tensor             # [N, S] 1 at states whose action is a completion token
+    loss_mask: torch.Tensor        # [N, S] 1 at states whose action is a completion token
     rewards: torch.Tensor          # [N, S] sequence reward on the last action
     next_nonterminal: torch.Tensor  # [N, S] 0 where the next state is terminal
 
     def __len__(self):
         return self.tokens.shape[0]
 
-    def __getitem__(self, i) -> Dict[str, torch.Tensor]:
-        return {k: getattr(self, k)[i] for k in ("tokens", "labels", "mask", "rewards", "next_nonterminal")}
+    def __getitem__(self, i) -> ILQLBatch:
+        return {k: getattr(self, k)[i] for k in ILQLBatch.__annotations__}
 
     @classmethod
     def build(cls, samples: Sequence[Sample], rewards: Sequence[float], tokenizer, seq_length: int,

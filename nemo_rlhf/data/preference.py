@@ -7,6 +7,8 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 import torch
 
+from nemo_rlhf.data.batches import PreferenceBatch
+
 
 @dataclass
 class PreferenceDataset(torch.utils.data.Dataset):
@@ -18,7 +20,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
     def __len__(self):
         return self.tokens.shape[0]
 
-    def __getitem__(self, i) -> Dict[str, torch.Tensor]:
+    def __getitem__(self, i) -> PreferenceBatch:
         return {"tokens": self.tokens[i], "labels": self.labels[i], "loss_mask": self.loss_mask[i],
                 "ref_logps": self.ref_logps[i]}
 
@@ -71,7 +73,7 @@ class KTODataset(PreferenceDataset):
 
     desirable: torch.Tensor = None
 
-    def __getitem__(self, i) -> Dict[str, torch.Tensor]:
+    def __getitem__(self, i) -> PreferenceBatch:
         return {**super().__getitem__(i), "desirable": self.desirable[i]}
 
     @classmethod

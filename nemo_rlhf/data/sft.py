@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
+
+from nemo_rlhf.data.batches import LMBatch
 
 
 @dataclass
@@ -23,7 +25,7 @@ class SFTDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
-    def __getitem__(self, i: int) -> Dict[str, torch.Tensor]:
+    def __getitem__(self, i: int) -> LMBatch:
         return {"tokens": self.tokens[i], "labels": self.labels[i], "loss_mask": self.loss_mask[i]}
 
     @classmethod

@@ -23,14 +23,14 @@ log = get_logger(__name__)
 
 
 def ilql_forward(batch: Dict[str, torch.Tensor], model, cfg):
-    nll, states = lm_forward_with_states(model, batch["tokens"], batch["labels"], batch["mask"])
+    nll, states = lm_forward_with_states(model, batch["tokens"], batch["labels"], batch["loss_mask"])
     heads = ilql_heads_output(unwrap(model), states)
     return nll, partial(ilql_loss_func, batch, cfg, heads)
 
 
 def ilql_loss_func(batch, cfg, heads, nll):
     qs, target_qs, v = heads
-    mask = batch["mask"]
+    mask = batch["loss_mask"]
     v_next = torch.cat([v[:, 1:], torch.zeros_like(v[:, :1])], 1)
     loss, stats = ilql_loss(
         qs[0], qs[1] if len(qs) > 1 else None, target_qs[0], target_qs[1] if len(target_qs) > 1 else None,

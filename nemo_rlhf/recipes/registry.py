@@ -153,11 +153,11 @@ def validate(rcfg: RunConfig) -> Recipe:
 def with_algorithm(rcfg: RunConfig, name: str) -> RunConfig:
     """``rcfg`` switched to recipe ``name`` (its block with defaults when ``rcfg`` has none)."""
     recipe = recipe_for(name)
+    if not isinstance(rcfg, RecipeRunConfig):   # a bare RunConfig (no block fields yet)
+        rcfg = RecipeRunConfig(**{f.name: getattr(rcfg, f.name) for f in dataclasses.fields(RunConfig)})
     changes: Dict[str, Any] = {"algorithm": dataclasses.replace(rcfg.algorithm, name=name)}
     if recipe.block and recipe.config_block(rcfg) is None:
         changes[recipe.block] = recipe.module.Config()
-    if not isinstance(rcfg, RecipeRunConfig):
-        rcfg = RecipeRunConfig(**{f.name: getattr(rcfg, f.name) for f in dataclasses.fields(RunConfig)})
     return dataclasses.replace(rcfg, **changes)
 
 

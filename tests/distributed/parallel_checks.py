@@ -463,7 +463,7 @@ def main(out_path):
         walks = task.walks[:BATCH]
         ds = ILQLDataset.build([task.walk_text(w) for w in walks], [task.walk_optimality(w) for w in walks],
                                tok, MODEL.seq_length)
-        ibatch = {k: getattr(ds, k) for k in ("tokens", "labels", "mask", "rewards", "next_nonterminal")}
+        ibatch = {k: getattr(ds, k) for k in ("tokens", "labels", "loss_mask", "rewards", "next_nonterminal")}
         parallel = ParallelConfig(tensor_model_parallel_size=tp)
         initialize_model_parallel(parallel, seed=7)
         torch.manual_seed(7)

@@ -13,11 +13,11 @@ def test_layout_by_hand():
     # "bca" -> b c a <eos> = [3, 4, 2, 1]; states 0..3; actions at states 0..2 (c, a, eos)
     assert ds.tokens[0].tolist() == [3, 4, 2, 1, 0, 0]
     assert ds.labels[0].tolist() == [4, 2, 1, 0, 0, 0]
-    assert ds.mask[0].tolist() == [1, 1, 1, 0, 0, 0]
+    assert ds.loss_mask[0].tolist() == [1, 1, 1, 0, 0, 0]
     assert ds.rewards[0].tolist() == [0, 0, 1, 0, 0, 0]            # on the last action (EOS)
     assert ds.next_nonterminal[0].tolist()[:3] == [1, 1, 0]          # state after EOS is terminal
     # ["b", "d"] -> b d <eos>
-    assert ds.mask[1].tolist() == [1, 1, 0, 0, 0, 0]
+    assert ds.loss_mask[1].tolist() == [1, 1, 0, 0, 0, 0]
     assert ds.next_nonterminal[1].tolist()[:2] == [1, 0]
 
 
