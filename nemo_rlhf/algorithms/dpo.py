@@ -4,7 +4,8 @@ Inputs are per-example sequence log-probabilities (``[B]``): sums of token log-p
 completion, or their means where the method says so (SimPO, ORPO, and IPO with length
 normalisation). Every function returns per-example losses; the caller reduces them (a sum
 divided by the global number of examples, so the result does not depend on the batch split).
-The DPO family is one flat table (``DPO_LOSSES``: loss type -> row), not an if/elif chain.
+The DPO family is one flat table (``DPO_LOSSES``: loss type -> row), not an if/elif chain; so are
+KTO's variants (``KTO_LOSSES``).
 """
 from __future__ import annotations
 
@@ -171,6 +172,55 @@ def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: tor
     good = desirable_weight * (1 - torch.sigmoid(beta * (r - z0)))
     bad = undesirable_weight * (1 - torch.sigmoid(beta * (z0 - r)))
     return torch.where(desirable.bool(), good, bad)
+
+
+class KTOLogps(NamedTuple):
+    """What a row of the KTO table reads, each ``[B]``."""
+
+    policy: torch.Tensor
+    """log pi(y | x): summed token log-probs of the completion."""
+    reference: torch.Tensor
+    """log pi_ref(y | x), the same way."""
+    desirable: torch.Tensor
+    """bool: the completion is labelled desirable."""
+    z0: torch.Tensor
+    """Scalar reference point of the global batch (:func:`kto_reference_point`)."""
+
+
+@dataclass(frozen=True)
+class KTOVariant:
+    """One row of the KTO table."""
+
+    loss: Callable[[KTOLogps, Any], torch.Tensor]
+    """(inputs, hyperparameters) -> per-example losses [B]. The hyperparameters are the kto config
+    block (beta, desirable_weight, undesirable_weight): each row reads the fields it needs."""
+    needs_reference: bool = True
+    length_normalized: bool = False
+    """Always summed log-probs (the fields match :class:`DPOVariant`'s, so a block's row answers
+    both questions whichever family it is from)."""
+
+
+def _kto(x: KTOLogps, hp) -> torch.Tensor:
+    return kto_loss(x.policy, x.reference, x.desirable, x.z0, hp.beta, hp.desirable_weight, hp.undesirable_weight)
+
+
+KTO_LOSSES: Dict[str, KTOVariant] = {
+    "kto": KTOVariant(_kto),
+    # "apo_zero_unpaired": KTOVariant(_apo_zero_unpaired)   TRL's: desirable 1 - sigma(beta r),
+    #                                                       undesirable sigma(beta r), no z0
+}
+"""The kto.loss_type values."""
+
+PREFERENCE_LOSSES: Dict[str, Any] = {**DPO_LOSSES, **KTO_LOSSES}
+"""Every loss type of both tables: a dpo.loss_type or kto.loss_type names one row (the names are
+disjoint), whose needs_reference / length_normalized the module reads."""
+
+
+def kto_variant_loss(loss_type: str, x: KTOLogps, hp) -> torch.Tensor:
+    """The ``loss_type`` row of :data:`KTO_LOSSES` on ``x``."""
+    if loss_type not in KTO_LOSSES:
+        raise ValueError(f"unknown kto.loss_type {loss_type!r} (known: {', '.join(KTO_LOSSES)})")
+    return KTO_LOSSES[loss_type].loss(x, hp)
 
 
 def kto_kl_sums(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

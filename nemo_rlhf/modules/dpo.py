@@ -2,10 +2,10 @@
 (DPO: chosen / rejected; KTO: the completion / a mismatched completion for the KL reference
 point), a megatron policy engine, a reference (precomputed log-probs or a frozen model), the
 losses from :mod:`nemo_rlhf.algorithms.dpo`. One step's forward-backward is chosen by the
-algorithm's name (:data:`FORWARD_BACKWARD`), the DPO variant by dpo.loss_type (one row of
-:data:`~nemo_rlhf.algorithms.dpo.DPO_LOSSES`). ``cfg`` / ``algo_cfg`` arguments are the recipe's config
-block (``nemo_rlhf.recipes.dpo.DPOConfig`` / ``recipes.kto.KTOConfig``; modules sit below recipes
-and do not import them)."""
+algorithm's name (:data:`FORWARD_BACKWARD`), the variant by dpo.loss_type / kto.loss_type (one row
+of :data:`~nemo_rlhf.algorithms.dpo.DPO_LOSSES` / :data:`~nemo_rlhf.algorithms.dpo.KTO_LOSSES`).
+``cfg`` / ``algo_cfg`` arguments are the recipe's config block (``nemo_rlhf.recipes.dpo.DPOConfig``
+/ ``recipes.kto.KTOConfig``; modules sit below recipes and do not import them)."""
 from __future__ import annotations
 
 import time
@@ -14,8 +14,8 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
-from nemo_rlhf.algorithms.dpo import (DPO_LOSSES, PreferenceLogps, kto_kl_sums, kto_loss, kto_reference_point,
-                                      preference_loss)
+from nemo_rlhf.algorithms.dpo import (PREFERENCE_LOSSES, KTOLogps, PreferenceLogps, kto_kl_sums, kto_reference_point,
+                                      kto_variant_loss, preference_loss)
 from nemo_rlhf.config.schema import RunConfig
 from nemo_rlhf.data.preference import PreferenceDataset
 from nemo_rlhf.logging import get_logger
@@ -30,17 +30,15 @@ Batch = Dict[str, torch.Tensor]
 
 
 def needs_reference(cfg) -> bool:
-    """Whether the algorithm block ``cfg`` compares with a reference policy: KTO (whose block has
-    no loss_type) always; a DPO variant as its row of DPO_LOSSES says (SimPO and ORPO do not)."""
-    loss_type = getattr(cfg, "loss_type", None)
-    return loss_type is None or DPO_LOSSES[loss_type].needs_reference
+    """Whether the algorithm block ``cfg`` compares with a reference policy, as the row of its
+    loss_type says (a row of DPO_LOSSES or KTO_LOSSES; SimPO and ORPO do not, KTO does)."""
+    return PREFERENCE_LOSSES[cfg.loss_type].needs_reference
 
 
 def length_normalized(cfg) -> bool:
-    """Whether the DPO variant of ``cfg`` reads mean (not summed) token log-probs: its row says so
-    (SimPO, ORPO), or dpo.length_normalize; never for KTO."""
-    loss_type = getattr(cfg, "loss_type", None)
-    return loss_type is not None and (DPO_LOSSES[loss_type].length_normalized or cfg.length_normalize)
+    """Whether the variant of ``cfg`` reads mean (not summed) token log-probs: its row says so
+    (SimPO, ORPO), or dpo.length_normalize (the KTO block has none: KTO sums)."""
+    return PREFERENCE_LOSSES[cfg.loss_type].length_normalized or getattr(cfg, "length_normalize", False)
 
 
 def sequence_logps(model, tokens, labels, loss_mask, length_normalize: bool = False) -> torch.Tensor:
@@ -144,7 +142,7 @@ def kto_loss_func(batch: Batch, cfg, ref_logps: torch.Tensor, z0: torch.Tensor, 
     logps = -(nll.float() * batch["loss_mask"]).sum(-1)
     desirable = batch["desirable"].bool()
     z0 = z0.to(logps.device)
-    losses = kto_loss(logps, ref_logps, desirable, z0, cfg.beta, cfg.desirable_weight, cfg.undesirable_weight)
+    losses = kto_variant_loss(cfg.loss_type, KTOLogps(logps, ref_logps, desirable, z0), cfg)
     rewards = cfg.beta * (logps - ref_logps).detach()
     d = desirable.to(rewards.dtype)
     n = torch.tensor(float(b), device=losses.device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from nemo_rlhf.algorithms.dpo import KTO_LOSSES
 from nemo_rlhf.config.checks import _positive, _require
 from nemo_rlhf.config.schema import RunConfig, SFTWarmupConfig
 from nemo_rlhf.data.preference import KTODataset, unpair
@@ -25,6 +26,8 @@ class KTOConfig:
     does not depend on trainer.micro_batch_size or the parallel layout."""
 
     beta: float = 0.1
+    loss_type: str = "kto"
+    """kto (Ethayarajh et al. 2024, Eq. 8): the variant, one row of nemo_rlhf.algorithms.dpo.KTO_LOSSES."""
     desirable_weight: float = 1.0
     """lambda_D; the paper keeps lambda_D * n_D / (lambda_U * n_U) in [1, 4/3]."""
     undesirable_weight: float = 1.0
@@ -38,6 +41,8 @@ class KTOConfig:
     """When model.path is null: SFT warm-up before KTO (the reference is that SFT policy)."""
 
     def __post_init__(self):
+        _require(self.loss_type in KTO_LOSSES,
+                 f"kto.loss_type must be {'|'.join(KTO_LOSSES)}, got {self.loss_type!r}")
         _require(self.beta > 0, f"kto.beta must be > 0, got {self.beta}")
         _require(self.desirable_weight > 0 and self.undesirable_weight > 0,
                  f"kto.desirable_weight and kto.undesirable_weight must be > 0, got "

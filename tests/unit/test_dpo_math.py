@@ -5,9 +5,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from nemo_rlhf.algorithms.dpo import (DPO_LOSS_TYPES, DPO_LOSSES, PreferenceLogps, bradley_terry_loss, dpo_loss,
-                                      kto_kl_estimate, kto_kl_sums, kto_loss, kto_reference_point, orpo_loss,
-                                      preference_loss, simpo_loss)
+from nemo_rlhf.algorithms.dpo import (DPO_LOSS_TYPES, DPO_LOSSES, KTO_LOSSES, PREFERENCE_LOSSES, KTOLogps,
+                                      PreferenceLogps, bradley_terry_loss, dpo_loss, kto_kl_estimate, kto_kl_sums,
+                                      kto_loss, kto_reference_point, kto_variant_loss, orpo_loss, preference_loss,
+                                      simpo_loss)
+from nemo_rlhf.errors import ConfigError
 from nemo_rlhf.modules.dpo import length_normalized, needs_reference
 
 T = torch.tensor
@@ -70,13 +72,13 @@ def test_the_family_table_rows():
     assert DPO_LOSS_TYPES == ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo")
     assert [t for t in DPO_LOSS_TYPES if not DPO_LOSSES[t].needs_reference] == ["simpo", "orpo"]
     assert [t for t in DPO_LOSS_TYPES if DPO_LOSSES[t].length_normalized] == ["simpo", "orpo"]
-    # KTO's block has no loss_type: always a reference
-    assert needs_reference(SimpleNamespace(beta=0.1)) and not needs_reference(SimpleNamespace(loss_type="orpo"))
+    # KTO's row: always a reference
+    assert needs_reference(SimpleNamespace(loss_type="kto")) and not needs_reference(SimpleNamespace(loss_type="orpo"))
     assert needs_reference(SimpleNamespace(loss_type="ipo"))
     assert length_normalized(SimpleNamespace(loss_type="simpo", length_normalize=False))
     assert length_normalized(SimpleNamespace(loss_type="ipo", length_normalize=True))
     assert not length_normalized(SimpleNamespace(loss_type="sigmoid", length_normalize=False))
-    assert not length_normalized(SimpleNamespace(beta=0.1))                     # KTO: sums
+    assert not length_normalized(SimpleNamespace(loss_type="kto"))              # KTO: sums
     with pytest.raises(ValueError, match="unknown dpo.loss_type 'cpo'"):
         preference_loss("cpo", PreferenceLogps(T([0.0]), T([0.0]), None, None, T([0.0])), HP)
 
@@ -97,6 +99,28 @@ def test_each_row_by_hand():
     lo = math.log(math.exp(-1) / (1 - math.exp(-1))) - math.log(math.exp(-1.5) / (1 - math.exp(-1.5)))
     losses, rc, _ = preference_loss("orpo", x, HP)
     assert losses.item() == pytest.approx(1.0 - 0.1 * ls(lo)) and rc.item() == -0.5
+
+
+def test_the_kto_table_rows_by_hand():
+    # one name names one row of one family: a block's loss_type says which table it is from
+    assert tuple(KTO_LOSSES) == ("kto",) and not set(KTO_LOSSES) & set(DPO_LOSSES)
+    assert len(PREFERENCE_LOSSES) == len(DPO_LOSSES) + len(KTO_LOSSES)
+    # the kto row is kto_loss: r = [1, -1], z0 = 0.5, beta 2, w_u 2
+    # desirable: 1 - sigma(2 * (1 - 0.5)) ; undesirable: 2 * (1 - sigma(2 * (0.5 + 1)))
+    sig = lambda x: 1 / (1 + math.exp(-x))
+    hp = SimpleNamespace(beta=2.0, desirable_weight=1.0, undesirable_weight=2.0)
+    x = KTOLogps(T([-1.0, -3.0]), T([-2.0, -2.0]), T([True, False]), T(0.5))
+    assert kto_variant_loss("kto", x, hp).tolist() == pytest.approx([1 - sig(1.0), 2 * (1 - sig(3.0))])
+    with pytest.raises(ValueError, match="unknown kto.loss_type 'sigmoid'"):
+        kto_variant_loss("sigmoid", x, hp)
+
+
+def test_kto_loss_type_is_validated_against_the_table():
+    from nemo_rlhf.recipes.kto import KTOConfig
+
+    assert KTOConfig().loss_type == "kto"
+    with pytest.raises(ConfigError, match=r"kto.loss_type must be kto, got 'apo'"):
+        KTOConfig(loss_type="apo")
 
 
 def test_kto_reference_point_of_sums():
@@ -143,7 +167,7 @@ def test_kto_loss_and_grads_equal_at_micro_batch_1_and_4(mp):
     from nemo_rlhf.modules.dpo import kto_forward_backward
 
     engine, batch, logps = _kto_engine_and_batch()
-    cfg = NS(beta=1.0, desirable_weight=1.0, undesirable_weight=1.5)
+    cfg = NS(loss_type="kto", beta=1.0, desirable_weight=1.0, undesirable_weight=1.5)
     runs = {}
     for mbs in (1, 4, 8):
         stats = kto_forward_backward(engine, batch, mbs, cfg)
