@@ -3,7 +3,8 @@ Models from Human Preferences"; trlX's ``modeling_ppo.py``).
 
 All tensors are ``[B, T]`` over response tokens: position t is the t-th generated token, ``mask``
 is 1 for real tokens (through EOS) and 0 for padding. Means are masked means; where trlX averages
-over padding too (advantage whitening), we mask it.
+over padding too (advantage whitening), we mask it. GAE and the other advantage estimators are a
+table in :mod:`nemo_rlhf.algorithms.advantages` (``gae`` stays importable from here).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from nemo_rlhf.algorithms.advantages import gae  # noqa: F401  (GAE lives in the advantage-estimator table)
 from nemo_rlhf.algorithms.reductions import masked_mean, masked_sums, mean_var_from_sums
 
 Stats = Dict[str, torch.Tensor]
@@ -34,34 +36,6 @@ def whiten_from_sums(values: torch.Tensor, mask: torch.Tensor, sums: torch.Tenso
 def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
     """:func:`whiten_from_sums` over this batch alone."""
     return whiten_from_sums(values, mask, masked_sums(values, mask), shift_mean, eps)
-
-
-def gae(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
-        lam: float = 0.95) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation (Schulman et al. 2016), without whitening.
-
-        delta_t = r_t + gamma * V(s_{t+1}) - V(s_t)          (V = 0 after the last valid token)
-        A_t     = delta_t + gamma * lam * A_{t+1}
-        returns = A + V
-
-    ``values``, ``rewards``, ``mask``: [B, T]; padding positions get 0 advantage. Returns
-    ``(advantages, returns)``."""
-    values, rewards = values * mask, rewards * mask
-    b, t = values.shape
-    advantages = torch.zeros_like(values)
-    next_adv = torch.zeros(b, dtype=values.dtype, device=values.device)
-    next_value = torch.zeros_like(next_adv)
-    for i in reversed(range(t)):
-        m = mask[:, i]
-        # delta_t = r_t + gamma * V(s_{t+1}) - V(s_t)
-        delta = rewards[:, i] + gamma * next_value - values[:, i]
-        # A_t = delta_t + gamma * lam * A_{t+1}
-        adv = delta + gamma * lam * next_adv
-        advantages[:, i] = adv * m
-        # a padded step passes nothing back: the episode ended before it
-        next_adv = torch.where(m.bool(), adv, torch.zeros_like(adv))
-        next_value = torch.where(m.bool(), values[:, i], torch.zeros_like(adv))
-    return advantages, advantages + values
 
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,

@@ -1,9 +1,11 @@
 """PPO as a LightningModule. One ``training_step`` is one PPO iteration and reads top to bottom:
 
-    generate -> score -> old logprobs / values / reference logprobs -> KL-shaped rewards -> GAE
-    -> ppo_epochs x num_minibatches updates of actor (and critic) -> KL controller
+    generate -> score -> old logprobs / values / reference logprobs -> KL-shaped rewards
+    -> advantages -> ppo_epochs x num_minibatches updates of actor (and critic) -> KL controller
 
-The math is in :mod:`nemo_rlhf.algorithms.ppo`; this module wires megatron engines, data and logging.
+The math is in :mod:`nemo_rlhf.algorithms.ppo` and :mod:`nemo_rlhf.algorithms.advantages` (the
+advantage estimator: one row of its table, by ppo.advantage_estimator); the critic is one row of
+:data:`CRITICS` (by ppo.critic). This module wires megatron engines, data and logging.
 ``ppo`` arguments are the recipe's config block (``nemo_rlhf.recipes.ppo.PPOConfig``; modules sit
 below recipes and do not import them).
 """
@@ -16,7 +18,8 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from nemo_rlhf.algorithms.ppo import gae, kl_penalized_rewards, make_kl_controller, policy_loss, value_loss
+from nemo_rlhf.algorithms.advantages import estimate_advantages
+from nemo_rlhf.algorithms.ppo import kl_penalized_rewards, make_kl_controller, policy_loss, value_loss
 from nemo_rlhf.algorithms.reductions import INITIAL_MOMENTS, Moments, moments_std, update_moments
 from nemo_rlhf.config.schema import RunConfig
 from nemo_rlhf.generation.sampling import SamplingParams, generate, left_pad
@@ -37,9 +40,9 @@ log = get_logger(__name__)
 class Rollout:
     """A batch of experience. T = prompt + response length - 1 (label positions)."""
 
-    inputs: torch.Tensor        # [B, T] tokens[:, :-1]; rows start with pad[b] left-padding tokens
-    labels: torch.Tensor        # [B, T] tokens[:, 1:]
-    mask: torch.Tensor          # [B, T] 1 where labels[:, t] is a generated token (through EOS)
+    tokens: torch.Tensor        # [B, T] sequence[:, :-1] (model inputs); rows start with pad[b] left-padding tokens
+    labels: torch.Tensor        # [B, T] sequence[:, 1:]
+    loss_mask: torch.Tensor     # [B, T] 1 where labels[:, t] is a generated token (through EOS)
     logprobs: torch.Tensor      # [B, T] log pi_old(labels[:, t])
     ref_logprobs: torch.Tensor  # [B, T] log pi_ref(labels[:, t])
     values: torch.Tensor        # [B, T] V_old(state before labels[:, t])
@@ -64,13 +67,13 @@ def _stats_report(loss: torch.Tensor, stats: Dict[str, torch.Tensor], mask: torc
 
 
 def actor_forward(batch: Dict[str, torch.Tensor], model, ppo, with_value: bool):
-    nll, states = lm_forward_with_states(model, batch["inputs"], batch["labels"], batch["mask"], batch.get("pad"))
+    nll, states = lm_forward_with_states(model, batch["tokens"], batch["labels"], batch["loss_mask"], batch.get("pad"))
     values = value_head_output(unwrap(model), states) if with_value else None
     return nll, partial(actor_loss, batch, ppo, values)
 
 
 def actor_loss(batch, ppo, values, nll):
-    mask = batch["mask"]
+    mask = batch["loss_mask"]
     loss, stats = policy_loss(-nll.float(), batch["logprobs"], batch["advantages"], mask, ppo.cliprange)
     if values is not None:
         vloss, vstats = value_loss(values, batch["values"], batch["returns"], mask, ppo.cliprange_value)
@@ -80,15 +83,78 @@ def actor_loss(batch, ppo, values, nll):
 
 
 def critic_forward(batch: Dict[str, torch.Tensor], model, ppo):
-    _, states = lm_forward_with_states(model, batch["inputs"], None, batch["mask"], batch.get("pad"))
+    _, states = lm_forward_with_states(model, batch["tokens"], None, batch["loss_mask"], batch.get("pad"))
     values = value_head_output(unwrap(model), states)
     return values, partial(critic_loss, batch, ppo)
 
 
 def critic_loss(batch, ppo, values):
-    mask = batch["mask"]
+    mask = batch["loss_mask"]
     loss, stats = value_loss(values, batch["values"], batch["returns"], mask, ppo.cliprange_value)
     return _stats_report(loss, stats, mask)
+
+
+class SeparateCritic:
+    """ppo.critic=separate: its own GPT trunk + value head and optimizer (lr ppo.critic_lr),
+    trained after the actor on each minibatch; checkpointed as the extra engine "critic"."""
+
+    on_actor = False   # the actor has no value head; its loss has no value term
+
+    def __init__(self, cfg: RunConfig, vocab: int, actor: MegatronEngine):
+        lr = cfg.ppo.critic_lr
+        optim = cfg.optim if lr is None else type(cfg.optim)(**{**cfg.optim.__dict__, "lr": lr})
+        self.engine = MegatronEngine(cfg.model, cfg.parallel, optim, vocab, cfg.trainer.max_steps,
+                                     setup=lambda gpt: attach_value_head(gpt, cfg.model.hidden_size))
+        self.chunks = self.engine.chunks
+
+    def load(self, path) -> None:
+        from nemo_rlhf.weights import load_weights
+
+        load_weights(path, self.engine.chunks)
+        self.engine.optimizer.reload_model_params()
+
+    def values(self, policy_states, tokens, loss_mask, pad) -> torch.Tensor:
+        critic = self.engine.module
+        critic.eval()
+        _, states = lm_forward_with_states(critic, tokens, None, loss_mask, pad)
+        return value_head_output(critic, states)
+
+    def train_step(self, batch, micro_batch_size: int, ppo) -> Dict[str, float]:
+        stats = self.engine.train_step(batch, micro_batch_size, partial(critic_forward, ppo=ppo))
+        return {f"critic/{k}": v for k, v in stats.items()}
+
+    def checkpoint_engines(self):
+        return {"critic": (self.engine.chunks, self.engine.optimizer, self.engine.scheduler)}
+
+
+class ValueHeadCritic:
+    """ppo.critic=value_head: a value head on the policy trunk; the actor's loss carries the value
+    loss (weight ppo.vf_coef), so the critic has no engine, step or checkpoint of its own."""
+
+    on_actor = True
+    chunks: List[torch.nn.Module] = []
+
+    def __init__(self, cfg: RunConfig, vocab: int, actor: MegatronEngine):
+        self.actor = actor
+
+    def load(self, path) -> None:
+        pass   # the head is part of the actor's weights
+
+    def values(self, policy_states, tokens, loss_mask, pad) -> torch.Tensor:
+        return value_head_output(self.actor.module, policy_states)
+
+    def train_step(self, batch, micro_batch_size: int, ppo) -> Dict[str, float]:
+        return {}
+
+    def checkpoint_engines(self):
+        return {}
+
+
+CRITICS: Dict[str, type] = {"separate": SeparateCritic, "value_head": ValueHeadCritic}
+"""The ppo.critic values -> the critic's class. A class gives ``on_actor`` (a value head on the
+actor and a value term in its loss), ``chunks``, ``load(path)``, ``values(policy_states, tokens,
+loss_mask, pad)`` ([B, T], or None for a critic-free kind), ``train_step(batch, micro_batch_size,
+ppo)`` (its stats, "critic/"-prefixed) and ``checkpoint_engines()``."""
 
 
 class PromptDataset(torch.utils.data.Dataset):
@@ -116,7 +182,8 @@ def trim_left_padding(prompts: torch.Tensor, lengths: torch.Tensor):
 
 
 class PPOModule(TrainingSystem):
-    """Actor (megatron engine), critic (separate engine, or a value head on the actor), frozen
+    """Actor (megatron engine), critic (a row of :data:`CRITICS`: a separate engine, or a value
+    head on the actor), frozen
     reference policy, reward function; prompts come from ``prompts`` (token-id lists of any lengths,
     or an [N, P] tensor), left-padded per batch: generation, the experience forwards and the updates
     all mask the padding out (see :func:`~nemo_rlhf.modules.engine.lm_forward`)."""
@@ -131,20 +198,15 @@ class PPOModule(TrainingSystem):
         self.dp_rank, self.dp_size, self.config_yaml = dp_rank, dp_size, config_yaml
         if self.ppo.num_rollouts % dp_size:
             raise ValueError(f"ppo.num_rollouts={self.ppo.num_rollouts} is not divisible by the data-parallel size {dp_size}")
-        vocab = tokenizer.vocab_size
-        shared = self.ppo.critic == "value_head"
+        vocab, critic = tokenizer.vocab_size, CRITICS[self.ppo.critic]
         self.actor = MegatronEngine(cfg.model, cfg.parallel, cfg.optim, vocab, cfg.trainer.max_steps,
-                                    setup=(lambda gpt: attach_value_head(gpt, cfg.model.hidden_size)) if shared else None)
-        self.critic = None
-        if not shared:
-            critic_optim = cfg.optim if self.ppo.critic_lr is None else \
-                type(cfg.optim)(**{**cfg.optim.__dict__, "lr": self.ppo.critic_lr})
-            self.critic = MegatronEngine(cfg.model, cfg.parallel, critic_optim, vocab, cfg.trainer.max_steps,
-                                         setup=lambda gpt: attach_value_head(gpt, cfg.model.hidden_size))
+                                    setup=(lambda gpt: attach_value_head(gpt, cfg.model.hidden_size))
+                                    if critic.on_actor else None)
+        self.critic = critic(cfg, vocab, self.actor)
         self.reference = build_chunks(cfg.model, cfg.parallel, vocab)[0].eval()
         for p in self.reference.parameters():
             p.requires_grad_(False)
-        self.models = torch.nn.ModuleList(self.actor.chunks + (self.critic.chunks if self.critic else []))
+        self.models = torch.nn.ModuleList(self.actor.chunks + self.critic.chunks)
         self.kl_ctl = make_kl_controller(self.ppo.init_kl_coef, self.ppo.target_kl, self.ppo.kl_horizon)
         self.reward_moments: Moments = INITIAL_MOMENTS   # running moments of the scores (scale_reward=running)
 
@@ -155,9 +217,7 @@ class PPOModule(TrainingSystem):
 
         load_weights(path, self.actor.chunks)
         self.actor.optimizer.reload_model_params()
-        if self.critic is not None:
-            load_weights(path, self.critic.chunks)
-            self.critic.optimizer.reload_model_params()
+        self.critic.load(path)
         load_weights(path, [self.reference])
 
     def train_dataloader(self):
@@ -215,7 +275,7 @@ class PPOModule(TrainingSystem):
         pad = torch.zeros(b, dtype=torch.long, device=tokens.device) if pad is None else pad
         p = s - gen_mask.shape[1]
         inputs, labels = tokens[:, :-1], tokens[:, 1:]
-        mask = torch.zeros_like(labels, dtype=torch.float32)
+        mask = torch.zeros_like(labels, dtype=torch.float32)   # the rollout's loss_mask
         mask[:, p - 1:] = gen_mask                     # label t is generated token t - (p - 1); prompts end at p
         if ppo.cliprange_reward:
             scores = scores.clamp(-ppo.cliprange_reward, ppo.cliprange_reward)
@@ -226,27 +286,21 @@ class PPOModule(TrainingSystem):
         policy.eval()
         nll, states = lm_forward_with_states(policy, inputs, labels, mask, pad)
         logprobs = -nll.float()
-        if self.critic is None:
-            values = value_head_output(policy, states)
-        else:
-            critic = self.critic.module
-            critic.eval()
-            _, critic_states = lm_forward_with_states(critic, inputs, None, mask, pad)
-            values = value_head_output(critic, critic_states)
+        values = self.critic.values(states, inputs, mask, pad)
         ref_logprobs = -lm_forward(self.reference, inputs, labels, mask, pad).float()
         logprobs, ref_logprobs, values = logprobs * mask, ref_logprobs * mask, values * mask
         rewards, _ = kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, self.kl_ctl.value)
-        advantages, returns = gae(values, rewards, mask, ppo.gamma, ppo.lam)
+        advantages, returns = estimate_advantages(ppo.advantage_estimator, rewards, values, mask, ppo)
         if ppo.whiten_advantages:
             advantages = dp_whiten(advantages, mask, self._dp_group())
-        return Rollout(inputs=inputs, labels=labels, mask=mask, logprobs=logprobs, ref_logprobs=ref_logprobs,
+        return Rollout(tokens=inputs, labels=labels, loss_mask=mask, logprobs=logprobs, ref_logprobs=ref_logprobs,
                        values=values, rewards=rewards, advantages=advantages, returns=returns, scores=scores, pad=pad)
 
     def update(self, rollout: Rollout) -> Dict[str, float]:
         ppo = self.ppo
         data = rollout.as_dict()
         del data["scores"]
-        n = rollout.inputs.shape[0]
+        n = rollout.tokens.shape[0]
         mb = n // ppo.num_minibatches
         mbs = min(self.cfg.trainer.micro_batch_size, mb)
         if mb == 0 or mb % mbs:
@@ -255,16 +309,14 @@ class PPOModule(TrainingSystem):
         count = 0
         for epoch in range(ppo.ppo_epochs):
             g = torch.Generator().manual_seed(self.cfg.trainer.seed + 7919 * self.step + epoch)
-            order = torch.randperm(n, generator=g).to(rollout.inputs.device)
+            order = torch.randperm(n, generator=g).to(rollout.tokens.device)
             for i in range(ppo.num_minibatches):
                 idx = order[i * mb:(i + 1) * mb]
                 batch = {k: v[idx] for k, v in data.items()}
                 actor_stats = self.actor.train_step(
-                    batch, mbs, partial(actor_forward, ppo=ppo, with_value=self.critic is None))
+                    batch, mbs, partial(actor_forward, ppo=ppo, with_value=self.critic.on_actor))
                 stats = {f"actor/{k}": v for k, v in actor_stats.items()}
-                if self.critic is not None:
-                    critic_stats = self.critic.train_step(batch, mbs, partial(critic_forward, ppo=ppo))
-                    stats.update({f"critic/{k}": v for k, v in critic_stats.items()})
+                stats.update(self.critic.train_step(batch, mbs, ppo))
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v
                 count += 1
@@ -280,12 +332,13 @@ class PPOModule(TrainingSystem):
     def rollout_stats(self, r: Rollout) -> Dict[str, float]:
         """Rollout metrics averaged over all data-parallel ranks."""
         b = r.scores.numel()
-        kl_per_seq = ((r.logprobs - r.ref_logprobs) * r.mask).sum(-1)
-        lengths = r.mask.sum(-1)
+        m = r.loss_mask
+        kl_per_seq = ((r.logprobs - r.ref_logprobs) * m).sum(-1)
+        lengths = m.sum(-1)
         sums = self._dp_sum([
             float(r.scores.sum()), float((r.scores ** 2).sum()), float(kl_per_seq.sum()),
-            float(lengths.sum()), float(-(r.logprobs * r.mask).sum()), float(r.mask.sum()),
-            float((r.values * r.mask).sum()), float((r.returns * r.mask).sum()), float(b)])
+            float(lengths.sum()), float(-(r.logprobs * m).sum()), float(m.sum()),
+            float((r.values * m).sum()), float((r.returns * m).sum()), float(b)])
         score_sum, score_sq, kl, length, nll, tokens, v, ret, n = sums
         mean = score_sum / n
         return {
@@ -313,7 +366,7 @@ class PPOModule(TrainingSystem):
         self._last_ckpt_step = self.step
 
     def engines_for_checkpoint(self):
-        extra = {"critic": (self.critic.chunks, self.critic.optimizer, self.critic.scheduler)} if self.critic else {}
+        extra = self.critic.checkpoint_engines()
         extra["reference"] = ([self.reference], None, None)
         return extra
 

@@ -10,10 +10,11 @@ from typing import Optional
 
 import torch
 
+from nemo_rlhf.algorithms.advantages import ADVANTAGE_ESTIMATORS
 from nemo_rlhf.config.checks import _positive, _require
 from nemo_rlhf.config.schema import RunConfig, SFTWarmupConfig
 from nemo_rlhf.generation.sampling import SamplingParams, generate, left_pad
-from nemo_rlhf.modules.ppo import PPOModule
+from nemo_rlhf.modules.ppo import CRITICS, PPOModule
 from nemo_rlhf.recipes.common import Job, RunContext, encode_prompts, file_examples
 from nemo_rlhf.rewards import RewardModelScorer, resolve_reward_fn, score
 
@@ -45,8 +46,12 @@ class PPOConfig:
     scale_reward: str = "none"
     """none | running (divide scores by a running std)"""
     whiten_advantages: bool = True
+    advantage_estimator: str = "gae"
+    """gae (Schulman et al. 2016, with gamma and lam): one row of
+    nemo_rlhf.algorithms.advantages.ADVANTAGE_ESTIMATORS."""
     critic: str = "separate"
-    """separate (own GPT trunk + value head, own optimizer) | value_head (on the policy trunk)"""
+    """separate (own GPT trunk + value head, own optimizer) | value_head (on the policy trunk): one
+    row of nemo_rlhf.modules.ppo.CRITICS."""
     critic_lr: Optional[float] = None
     """Learning rate of the separate critic; null = optim.lr."""
     reward_fn: str = "randomwalks"
@@ -63,8 +68,9 @@ class PPOConfig:
             _positive(getattr(self, key), f"ppo.{key}")
         _require(self.num_rollouts % self.num_minibatches == 0,
                  f"ppo.num_rollouts={self.num_rollouts} is not divisible by ppo.num_minibatches={self.num_minibatches}")
-        _require(self.critic in ("separate", "value_head"),
-                 f"ppo.critic must be separate|value_head, got {self.critic!r}")
+        _require(self.critic in CRITICS, f"ppo.critic must be {'|'.join(CRITICS)}, got {self.critic!r}")
+        _require(self.advantage_estimator in ADVANTAGE_ESTIMATORS,
+                 f"ppo.advantage_estimator must be {'|'.join(ADVANTAGE_ESTIMATORS)}, got {self.advantage_estimator!r}")
         _require(self.scale_reward in ("none", "running"),
                  f"ppo.scale_reward must be none|running, got {self.scale_reward!r}")
         _require(self.init_kl_coef >= 0, f"ppo.init_kl_coef must be >= 0, got {self.init_kl_coef}")

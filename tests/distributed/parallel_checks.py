@@ -422,7 +422,7 @@ def main(out_path):
         load_reference_weights(engine, ppo_ref["params"])
         g = torch.Generator().manual_seed(3)
         mask = batch["loss_mask"]
-        rollout = {"inputs": batch["tokens"], "labels": batch["labels"], "mask": mask,
+        rollout = {"tokens": batch["tokens"], "labels": batch["labels"], "loss_mask": mask,
                    "logprobs": (-3 + 0.3 * torch.randn(mask.shape, generator=g)) * mask,
                    "advantages": torch.randn(mask.shape, generator=g) * mask,
                    "values": 0.1 * torch.randn(mask.shape, generator=g) * mask,

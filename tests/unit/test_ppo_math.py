@@ -1,12 +1,15 @@
 """PPO math pinned to values derived by hand."""
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from nemo_rlhf.algorithms.ppo import (AdaptiveKLController, FixedKLController, gae, kl_penalized_rewards,
                                       policy_loss, value_loss, whiten, whiten_from_sums)
+from nemo_rlhf.algorithms.advantages import ADVANTAGE_ESTIMATORS, estimate_advantages
 from nemo_rlhf.algorithms.reductions import masked_sums
+from nemo_rlhf.errors import ConfigError
 
 
 def test_gae_three_steps_by_hand():
@@ -31,6 +34,38 @@ def test_gae_ignores_padding_after_the_episode():
     # gamma = lam = 1: A_t = sum of future rewards - V_t
     adv, _ = gae(v, r, m, gamma=1.0, lam=1.0)
     assert adv.tolist()[0] == pytest.approx([0.0, -1.0, -2.0, 0.0])
+
+
+def test_the_gae_row_of_the_estimator_table_is_gae_by_hand():
+    # the three-step example above, with padding after the episode: A = [0.71, -0.2, -2, 0]
+    v = torch.tensor([[1.0, 2.0, 3.0, 99.0]])
+    r = torch.tensor([[0.0, 0.0, 1.0, 50.0]])
+    m = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    hp = SimpleNamespace(gamma=0.9, lam=0.5)
+    assert tuple(ADVANTAGE_ESTIMATORS) == ("gae",) and ADVANTAGE_ESTIMATORS["gae"].needs_values
+    adv, ret = estimate_advantages("gae", r, v, m, hp)
+    assert adv.tolist()[0] == pytest.approx([0.71, -0.2, -2.0, 0.0])
+    assert ret.tolist()[0] == pytest.approx([1.71, 1.8, 1.0, 0.0])
+    ref = gae(v, r, m, gamma=0.9, lam=0.5)
+    assert torch.equal(adv, ref[0]) and torch.equal(ret, ref[1])
+    with pytest.raises(ValueError, match="unknown ppo.advantage_estimator 'grpo' \\(known: gae\\)"):
+        estimate_advantages("grpo", r, None, m, hp)
+    with pytest.raises(ValueError, match="gae needs a critic"):
+        estimate_advantages("gae", r, None, m, hp)
+
+
+def test_ppo_config_validates_estimator_and_critic_against_their_tables():
+    from nemo_rlhf.modules.ppo import CRITICS
+    from nemo_rlhf.recipes.ppo import PPOConfig
+
+    assert tuple(CRITICS) == ("separate", "value_head")
+    assert [k for k, c in CRITICS.items() if c.on_actor] == ["value_head"]
+    cfg = PPOConfig()
+    assert (cfg.advantage_estimator, cfg.critic) == ("gae", "separate")
+    with pytest.raises(ConfigError, match="ppo.advantage_estimator must be gae, got 'rloo'"):
+        PPOConfig(advantage_estimator="rloo")
+    with pytest.raises(ConfigError, match="ppo.critic must be separate\\|value_head, got 'none'"):
+        PPOConfig(critic="none")
 
 
 def test_policy_loss_clipping_cases():

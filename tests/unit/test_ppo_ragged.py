@@ -150,15 +150,17 @@ def test_a_ppo_pass_on_ragged_prompts_equals_one_pass_per_prompt_length(ppo_modu
     module.score(tokens, ids.shape[1], pad)
     module.tokenizer, module.reward_fn = tok, reward_fn
     assert seen["prompts"] == [tok.decode(p) for p in prompts]
+    # ppo.critic=separate: its engine is checkpointed under the name old runs resume from
+    assert list(module.engines_for_checkpoint()) == ["critic", "reference"]
     full = module.make_experience(tokens, gen_mask, scores, pad)
-    assert float(full.mask.sum()) > 10
+    assert float(full.loss_mask.sum()) > 10
 
     def pass_stats(rollout):
         batch = {k: v for k, v in rollout.as_dict().items() if k != "scores"}
-        mbs = batch["inputs"].shape[0]
+        mbs = batch["tokens"].shape[0]
         out = {}
         for name, engine, step in (("actor", module.actor, partial(actor_forward, ppo=module.ppo, with_value=False)),
-                                   ("critic", module.critic, partial(critic_forward, ppo=module.ppo))):
+                                   ("critic", module.critic.engine, partial(critic_forward, ppo=module.ppo))):
             stats = engine.forward_backward(batch, mbs, step)
             out[name] = (stats["loss"], stats["num_tokens"], _grads(engine))
         return out
@@ -172,7 +174,7 @@ def test_a_ppo_pass_on_ragged_prompts_equals_one_pass_per_prompt_length(ppo_modu
         idx = torch.tensor(rows)
         part = module.make_experience(tokens[idx, k:], gen_mask[idx], scores[idx])      # no padding at all
         assert int(part.pad.abs().sum()) == 0
-        for name in ("logprobs", "ref_logprobs", "values", "rewards", "advantages", "returns", "mask"):
+        for name in ("logprobs", "ref_logprobs", "values", "rewards", "advantages", "returns", "loss_mask"):
             a, b = getattr(full, name)[idx, k:], getattr(part, name)
             assert (a - b).abs().max() < 1e-5, (name, k)
             assert float(getattr(full, name)[idx, :k].abs().sum()) == 0.0, name
