@@ -76,11 +76,11 @@ def load_initial_weights(engine, path, **kwargs) -> None:
     engine.optimizer.reload_model_params()
 
 
-def file_examples(ctx: RunContext, schema: str, max_new_tokens: int = 0):
-    """(tokenised examples, {"data": counts}) from data.train_file, or (None, {}) without one."""
+def file_examples(ctx: RunContext, rcfg: RunConfig, schema: str, max_new_tokens: int = 0):
+    """(tokenised examples, {"data": counts}) from this stage's data.train_file, or (None, {})
+    without one (an SFT warm-up stage has none: it reads the task, not the recipe's file)."""
     from nemo_rlhf.data.files import load_examples
 
-    rcfg = ctx.rcfg
     if rcfg.data.train_file is None:
         return None, {}
     examples, report = load_examples(rcfg.data, schema, ctx.tokenizer, rcfg.model.seq_length, max_new_tokens)

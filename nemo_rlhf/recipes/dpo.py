@@ -57,7 +57,7 @@ Config = DPOConfig
 
 
 def prepare(ctx: RunContext, rcfg: RunConfig, block: DPOConfig):
-    pairs, extra = file_examples(ctx, "preference")
+    pairs, extra = file_examples(ctx, rcfg, "preference")
     return (walk_pairs(ctx, block.num_pairs) if pairs is None else pairs), extra
 
 

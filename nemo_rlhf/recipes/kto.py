@@ -58,7 +58,7 @@ Config = KTOConfig
 
 
 def prepare(ctx: RunContext, rcfg: RunConfig, block: KTOConfig):
-    examples, extra = file_examples(ctx, "kto")
+    examples, extra = file_examples(ctx, rcfg, "kto")
     return (unpair(walk_pairs(ctx, block.num_pairs)) if examples is None else examples), extra
 
 

@@ -99,7 +99,7 @@ def prepare(ctx: RunContext, rcfg: RunConfig, block: PPOConfig, reward_fn=None, 
     reward_fn = resolve_reward_fn(reward_fn if reward_fn is not None else block.reward_fn, ctx.task)
     room = rcfg.model.seq_length - (rcfg.generation.max_new_tokens or rcfg.task.max_length)
     prompt_ids, extra = (None, {}) if prompts is not None else file_examples(
-        ctx, "prompt", rcfg.generation.max_new_tokens or rcfg.task.max_length)
+        ctx, rcfg, "prompt", rcfg.generation.max_new_tokens or rcfg.task.max_length)
     if prompts is not None:
         prompt_ids = encode_prompts(ctx.tokenizer, prompts, room)
     elif prompt_ids is None:  # the task's prompts: the start node of each walk (as trlX)

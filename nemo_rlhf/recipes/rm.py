@@ -33,7 +33,7 @@ Config = RMConfig
 
 
 def prepare(ctx: RunContext, rcfg: RunConfig, block: RMConfig):
-    pairs, extra = file_examples(ctx, "preference")
+    pairs, extra = file_examples(ctx, rcfg, "preference")
     if pairs is None:
         pairs = walk_pairs(ctx, block.num_pairs)
     if len(pairs) < 2:

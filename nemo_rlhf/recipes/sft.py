@@ -20,7 +20,7 @@ def prepare(ctx: RunContext, rcfg: RunConfig, block, samples=None):
     """Token-id (prompt, completion + EOS) pairs; ``samples`` are strings (the first token is the
     prompt) or [prompt, completion] pairs, trlX's convention."""
     tok = ctx.tokenizer
-    pairs, extra = (None, {}) if samples is not None else file_examples(ctx, "sft")
+    pairs, extra = (None, {}) if samples is not None else file_examples(ctx, rcfg, "sft")
     if pairs is None:
         if samples is None:
             samples = [[ctx.task.walk_text(w[:1]), ctx.task.walk_text(w[1:])] for w in ctx.task.walks]
