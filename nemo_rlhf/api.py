@@ -53,7 +53,7 @@ class Trainer:
         self.summary, self._ctx = summary, ctx
         self.module = ctx.module
         self.tokenizer = ctx.tokenizer
-        self.run_dir = ctx.run_dir
+        self.run_dir = ctx.summary_dir or ctx.run_dir
         self.config: RunConfig = ctx.rcfg
 
     @property

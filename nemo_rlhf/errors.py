@@ -32,4 +32,6 @@ class RewardFunctionError(UserError, RuntimeError):
     """The reward function raised, or returned the wrong number of scores, or NaN/inf."""
 
 
-
+class RunDirectoryError(UserError, RuntimeError):
+    """The run directory is in use by another run, or cannot be written (disk full, I/O error).
+    The message names the path and, for a lock, the process holding it."""

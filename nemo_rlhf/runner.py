@@ -12,6 +12,7 @@ A recipe never touches the run directory's checkpoints, the Lightning trainer or
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -20,12 +21,13 @@ from typing import Any, Dict, Optional
 from nemo_rlhf import fault
 from nemo_rlhf.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from nemo_rlhf.config.schema import RunConfig
-from nemo_rlhf.errors import CheckpointError, ConfigError
+from nemo_rlhf.errors import ConfigError, RunDirectoryError
 from nemo_rlhf.logging import get_logger, set_verbosity
-from nemo_rlhf.modules.run_dir import RunDirectory
+from nemo_rlhf.modules.run_dir import RunDirectory, RunDirLock
 from nemo_rlhf.recipes import sft
 from nemo_rlhf.recipes.common import Job, RunContext
 from nemo_rlhf.recipes.registry import RECIPES, Recipe, check_inputs, run_config_yaml, to_run_config, validate
+from nemo_rlhf.resume import plan_start, saved_value
 
 log = get_logger(__name__)
 
@@ -44,9 +46,32 @@ def run(cfg, run_dir: str | os.PathLike, return_context: bool = False, **inputs)
         check_inputs(recipe, inputs)
         set_verbosity(os.environ.get("NEMO_RLHF_VERBOSITY", rcfg.verbosity))
         ctx = make_context(rcfg, Path(run_dir))
-        summary = execute(recipe, ctx, rcfg, ctx.run_dir, inputs)
-        print_summary(summary, ctx.run_dir, ctx.env.rank)
+        with run_dir_lock(ctx.run_dir):
+            summary = execute(recipe, ctx, rcfg, ctx.run_dir, inputs)
+        print_summary(summary, ctx.summary_dir, ctx.env.rank)
         return (summary, ctx) if return_context else summary
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: Path):
+    """Rank 0 holds the run directory's lock for the whole command (every stage); every rank gets
+    the same error when another process holds it."""
+    from nemo_rlhf.parallel import broadcast_object
+    from nemo_rlhf.parallel.distributed import is_rank_zero
+
+    lock, error = RunDirLock(run_dir), None
+    if is_rank_zero():
+        try:
+            lock.acquire()
+        except RunDirectoryError as e:
+            error = str(e)
+    error = broadcast_object(error)
+    if error is not None:
+        raise RunDirectoryError(error)
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def make_context(rcfg: RunConfig, run_dir: Path) -> RunContext:
@@ -76,9 +101,11 @@ def execute(recipe: Recipe, ctx: RunContext, rcfg: RunConfig, run_dir: Path,
     t_start = time.perf_counter()
     block = recipe.config_block(rcfg)
     config_yaml = run_config_yaml(rcfg)
+    start = plan_start(rcfg, config_yaml, run_dir)
+    run_dir, resume_from = start.run_dir, start.checkpoint
     rd = RunDirectory(run_dir)
+    rd.run_id = start.run_id
     rd.write_config(config_yaml)
-    resume_from = resume_path(rcfg, rd.checkpoint_dir)
     data = recipe.module.prepare(ctx, rcfg, block, **{k: v for k, v in (inputs or {}).items() if v is not None})
     init_path, stages = rcfg.model.path, {}
     warmup = getattr(block, "sft_warmup", None)
@@ -88,6 +115,7 @@ def execute(recipe: Recipe, ctx: RunContext, rcfg: RunConfig, run_dir: Path,
     job: Job = recipe.module.build(ctx, rcfg, block, data, rd, config_yaml)
     module, engine = job.module, job.engine or job.module.engine
     if resume_from is not None:
+        _follow_new_max_steps(resume_from, rcfg, [engine, *(job.extra_engines or {}).values()])
         loop = load_checkpoint(resume_from, engine.chunks, engine.optimizer, engine.scheduler, extra=job.extra_engines)
         module.step, module.initial_eval = int(loop["step"]), loop.get("initial_eval")
         module._last_ckpt_step = module.step
@@ -100,8 +128,22 @@ def execute(recipe: Recipe, ctx: RunContext, rcfg: RunConfig, run_dir: Path,
         job.after_start()
     fit(module, ctx, rcfg, rd)
     summary = finish(module, rd, ctx, rcfg, t_start, {**job.summary, **stages})
-    ctx.module = module
+    ctx.module, ctx.summary_dir = module, run_dir
     return summary
+
+
+def _follow_new_max_steps(checkpoint: Path, rcfg: RunConfig, engines) -> None:
+    """A continued run with another trainer.max_steps: the learning-rate schedule follows the new
+    value (megatron's scheduler would otherwise keep the checkpoint's decay length)."""
+    saved = saved_value(checkpoint, "trainer.max_steps")
+    if saved is None or saved == rcfg.trainer.max_steps:
+        return
+    log.info("trainer.max_steps was %s when %s was saved, now %d: continuing to step %d, the learning-rate "
+             "schedule follows the new max_steps", saved, checkpoint.name, rcfg.trainer.max_steps, rcfg.trainer.max_steps)
+    for engine in engines:
+        scheduler = engine[2] if isinstance(engine, tuple) else engine.scheduler
+        if scheduler is not None:
+            scheduler.override_opt_param_scheduler = True
 
 
 def sft_warmup(ctx: RunContext, rcfg: RunConfig, run_dir: Path, warmup):
@@ -117,20 +159,6 @@ def sft_warmup(ctx: RunContext, rcfg: RunConfig, run_dir: Path, warmup):
         initialize_model_parallel(ctx.rcfg.parallel, seed=ctx.rcfg.trainer.seed)   # fresh state for the next models
     summary = {k: summary[k] for k in ("initial", "final", "steps", "wall_time_s")} if summary else None
     return latest_checkpoint(sft_dir / "checkpoints"), summary
-
-
-def resume_path(rcfg: RunConfig, checkpoint_dir: Path) -> Optional[Path]:
-    if rcfg.resume == "auto":
-        found = latest_checkpoint(checkpoint_dir)
-        if found is None:
-            log.info("resume=auto: no complete checkpoint in %s, starting fresh", checkpoint_dir)
-        return found
-    if rcfg.resume:
-        path = Path(rcfg.resume)
-        if not path.exists():
-            raise CheckpointError(f"resume={rcfg.resume}: no such checkpoint directory")
-        return path
-    return None
 
 
 def lightning_trainer(rcfg: RunConfig, env, run_dir: Path):

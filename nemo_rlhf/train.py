@@ -7,6 +7,7 @@ reward function) ends with one line naming it and exit status 2.
 """
 from __future__ import annotations
 
+import logging
 import sys
 import types
 
@@ -41,6 +42,8 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    # A log file on a full disk must not bury the error that names the problem under tracebacks.
+    logging.raiseExceptions = False
     try:
         check_renamed(a for a in sys.argv[1:] if "=" in a and not a.startswith("-"))
     except UserError as e:

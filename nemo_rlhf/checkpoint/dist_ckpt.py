@@ -9,6 +9,13 @@ Layout of a run directory's checkpoints:
 Writes are atomic: everything goes to ``step_XXXXXXX.tmp`` and is renamed into place by rank 0
 only after all ranks finished and the metadata is on disk, so a job killed mid-write leaves the
 previous checkpoint usable (``.tmp`` leftovers are ignored and cleaned up by the next save).
+A save that fails (disk full, I/O error) removes its ``.tmp`` and raises a
+:class:`~nemo_rlhf.errors.RunDirectoryError` naming the path, the space a checkpoint needs and the
+last complete checkpoint.
+
+Every checkpoint records the ``run_id`` of the run that wrote it (a run and its resumptions share
+one id). Rotation (``keep_last``) deletes only checkpoints of the saving run, and a save never
+replaces another run's checkpoint: nothing a run did not write is ever deleted.
 Model weights reshard on load (a TP=2 checkpoint loads at TP=1 and vice versa; PP likewise);
 optimizer state reloads when the layout matches, or when the plain (non-distributed) optimizer
 was used, whose state reshards like the weights.
@@ -26,7 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from nemo_rlhf.errors import CheckpointError  # noqa: F401  (re-exported)
+from nemo_rlhf.errors import CheckpointError, RunDirectoryError  # noqa: F401  (CheckpointError re-exported)
 from nemo_rlhf.logging import get_logger
 from nemo_rlhf.models.gpt import unwrap
 
@@ -109,20 +116,19 @@ def _step_dir(root: Path, step: int) -> Path:
 def save_checkpoint(root: str | os.PathLike, step: int, chunks: List[torch.nn.Module], optimizer=None,
                     scheduler=None, loop_state: Optional[Dict[str, Any]] = None,
                     config_yaml: Optional[str] = None, keep_last: Optional[int] = None,
-                    extra: Optional[Dict[str, tuple]] = None) -> Path:
+                    extra: Optional[Dict[str, tuple]] = None, run_id: Optional[str] = None) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint directory. ``extra`` maps a
-    name (e.g. "critic") to (chunks, optimizer, scheduler) of another model saved alongside."""
+    name (e.g. "critic") to (chunks, optimizer, scheduler) of another model saved alongside.
+    ``run_id``: the saving run's id (rotation deletes only its checkpoints)."""
     from megatron.core import dist_checkpointing
 
     root = Path(root)
     final = _step_dir(root, step)
     tmp = final.with_name(final.name + ".tmp")
-    if _rank() == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    _barrier()
+    if final.exists() and (final / META_FILE).is_file() and read_meta(final).get("run_id") != run_id:
+        raise CheckpointError(f"{final} was written by another run (run_id {read_meta(final).get('run_id')}); "
+                              f"not replacing it: use another hydra.run.dir")
+    _guard_io(root, step, tmp, lambda: _rank() == 0 and _fresh_dir(tmp))
     layout = current_layout()
     state = _model_sharded_state_dict(chunks)
     if optimizer is not None and not _checkpointable(optimizer):
@@ -143,28 +149,94 @@ def save_checkpoint(root: str | os.PathLike, step: int, chunks: List[torch.nn.Mo
             state[f"{name}_scheduler"] = x_sched.state_dict()
     state["loop_state"] = dict(loop_state or {}, step=step)
     state["rng_state"] = _rng_sharded_object(layout)
-    dist_checkpointing.save(state, str(tmp))
-    _barrier()
+    meta = {"step": step, "run_id": run_id, "layout": layout, "has_optimizer": optimizer is not None,
+            "use_distributed_optimizer": bool(getattr(getattr(optimizer, "config", None),
+                                                      "use_distributed_optimizer", False)),
+            "models": ["model", *(extra or {})], "loop_state": state["loop_state"], "config": config_yaml}
+    _guard_io(root, step, tmp, lambda: dist_checkpointing.save(state, str(tmp)))
+    _guard_io(root, step, tmp, lambda: _rank() == 0 and _publish(root, tmp, final, meta))
     if _rank() == 0:
-        meta = {"step": step, "layout": layout, "has_optimizer": optimizer is not None,
-                "use_distributed_optimizer": bool(getattr(getattr(optimizer, "config", None),
-                                                          "use_distributed_optimizer", False)),
-                "models": ["model", *(extra or {})],
-                "loop_state": state["loop_state"], "config": config_yaml}
-        with open(tmp / META_FILE, "w") as f:
-            json.dump(meta, f, indent=2, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        if final.exists():  # re-saving the same step (e.g. final save right after a periodic one)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _write_latest(root, final.name)
         if keep_last:
-            for old in list_checkpoints(root)[:-keep_last]:
+            mine = [p for p in list_checkpoints(root) if _run_id_of(p) == run_id]
+            for old in mine[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
     _barrier()
     log.info("saved checkpoint %s", final)
     return final
+
+
+def _fresh_dir(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir()
+
+
+def _publish(root: Path, tmp: Path, final: Path, meta: Dict[str, Any]) -> None:
+    """Rank 0, after every rank wrote its shards: metadata last, then the atomic rename."""
+    with open(tmp / META_FILE, "w") as f:
+        json.dump(meta, f, indent=2, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    if final.exists():  # re-saving the same step of this run (e.g. final save right after a periodic one)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _write_latest(root, final.name)
+
+
+def _run_id_of(path: Path) -> Optional[str]:
+    try:
+        return read_meta(path).get("run_id")
+    except (OSError, ValueError, CheckpointError):
+        return None
+
+
+def _guard_io(root: Path, step: int, tmp: Path, write) -> None:
+    """Collective: run ``write``; if it failed on any rank, remove ``tmp`` and raise a
+    RunDirectoryError on every rank, saying what was lost and what is kept."""
+    try:
+        write()
+        error = None
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: B036  torch's CheckpointException is a BaseException; it wraps
+        error = e               # the writer's failure ("Worker failure: [Errno 28] ...", "unexpected pos")
+    errors = [error]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, None if error is None else f"{type(error).__name__}: {error}")
+    failures = [e for e in errors if e is not None]
+    if not failures:
+        return
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    raise RunDirectoryError(_save_failure(root, step, tmp, failures[0])) from error
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _save_failure(root: Path, step: int, tmp: Path, error) -> str:
+    text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    # the last line is the cause (torch's CheckpointException carries each rank's traceback)
+    text = " ".join(([ln for ln in text.splitlines() if ln.strip()] or [""])[-1].split())
+    last = latest_checkpoint(root)
+    need = _dir_bytes(last) if last is not None else None
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError:
+        free = None
+    # a full disk shows as ENOSPC, or (through torch's zip writer) as "unexpected pos": judge by the space left
+    full = "Errno 28" in text or "No space left" in text or (
+        free is not None and need is not None and free < need)
+    what = "the disk is full" if full else "an I/O error"
+    sizes = (f"a checkpoint of this run takes about {need / 2**20:.1f} MiB ({last.name}); " if need else "") + (
+        f"{free / 2**20:.1f} MiB are free there" if free is not None else "the free space there is unknown")
+    kept = (f"the last complete checkpoint is {last} (step {int(last.name.split('_')[1])}; resume=auto "
+            f"continues from it)" if last is not None else "no complete checkpoint was written before")
+    return (f"could not write the step-{step} checkpoint to {tmp} ({what}: {text[:300]}); {sizes}; the "
+            f"partial directory was removed; {kept}; metrics.jsonl keeps the steps run so far")
 
 
 def _write_latest(root: Path, name: str) -> None:

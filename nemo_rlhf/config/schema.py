@@ -244,9 +244,11 @@ class RunConfig:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    resume: Optional[str] = None
-    """null (fresh run) | auto (latest complete checkpoint in this run dir, fresh if none) |
-    a checkpoint directory path."""
+    resume: Optional[str] = "auto"
+    """auto (default; null means the same): continue from the latest complete checkpoint in this
+    run dir (fresh if there is none), refusing one saved for another model shape or algorithm |
+    never: a fresh start, in a new subdirectory ``restart-<time>`` when the run dir already holds
+    checkpoints (they stay) | a checkpoint directory path."""
     verbosity: str = "INFO"
     """Python logging level of nemo_rlhf (the NEMO_RLHF_VERBOSITY env var overrides it)."""
     tags: List[str] = field(default_factory=list)
@@ -281,5 +283,6 @@ class RunConfig:
                      "model.arch=t5 does not support parallel.sequence_parallel=true yet")
         _require(self.verbosity.upper() in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
                  f"verbosity must be DEBUG|INFO|WARNING|ERROR|CRITICAL, got {self.verbosity!r}")
-        if self.resume not in (None, "auto"):
-            _require(isinstance(self.resume, str) and len(self.resume) > 0, "resume must be null, auto or a path")
+        if self.resume not in (None, "auto", "never"):
+            _require(isinstance(self.resume, str) and len(self.resume) > 0,
+                     "resume must be auto (the default), never or a checkpoint path")

@@ -105,5 +105,5 @@ def save_engine(module, engine, loop_state: Optional[Dict[str, Any]] = None, ext
     save_checkpoint(module.run_dir.checkpoint_dir, module.step, engine.chunks, engine.optimizer, engine.scheduler,
                     loop_state=dict(loop_state or {}, initial_eval=module.initial_eval),
                     config_yaml=module.config_yaml, keep_last=module.cfg.trainer.keep_last_n_checkpoints,
-                    extra=extra)
+                    extra=extra, run_id=module.run_dir.run_id)
     module._last_ckpt_step = module.step

@@ -78,6 +78,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _gloo_on_loopback() -> None:
+    """GLOO_SOCKET_IFNAME=<loopback interface> unless the user set it: every gloo group this process
+    creates (megatron builds several) then listens on 127.0.0.1 only."""
+    import socket
+
+    if "GLOO_SOCKET_IFNAME" in os.environ:
+        return
+    names = [name for _, name in socket.if_nameindex()]
+    loopback = next((n for n in ("lo", "lo0") if n in names), None)
+    if loopback is not None:
+        os.environ["GLOO_SOCKET_IFNAME"] = loopback
+
+
 def validate_layout(parallel: ParallelConfig, world_size: int) -> int:
     """Check that TP * PP divides the world size; returns the data-parallel size."""
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
@@ -99,11 +112,18 @@ def init_distributed(backend: str = "auto", timeout_minutes: int = 30) -> Launch
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(env.local_rank)
-    # An explicit tcp:// address instead of MASTER_ADDR/PORT env vars: a single process must not
-    # leak its rendezvous port into subprocesses it starts (they would try to bind it too).
-    dist.init_process_group(backend=backend, init_method=f"tcp://{env.master_addr}:{env.master_port}",
-                            rank=env.rank, world_size=env.world_size,
-                            timeout=timedelta(minutes=timeout_minutes))
+    timeout = timedelta(minutes=timeout_minutes)
+    if env.world_size == 1:
+        # Nothing outside the process needs to reach it: an in-memory store (no TCP rendezvous
+        # port) and gloo's pairs on the loopback interface (it would pick the host name's address).
+        if backend == "gloo":
+            _gloo_on_loopback()
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    else:
+        # An explicit tcp:// address instead of MASTER_ADDR/PORT env vars: the rendezvous store
+        # binds where the launcher's MASTER_ADDR / MASTER_PORT say (README: security notes).
+        dist.init_process_group(backend=backend, init_method=f"tcp://{env.master_addr}:{env.master_port}",
+                                rank=env.rank, world_size=env.world_size, timeout=timeout)
     log.debug("torch.distributed up: %s rank %d/%d backend %s", env.launcher, env.rank, env.world_size, backend)
     return env
 

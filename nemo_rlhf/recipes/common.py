@@ -31,6 +31,8 @@ class RunContext:
     tokenizer: Any
     module: Any = None
     """The last stage's trained LightningModule (the Python API returns it)."""
+    summary_dir: Optional[Path] = None
+    """Where the last stage wrote summary.json (run_dir, or its restart-<time> subdir with resume=never)."""
 
     def evaluate_fn(self, engine, step: int) -> Dict[str, Any]:
         """Task metrics of the policy in ``engine`` (sampling needs PP=1: {} otherwise)."""

@@ -44,6 +44,23 @@ def test_interrupted_write_is_never_loaded(engine, tmp_path):
     assert latest_checkpoint(tmp_path).name == "step_0000010" and not partial.exists()
 
 
+def test_rotation_deletes_only_the_saving_runs_checkpoints(engine, tmp_path):
+    """keep_last rotates the checkpoints of the run that saves (its run_id); another run's, or one
+    saved before run ids existed, is never deleted, and a save never replaces another run's step."""
+    save_checkpoint(tmp_path, 1, engine.chunks, keep_last=1)                      # no run id (older format)
+    save_checkpoint(tmp_path, 2, engine.chunks, keep_last=1, run_id="other")
+    for step in (3, 4, 5):
+        save_checkpoint(tmp_path, step, engine.chunks, keep_last=2, run_id="mine")
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000001", "step_0000002", "step_0000004",
+                                                            "step_0000005"]
+    assert read_meta(tmp_path / "step_0000005")["run_id"] == "mine"
+    with pytest.raises(CheckpointError, match="step_0000002 was written by another run"):
+        save_checkpoint(tmp_path, 2, engine.chunks, run_id="mine")
+    assert read_meta(tmp_path / "step_0000002")["run_id"] == "other"
+    save_checkpoint(tmp_path, 5, engine.chunks, keep_last=2, run_id="mine")        # its own step: replaced
+    assert (tmp_path / "latest").read_text().strip() == "step_0000005"
+
+
 def test_missing_checkpoint_named(engine, tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "nowhere", engine.chunks)
