@@ -18,14 +18,17 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from nemo_rlhf.algorithms.advantages import estimate_advantages
-from nemo_rlhf.algorithms.ppo import kl_penalized_rewards, make_kl_controller, policy_loss, value_loss
+from nemo_rlhf.algorithms.advantages import ADVANTAGE_ESTIMATORS, estimate_advantages, sequence_scores
+from nemo_rlhf.algorithms.policy_losses import KL_ESTIMATORS, POLICY_LOSSES, aggregate, informative_groups
+from nemo_rlhf.algorithms.ppo import kl_penalized_rewards, make_kl_controller, value_loss
+from nemo_rlhf.algorithms.reductions import masked_mean
 from nemo_rlhf.algorithms.reductions import INITIAL_MOMENTS, Moments, moments_std, update_moments
 from nemo_rlhf.config.schema import RunConfig
 from nemo_rlhf.generation.sampling import SamplingParams, generate, left_pad
 from nemo_rlhf.logging import get_logger
 from nemo_rlhf.models.gpt import unwrap
 from nemo_rlhf.models.heads import attach_value_head, value_head_output
+from nemo_rlhf.modules.critics import CRITICS, stats_report  # noqa: F401  (CRITICS: the ppo.critic table)
 from nemo_rlhf.modules.engine import MegatronEngine, build_chunks, lm_forward, lm_forward_with_states
 from nemo_rlhf.modules.loop import dp_loader, end_of_step, record_eval, save_engine, TrainingSystem
 from nemo_rlhf.modules.run_dir import RunDirectory
@@ -45,25 +48,16 @@ class Rollout:
     loss_mask: torch.Tensor     # [B, T] 1 where labels[:, t] is a generated token (through EOS)
     logprobs: torch.Tensor      # [B, T] log pi_old(labels[:, t])
     ref_logprobs: torch.Tensor  # [B, T] log pi_ref(labels[:, t])
-    values: torch.Tensor        # [B, T] V_old(state before labels[:, t])
+    values: torch.Tensor        # [B, T] V_old(state before labels[:, t]); 0 without a critic
     rewards: torch.Tensor       # [B, T] KL penalty per token + score on the last token
     advantages: torch.Tensor    # [B, T]
     returns: torch.Tensor       # [B, T]
     scores: torch.Tensor        # [B]
     pad: torch.Tensor           # [B] left padding of each row's prompt (ragged prompts; masked out everywhere)
+    groups: torch.Tensor        # [B] the prompt of each sample (ppo.num_generations samples share one)
 
     def as_dict(self) -> Dict[str, torch.Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
-
-
-def _stats_report(loss: torch.Tensor, stats: Dict[str, torch.Tensor], mask: torch.Tensor):
-    """Megatron loss-closure output: (token sum, token count, {name: [sum, count]})."""
-    n = mask.sum()
-    total = loss * n
-    report = {"loss": torch.stack([total.detach(), n]).double()}
-    for k, v in stats.items():
-        report[k] = torch.stack([v.detach() * n, n]).double()
-    return total, n.to(torch.int), report
 
 
 def actor_forward(batch: Dict[str, torch.Tensor], model, ppo, with_value: bool):
@@ -73,88 +67,29 @@ def actor_forward(batch: Dict[str, torch.Tensor], model, ppo, with_value: bool):
 
 
 def actor_loss(batch, ppo, values, nll):
+    """The policy loss (ppo.policy_loss: per-token or GSPO's sequence ratio, clipped to
+    [1 - cliprange, 1 + cliprange_high]), plus ppo.kl_loss_coef * KL(pi || pi_ref) by ppo.kl_estimator,
+    aggregated by ppo.loss_aggregation; plus vf_coef * the value loss with a value head."""
     mask = batch["loss_mask"]
-    loss, stats = policy_loss(-nll.float(), batch["logprobs"], batch["advantages"], mask, ppo.cliprange)
+    logprobs = -nll.float()
+    high = ppo.cliprange if ppo.cliprange_high is None else ppo.cliprange_high
+    token_losses, stats = POLICY_LOSSES[ppo.policy_loss](logprobs, batch["logprobs"], batch["advantages"], mask,
+                                                          ppo.cliprange, high)
+    with torch.no_grad():
+        log_ratio = (logprobs - batch["logprobs"]) * mask
+        stats["approx_kl"] = masked_mean(torch.exp(log_ratio) - 1 - log_ratio, mask)   # k3 of KL(old || new)
+        stats["policy_clipfrac"] = stats["clipfrac_low"] + stats["clipfrac_high"]
+    if ppo.kl_loss_coef:
+        kl = KL_ESTIMATORS[ppo.kl_estimator]((logprobs - batch["ref_logprobs"]) * mask) * mask
+        token_losses = token_losses + ppo.kl_loss_coef * kl
+        stats["kl_loss"] = masked_mean(kl.detach(), mask)
+    total, count = aggregate(token_losses, mask, ppo.loss_aggregation, mask.shape[1])
+    stats["policy_loss"] = total.detach() / count
     if values is not None:
         vloss, vstats = value_loss(values, batch["values"], batch["returns"], mask, ppo.cliprange_value)
-        loss = loss + ppo.vf_coef * vloss
+        total = total + ppo.vf_coef * vloss * count
         stats.update(vstats)
-    return _stats_report(loss, stats, mask)
-
-
-def critic_forward(batch: Dict[str, torch.Tensor], model, ppo):
-    _, states = lm_forward_with_states(model, batch["tokens"], None, batch["loss_mask"], batch.get("pad"))
-    values = value_head_output(unwrap(model), states)
-    return values, partial(critic_loss, batch, ppo)
-
-
-def critic_loss(batch, ppo, values):
-    mask = batch["loss_mask"]
-    loss, stats = value_loss(values, batch["values"], batch["returns"], mask, ppo.cliprange_value)
-    return _stats_report(loss, stats, mask)
-
-
-class SeparateCritic:
-    """ppo.critic=separate: its own GPT trunk + value head and optimizer (lr ppo.critic_lr),
-    trained after the actor on each minibatch; checkpointed as the extra engine "critic"."""
-
-    on_actor = False   # the actor has no value head; its loss has no value term
-
-    def __init__(self, cfg: RunConfig, vocab: int, actor: MegatronEngine):
-        lr = cfg.ppo.critic_lr
-        optim = cfg.optim if lr is None else type(cfg.optim)(**{**cfg.optim.__dict__, "lr": lr})
-        self.engine = MegatronEngine(cfg.model, cfg.parallel, optim, vocab, cfg.trainer.max_steps,
-                                     setup=lambda gpt: attach_value_head(gpt, cfg.model.hidden_size))
-        self.chunks = self.engine.chunks
-
-    def load(self, path) -> None:
-        from nemo_rlhf.weights import load_weights
-
-        load_weights(path, self.engine.chunks)
-        self.engine.optimizer.reload_model_params()
-
-    def values(self, policy_states, tokens, loss_mask, pad) -> torch.Tensor:
-        critic = self.engine.module
-        critic.eval()
-        _, states = lm_forward_with_states(critic, tokens, None, loss_mask, pad)
-        return value_head_output(critic, states)
-
-    def train_step(self, batch, micro_batch_size: int, ppo) -> Dict[str, float]:
-        stats = self.engine.train_step(batch, micro_batch_size, partial(critic_forward, ppo=ppo))
-        return {f"critic/{k}": v for k, v in stats.items()}
-
-    def checkpoint_engines(self):
-        return {"critic": (self.engine.chunks, self.engine.optimizer, self.engine.scheduler)}
-
-
-class ValueHeadCritic:
-    """ppo.critic=value_head: a value head on the policy trunk; the actor's loss carries the value
-    loss (weight ppo.vf_coef), so the critic has no engine, step or checkpoint of its own."""
-
-    on_actor = True
-    chunks: List[torch.nn.Module] = []
-
-    def __init__(self, cfg: RunConfig, vocab: int, actor: MegatronEngine):
-        self.actor = actor
-
-    def load(self, path) -> None:
-        pass   # the head is part of the actor's weights
-
-    def values(self, policy_states, tokens, loss_mask, pad) -> torch.Tensor:
-        return value_head_output(self.actor.module, policy_states)
-
-    def train_step(self, batch, micro_batch_size: int, ppo) -> Dict[str, float]:
-        return {}
-
-    def checkpoint_engines(self):
-        return {}
-
-
-CRITICS: Dict[str, type] = {"separate": SeparateCritic, "value_head": ValueHeadCritic}
-"""The ppo.critic values -> the critic's class. A class gives ``on_actor`` (a value head on the
-actor and a value term in its loss), ``chunks``, ``load(path)``, ``values(policy_states, tokens,
-loss_mask, pad)`` ([B, T], or None for a critic-free kind), ``train_step(batch, micro_batch_size,
-ppo)`` (its stats, "critic/"-prefixed) and ``checkpoint_engines()``."""
+    return stats_report(total, count, stats, mask)
 
 
 class PromptDataset(torch.utils.data.Dataset):
@@ -196,8 +131,10 @@ class PPOModule(TrainingSystem):
         self.tokenizer, self.reward_fn = tokenizer, reward_fn
         self.run_dir, self.evaluate_fn = run_dir, evaluate_fn
         self.dp_rank, self.dp_size, self.config_yaml = dp_rank, dp_size, config_yaml
-        if self.ppo.num_rollouts % dp_size:
-            raise ValueError(f"ppo.num_rollouts={self.ppo.num_rollouts} is not divisible by the data-parallel size {dp_size}")
+        prompts_per_step = self.ppo.num_rollouts // self.ppo.num_generations
+        if prompts_per_step % dp_size:
+            raise ValueError(f"ppo.num_rollouts / ppo.num_generations = {prompts_per_step} prompts per iteration are "
+                             f"not divisible by the data-parallel size {dp_size} (a prompt's samples stay on one rank)")
         vocab, critic = tokenizer.vocab_size, CRITICS[self.ppo.critic]
         self.actor = MegatronEngine(cfg.model, cfg.parallel, cfg.optim, vocab, cfg.trainer.max_steps,
                                     setup=(lambda gpt: attach_value_head(gpt, cfg.model.hidden_size))
@@ -221,7 +158,7 @@ class PPOModule(TrainingSystem):
         load_weights(path, [self.reference])
 
     def train_dataloader(self):
-        return dp_loader(self.prompts, self, global_batch_size=self.ppo.num_rollouts)
+        return dp_loader(self.prompts, self, global_batch_size=self.ppo.num_rollouts // self.ppo.num_generations)
 
     # -- one PPO iteration ----------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int):
@@ -234,9 +171,12 @@ class PPOModule(TrainingSystem):
             return out
 
         prompts, pad = trim_left_padding(*batch)                # [B, P], [B]
+        g = self.ppo.num_generations                            # samples per prompt, kept on this rank
+        groups = torch.arange(prompts.shape[0], device=prompts.device).repeat_interleave(g)
+        prompts, pad = prompts.repeat_interleave(g, 0), pad.repeat_interleave(g)
         tokens, mask = timed("generation", self.generate_rollouts, prompts, pad)
         scores = timed("scoring", self.score, tokens, prompts.shape[1], pad)
-        rollout = timed("experience", self.make_experience, tokens, mask, scores, pad)
+        rollout = timed("experience", self.make_experience, tokens, mask, scores, pad, groups)
         stats = timed("training", self.update, rollout)
         self.step += 1
         stats.update(self.rollout_stats(rollout), **timings)
@@ -269,10 +209,11 @@ class PPOModule(TrainingSystem):
 
     @torch.no_grad()
     def make_experience(self, tokens: torch.Tensor, gen_mask: torch.Tensor, scores: torch.Tensor,
-                        pad: Optional[torch.Tensor] = None) -> Rollout:
+                        pad: Optional[torch.Tensor] = None, groups: Optional[torch.Tensor] = None) -> Rollout:
         ppo = self.ppo
         b, s = tokens.shape
         pad = torch.zeros(b, dtype=torch.long, device=tokens.device) if pad is None else pad
+        groups = torch.arange(b, device=tokens.device) if groups is None else groups
         p = s - gen_mask.shape[1]
         inputs, labels = tokens[:, :-1], tokens[:, 1:]
         mask = torch.zeros_like(labels, dtype=torch.float32)   # the rollout's loss_mask
@@ -288,18 +229,24 @@ class PPOModule(TrainingSystem):
         logprobs = -nll.float()
         values = self.critic.values(states, inputs, mask, pad)
         ref_logprobs = -lm_forward(self.reference, inputs, labels, mask, pad).float()
-        logprobs, ref_logprobs, values = logprobs * mask, ref_logprobs * mask, values * mask
+        logprobs, ref_logprobs = logprobs * mask, ref_logprobs * mask
+        values = None if values is None else values * mask
         rewards, _ = kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, self.kl_ctl.value)
-        advantages, returns = estimate_advantages(ppo.advantage_estimator, rewards, values, mask, ppo)
-        if ppo.whiten_advantages:
+        advantages, returns = estimate_advantages(ppo.advantage_estimator, rewards, values, mask, ppo, groups)
+        row = ADVANTAGE_ESTIMATORS[ppo.advantage_estimator]
+        if ppo.advantage_estimator == "grpo" and ppo.grpo_scale == "batch":   # group-centred / batch std
+            advantages = advantages / (dp_moments(sequence_scores(rewards, mask), self._dp_group()).var ** 0.5 + 1e-6)
+        if row.whiten if row.whiten is not None else ppo.whiten_advantages:
             advantages = dp_whiten(advantages, mask, self._dp_group())
+        values = torch.zeros_like(logprobs) if values is None else values
         return Rollout(tokens=inputs, labels=labels, loss_mask=mask, logprobs=logprobs, ref_logprobs=ref_logprobs,
-                       values=values, rewards=rewards, advantages=advantages, returns=returns, scores=scores, pad=pad)
+                       values=values, rewards=rewards, advantages=advantages, returns=returns, scores=scores, pad=pad,
+                       groups=groups)
 
     def update(self, rollout: Rollout) -> Dict[str, float]:
         ppo = self.ppo
         data = rollout.as_dict()
-        del data["scores"]
+        del data["scores"], data["groups"]
         n = rollout.tokens.shape[0]
         mb = n // ppo.num_minibatches
         mbs = min(self.cfg.trainer.micro_batch_size, mb)
@@ -338,8 +285,10 @@ class PPOModule(TrainingSystem):
         sums = self._dp_sum([
             float(r.scores.sum()), float((r.scores ** 2).sum()), float(kl_per_seq.sum()),
             float(lengths.sum()), float(-(r.logprobs * m).sum()), float(m.sum()),
-            float((r.values * m).sum()), float((r.returns * m).sum()), float(b)])
-        score_sum, score_sq, kl, length, nll, tokens, v, ret, n = sums
+            float((r.values * m).sum()), float((r.returns * m).sum()), float(b),
+            float((~informative_groups(r.scores, r.groups)).sum()) / self.ppo.num_generations,
+            float(len(torch.unique(r.groups)))])
+        score_sum, score_sq, kl, length, nll, tokens, v, ret, n, flat_groups, num_groups = sums
         mean = score_sum / n
         return {
             "reward_mean": mean, "reward_std": max(score_sq / n - mean ** 2, 0.0) ** 0.5,
@@ -347,6 +296,8 @@ class PPOModule(TrainingSystem):
             # entropy estimated as the mean negative log-probability of the sampled tokens
             "entropy": nll / max(tokens, 1.0),
             "values_mean": v / max(tokens, 1.0), "returns_mean": ret / max(tokens, 1.0),
+            # groups whose samples all scored the same: zero advantage under GRPO / RLOO
+            "zero_std_groups": flat_groups / max(num_groups, 1.0),
         }
 
     # -- evaluation & checkpoints ---------------------------------------------------------------

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 
 from nemo_rlhf.algorithms.advantages import ADVANTAGE_ESTIMATORS
+from nemo_rlhf.algorithms.policy_losses import KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
 from nemo_rlhf.config.checks import _positive, _require
 from nemo_rlhf.config.schema import RunConfig, SFTWarmupConfig
 from nemo_rlhf.generation.sampling import SamplingParams, generate, left_pad
@@ -26,7 +27,10 @@ class PPOConfig:
     num_minibatches updates."""
 
     num_rollouts: int = 64
-    """Prompts (= samples) per iteration, over all data-parallel ranks."""
+    """Samples per iteration, over all data-parallel ranks (num_rollouts / num_generations prompts)."""
+    num_generations: int = 1
+    """Samples per prompt (a group; GRPO / RLOO need > 1). A prompt's samples stay on one
+    data-parallel rank, so group statistics need no communication."""
     ppo_epochs: int = 4
     num_minibatches: int = 4
     """Minibatches per epoch; minibatch size = num_rollouts / num_minibatches."""
@@ -47,13 +51,28 @@ class PPOConfig:
     """none | running (divide scores by a running std)"""
     whiten_advantages: bool = True
     advantage_estimator: str = "gae"
-    """gae (Schulman et al. 2016, with gamma and lam): one row of
+    """gae (Schulman et al. 2016, with gamma and lam; needs a critic) | grpo | rloo (group baselines,
+    num_generations > 1) | reinforce++ (discounted KL-shaped returns, batch-normalised): one row of
     nemo_rlhf.algorithms.advantages.ADVANTAGE_ESTIMATORS."""
     critic: str = "separate"
-    """separate (own GPT trunk + value head, own optimizer) | value_head (on the policy trunk): one
-    row of nemo_rlhf.modules.ppo.CRITICS."""
+    """separate (own GPT trunk + value head, own optimizer) | value_head (on the policy trunk) | none
+    (critic-free estimators): one row of nemo_rlhf.modules.critics.CRITICS."""
     critic_lr: Optional[float] = None
     """Learning rate of the separate critic; null = optim.lr."""
+    grpo_scale: str = "group"
+    """advantage_estimator=grpo: divide the group-centred rewards by the group's std (group, GRPO),
+    by the std of the whole batch's rewards (batch), or not at all (none, Dr. GRPO)."""
+    policy_loss: str = "token"
+    """token (per-token ratio: PPO, GRPO, DAPO) | gspo (one length-normalised ratio per sequence)."""
+    cliprange_high: Optional[float] = None
+    """Upper clip range, 1 + cliprange_high (DAPO's clip-higher, e.g. 0.28); null = cliprange."""
+    kl_loss_coef: float = 0.0
+    """Weight of KL(pi || pi_ref) as a loss term (GRPO's beta; 0 = none); init_kl_coef puts a KL
+    penalty into the reward instead (PPO, REINFORCE++)."""
+    kl_estimator: str = "k3"
+    """k1 | k2 | k3: the per-token KL estimate of the loss term (nemo_rlhf.algorithms.policy_losses)."""
+    loss_aggregation: str = "token_mean"
+    """token_mean (PPO, DAPO) | seq_mean_token_mean (GRPO, GSPO) | seq_mean_token_sum (Dr. GRPO)."""
     reward_fn: str = "randomwalks"
     """randomwalks (the task's optimality) | 'package.module:function' called as
     fn(samples, prompts=..., completions=...) -> list of floats."""
@@ -71,6 +90,27 @@ class PPOConfig:
         _require(self.critic in CRITICS, f"ppo.critic must be {'|'.join(CRITICS)}, got {self.critic!r}")
         _require(self.advantage_estimator in ADVANTAGE_ESTIMATORS,
                  f"ppo.advantage_estimator must be {'|'.join(ADVANTAGE_ESTIMATORS)}, got {self.advantage_estimator!r}")
+        row = ADVANTAGE_ESTIMATORS[self.advantage_estimator]
+        _require(row.needs_values == (self.critic != "none"),
+                 f"ppo.advantage_estimator={self.advantage_estimator} "
+                 + ("needs a critic (ppo.critic=separate|value_head)" if row.needs_values else
+                    "is critic-free: set ppo.critic=none"))
+        _positive(self.num_generations, "ppo.num_generations")
+        _require(not row.needs_groups or self.num_generations > 1,
+                 f"ppo.advantage_estimator={self.advantage_estimator} compares the samples of one prompt: "
+                 f"ppo.num_generations must be > 1")
+        _require(self.num_rollouts % self.num_generations == 0,
+                 f"ppo.num_rollouts={self.num_rollouts} is not divisible by ppo.num_generations={self.num_generations}")
+        _require(self.grpo_scale in ("group", "batch", "none"),
+                 f"ppo.grpo_scale must be group|batch|none, got {self.grpo_scale!r}")
+        _require(self.policy_loss in POLICY_LOSSES,
+                 f"ppo.policy_loss must be {'|'.join(POLICY_LOSSES)}, got {self.policy_loss!r}")
+        _require(self.kl_estimator in KL_ESTIMATORS,
+                 f"ppo.kl_estimator must be {'|'.join(KL_ESTIMATORS)}, got {self.kl_estimator!r}")
+        _require(self.loss_aggregation in LOSS_AGGREGATIONS,
+                 f"ppo.loss_aggregation must be {'|'.join(LOSS_AGGREGATIONS)}, got {self.loss_aggregation!r}")
+        _require(self.kl_loss_coef >= 0, f"ppo.kl_loss_coef must be >= 0, got {self.kl_loss_coef}")
+        _require(self.cliprange_high is None or self.cliprange_high > 0, "ppo.cliprange_high must be null or > 0")
         _require(self.scale_reward in ("none", "running"),
                  f"ppo.scale_reward must be none|running, got {self.scale_reward!r}")
         _require(self.init_kl_coef >= 0, f"ppo.init_kl_coef must be >= 0, got {self.init_kl_coef}")

@@ -42,14 +42,14 @@ def test_the_gae_row_of_the_estimator_table_is_gae_by_hand():
     r = torch.tensor([[0.0, 0.0, 1.0, 50.0]])
     m = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
     hp = SimpleNamespace(gamma=0.9, lam=0.5)
-    assert tuple(ADVANTAGE_ESTIMATORS) == ("gae",) and ADVANTAGE_ESTIMATORS["gae"].needs_values
+    assert tuple(ADVANTAGE_ESTIMATORS) == ("gae", "grpo", "rloo", "reinforce++") and ADVANTAGE_ESTIMATORS["gae"].needs_values
     adv, ret = estimate_advantages("gae", r, v, m, hp)
     assert adv.tolist()[0] == pytest.approx([0.71, -0.2, -2.0, 0.0])
     assert ret.tolist()[0] == pytest.approx([1.71, 1.8, 1.0, 0.0])
     ref = gae(v, r, m, gamma=0.9, lam=0.5)
     assert torch.equal(adv, ref[0]) and torch.equal(ret, ref[1])
-    with pytest.raises(ValueError, match="unknown ppo.advantage_estimator 'grpo' \\(known: gae\\)"):
-        estimate_advantages("grpo", r, None, m, hp)
+    with pytest.raises(ValueError, match="unknown ppo.advantage_estimator 'vtrace' \\(known: gae, grpo, rloo, reinforce\\+\\+\\)"):
+        estimate_advantages("vtrace", r, None, m, hp)
     with pytest.raises(ValueError, match="gae needs a critic"):
         estimate_advantages("gae", r, None, m, hp)
 
@@ -58,14 +58,24 @@ def test_ppo_config_validates_estimator_and_critic_against_their_tables():
     from nemo_rlhf.modules.ppo import CRITICS
     from nemo_rlhf.recipes.ppo import PPOConfig
 
-    assert tuple(CRITICS) == ("separate", "value_head")
+    assert tuple(CRITICS) == ("separate", "value_head", "none")
     assert [k for k, c in CRITICS.items() if c.on_actor] == ["value_head"]
     cfg = PPOConfig()
     assert (cfg.advantage_estimator, cfg.critic) == ("gae", "separate")
-    with pytest.raises(ConfigError, match="ppo.advantage_estimator must be gae, got 'rloo'"):
+    with pytest.raises(ConfigError, match="ppo.advantage_estimator must be gae\\|grpo\\|rloo\\|reinforce\\+\\+, got 'vtrace'"):
+        PPOConfig(advantage_estimator="vtrace")
+    with pytest.raises(ConfigError, match="ppo.critic must be separate\\|value_head\\|none, got 'q'"):
+        PPOConfig(critic="q")
+    with pytest.raises(ConfigError, match="advantage_estimator=rloo is critic-free: set ppo.critic=none"):
         PPOConfig(advantage_estimator="rloo")
-    with pytest.raises(ConfigError, match="ppo.critic must be separate\\|value_head, got 'none'"):
+    with pytest.raises(ConfigError, match="advantage_estimator=gae needs a critic"):
         PPOConfig(critic="none")
+    with pytest.raises(ConfigError, match="ppo.num_generations must be > 1"):
+        PPOConfig(advantage_estimator="grpo", critic="none")
+    with pytest.raises(ConfigError, match="ppo.loss_aggregation must be"):
+        PPOConfig(loss_aggregation="sum")
+    cfg = PPOConfig(advantage_estimator="grpo", critic="none", num_generations=8)
+    assert cfg.num_rollouts % cfg.num_generations == 0
 
 
 def test_policy_loss_clipping_cases():

@@ -125,7 +125,8 @@ def test_a_ppo_pass_on_ragged_prompts_equals_one_pass_per_prompt_length(ppo_modu
     without any padding: nothing of the padding leaks into a number PPO uses."""
     from functools import partial
 
-    from nemo_rlhf.modules.ppo import actor_forward, critic_forward
+    from nemo_rlhf.modules.critics import critic_forward
+    from nemo_rlhf.modules.ppo import actor_forward
 
     module, prompts = ppo_module
     ds = module.prompts
