@@ -56,6 +56,9 @@ OPTIM = OptimConfig(name="sgd", lr=0.5, clip_grad=0.0)
 BATCH = 8
 T5_MODEL = dataclasses.replace(MODEL, arch="t5", encoder_num_layers=1)
 PPO = PPOConfig(cliprange=0.2, cliprange_value=0.2, vf_coef=0.5)
+# GRPO's loss knobs that depend on how a batch is split: per-sequence means, a k3 KL term, DAPO's clip-higher
+GRPO = PPOConfig(advantage_estimator="grpo", critic="none", num_generations=4, cliprange_high=0.28,
+                 kl_loss_coef=0.1, loss_aggregation="seq_mean_token_mean")
 DPO = DPOConfig(beta=0.1)
 KTO = KTOConfig(beta=0.1)
 
@@ -453,6 +456,51 @@ def main(out_path):
     check("ppo_tp1", lambda: ppo_tp(1))
     check("ppo_tp2", lambda: ppo_tp(2))
     check("ppo_tp2_sp", lambda: ppo_tp(2, sp=True))
+    def grpo_step(tp, dp_split):
+        """One GRPO actor update (no critic) on a synthetic rollout of 2 prompts x 4 samples whose
+        advantages are the group-normalised scores; at DP=2 each rank takes half the rows in
+        micro-batches of one (so per-sequence means, token counts and the KL term cross ranks)."""
+        from megatron.core import parallel_state as ps
+
+        from nemo_rlhf.algorithms.advantages import estimate_advantages
+        from nemo_rlhf.modules.ppo import actor_forward
+
+        parallel = ParallelConfig(tensor_model_parallel_size=tp)
+        initialize_model_parallel(parallel, seed=7)
+        engine = engine_for(parallel, vocab)
+        load_reference_weights(engine, ref["params"])
+        g = torch.Generator().manual_seed(5)
+        mask = batch["loss_mask"]
+        rewards = torch.zeros(mask.shape)
+        rewards[torch.arange(BATCH), mask.cumsum(-1).argmax(-1)] = torch.tensor([1., 0., 0., 1., 0., 0., 0., 1.])
+        groups = torch.arange(BATCH) // 4
+        adv, _ = estimate_advantages("grpo", rewards, None, mask, GRPO, groups)
+        rollout = {"tokens": batch["tokens"], "labels": batch["labels"], "loss_mask": mask,
+                   "logprobs": (-3 + 0.3 * torch.randn(mask.shape, generator=g)) * mask,
+                   "ref_logprobs": (-3 + 0.3 * torch.randn(mask.shape, generator=g)) * mask, "advantages": adv}
+        mbs = BATCH // 2
+        if dp_split:
+            r, n = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+            rollout = {k: v[r * BATCH // n:(r + 1) * BATCH // n] for k, v in rollout.items()}
+            mbs = 1
+        stats = engine.forward_backward(rollout, mbs, partial(actor_forward, ppo=GRPO, with_value=False))
+        return stats, {n: tp_full(p.main_grad, p) for n, p in named_params(engine)}
+
+    def grpo(tp, dp_split=False):
+        stats, grads = grpo_step(tp, dp_split)
+        if tp == 1 and not dp_split:
+            grpo_ref["stats"], grpo_ref["grads"] = stats, grads
+            return dict(stats)
+        return {"loss_diff": abs(stats["loss"] - grpo_ref["stats"]["loss"]),
+                "kl_loss_diff": abs(stats["kl_loss"] - grpo_ref["stats"]["kl_loss"]),
+                "grad_max_abs_diff": max(float((grads[n] - grpo_ref["grads"][n]).abs().max()) for n in grads),
+                "grad_norm": sum(float(v.norm() ** 2) for v in grads.values()) ** 0.5}
+
+    grpo_ref = {}
+    check("grpo_tp1", lambda: grpo(1))
+    check("grpo_tp2", lambda: grpo(2))
+    check("grpo_dp2", lambda: grpo(1, dp_split=True))
+
     def ilql_tp(tp):
         """One ILQL step (Q, V, CQL, AWAC terms) on the same batch of walks labeled with optimality."""
         from nemo_rlhf.data.ilql import ILQLDataset

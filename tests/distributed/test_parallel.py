@@ -133,6 +133,17 @@ def test_ppo_actor_step_tp2_equals_tp1(results, name):
     assert r["value_head_grad_norm"] > 1e-3                 # the value loss reached the head
 
 
+@pytest.mark.parametrize("name", ["grpo_tp2", "grpo_dp2"])
+def test_grpo_actor_step_tp2_and_dp2_equal_the_single_process_step(results, name):
+    """No critic; per-sequence-mean aggregation, k3 KL term, clip-higher: at DP=2 each rank has half
+    the sequences in micro-batches of one, and the loss and gradients still equal the whole batch's."""
+    base = _ok(results, "grpo_tp1")
+    assert 0.0 < base["clipfrac_high"] + base["clipfrac_low"] < 1.0 and base["kl_loss"] > 0.0
+    r = _ok(results, name)
+    assert r["loss_diff"] < 1e-6 and r["kl_loss_diff"] < 1e-6
+    assert r["grad_max_abs_diff"] < 1e-6 and r["grad_norm"] > 1e-3
+
+
 def test_ilql_step_tp2_equals_tp1(results):
     base = _ok(results, "ilql_tp1")
     assert all(base[k] > 0 for k in ("loss_q", "loss_v", "loss_cql", "loss_awac"))
