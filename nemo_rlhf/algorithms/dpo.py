@@ -88,6 +88,18 @@ def orpo_loss(policy_chosen_avg_logps: torch.Tensor, policy_rejected_avg_logps: 
     return chosen_nll - lam * ratio, log_odds.detach()
 
 
+def cpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor, chosen_nll: torch.Tensor,
+             beta: float, alpha: float, label_smoothing: float = 0.0) -> torch.Tensor:
+    """CPO (Xu et al. 2024, "Contrastive Preference Optimization", Eq. 6), no reference model: DPO's
+    sigmoid loss with the reference terms dropped, plus behaviour cloning on the chosen completion:
+
+        L = -log sigma(beta * (log pi(y_w) - log pi(y_l)))  +  alpha * NLL(y_w)
+    """
+    logits = beta * (policy_chosen_logps - policy_rejected_logps)
+    prefer = -F.logsigmoid(logits) * (1 - label_smoothing) - F.logsigmoid(-logits) * label_smoothing
+    return prefer + alpha * chosen_nll
+
+
 class PreferenceLogps(NamedTuple):
     """What a row of the DPO family reads, each ``[B]``."""
 
@@ -135,6 +147,11 @@ def _orpo(x: PreferenceLogps, hp) -> Rewards:
     return losses, hp.beta * x.chosen.detach(), hp.beta * x.rejected.detach()
 
 
+def _cpo(x: PreferenceLogps, hp) -> Rewards:
+    losses = cpo_loss(x.chosen, x.rejected, x.chosen_nll, hp.beta, hp.cpo_alpha, hp.label_smoothing)
+    return losses, hp.beta * x.chosen.detach(), hp.beta * x.rejected.detach()
+
+
 DPO_LOSSES: Dict[str, DPOVariant] = {
     #              loss                                       reference  length-normalised
     "sigmoid": DPOVariant(partial(_reference_relative, "sigmoid"), True, False),
@@ -143,8 +160,7 @@ DPO_LOSSES: Dict[str, DPOVariant] = {
     "robust": DPOVariant(partial(_reference_relative, "robust"), True, False),
     "simpo": DPOVariant(_simpo, False, True),
     "orpo": DPOVariant(_orpo, False, True),
-    # "cpo": DPOVariant(_cpo, False, False),   CPO (Xu et al. 2024): -log sigma(beta (logp_w - logp_l))
-    #                                          + alpha * chosen_nll -- the next issue's row
+    "cpo": DPOVariant(_cpo, False, False),
 }
 DPO_LOSS_TYPES: Tuple[str, ...] = tuple(DPO_LOSSES)
 """The dpo.loss_type values."""

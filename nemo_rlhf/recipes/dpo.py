@@ -24,11 +24,13 @@ class DPOConfig:
     beta: float = 0.1
     loss_type: str = "sigmoid"
     """sigmoid | ipo | hinge | robust (DPO variants, nemo_rlhf.algorithms.dpo.DPO_LOSSES) |
-    simpo | orpo (reference-free: no reference pass or model)"""
+    simpo | orpo | cpo (reference-free: no reference pass or model)"""
     simpo_gamma: float = 0.5
     """SimPO target margin gamma (SimPO uses length-normalised log-probs)."""
     orpo_lambda: float = 0.1
     """ORPO weight of the odds-ratio term next to the chosen completion's NLL."""
+    cpo_alpha: float = 1.0
+    """CPO weight of the chosen completion's NLL (behaviour cloning) next to the preference term."""
     label_smoothing: float = 0.0
     """Conservative DPO / robust DPO label-noise rate."""
     length_normalize: bool = False

@@ -40,7 +40,7 @@ def test_dpo_in_memory_reference_and_ipo(tmp_path):
     assert abs(rows[0]["loss"] - 1.0) < 1e-5
 
 
-@pytest.mark.parametrize("loss_type", ["simpo", "orpo"])
+@pytest.mark.parametrize("loss_type", ["simpo", "orpo", "cpo"])
 def test_reference_free_variants_improve_the_sft_policy(tmp_path, loss_type):
     run = tmp_path / loss_type
     _ok(train([f"hydra.run.dir={run}", "trainer.progress_bar=false", f"dpo.loss_type={loss_type}",

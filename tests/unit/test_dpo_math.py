@@ -65,12 +65,13 @@ def test_simpo_orpo_kto_bt_by_hand():
 
 
 # -- the DPO family as one table --------------------------------------------------------------------
-HP = SimpleNamespace(beta=0.5, label_smoothing=0.0, simpo_gamma=0.5, orpo_lambda=0.1, length_normalize=False)
+HP = SimpleNamespace(beta=0.5, label_smoothing=0.0, simpo_gamma=0.5, orpo_lambda=0.1, cpo_alpha=2.0,
+                     length_normalize=False)
 
 
 def test_the_family_table_rows():
-    assert DPO_LOSS_TYPES == ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo")
-    assert [t for t in DPO_LOSS_TYPES if not DPO_LOSSES[t].needs_reference] == ["simpo", "orpo"]
+    assert DPO_LOSS_TYPES == ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo", "cpo")
+    assert [t for t in DPO_LOSS_TYPES if not DPO_LOSSES[t].needs_reference] == ["simpo", "orpo", "cpo"]
     assert [t for t in DPO_LOSS_TYPES if DPO_LOSSES[t].length_normalized] == ["simpo", "orpo"]
     # KTO's row: always a reference
     assert needs_reference(SimpleNamespace(loss_type="kto")) and not needs_reference(SimpleNamespace(loss_type="orpo"))
@@ -79,8 +80,17 @@ def test_the_family_table_rows():
     assert length_normalized(SimpleNamespace(loss_type="ipo", length_normalize=True))
     assert not length_normalized(SimpleNamespace(loss_type="sigmoid", length_normalize=False))
     assert not length_normalized(SimpleNamespace(loss_type="kto"))              # KTO: sums
-    with pytest.raises(ValueError, match="unknown dpo.loss_type 'cpo'"):
-        preference_loss("cpo", PreferenceLogps(T([0.0]), T([0.0]), None, None, T([0.0])), HP)
+    with pytest.raises(ValueError, match="unknown dpo.loss_type 'rpo'"):
+        preference_loss("rpo", PreferenceLogps(T([0.0]), T([0.0]), None, None, T([0.0])), HP)
+
+
+def test_cpo_by_hand():
+    # summed log-probs -4 vs -6, beta 0.5 -> logits 1 ; chosen NLL 0.25, alpha 2 -> -log sigma(1) + 0.5
+    x = PreferenceLogps(T([-4.0]), T([-6.0]), None, None, chosen_nll=T([0.25]))
+    losses, rc, rr = preference_loss("cpo", x, HP)
+    assert losses.item() == pytest.approx(-ls(1.0) + 0.5)
+    assert (rc.item(), rr.item()) == (-2.0, -3.0)
+    assert not DPO_LOSSES["cpo"].needs_reference and not DPO_LOSSES["cpo"].length_normalized
 
 
 def test_each_row_by_hand():
