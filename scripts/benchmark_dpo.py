@@ -13,8 +13,8 @@ One process, the same threads, the same model and batches for both:
     ``--batch`` pairs, sigmoid DPO loss, beta 0.1, Adam (beta2 0.999), lr constant, grad clip 1.0,
     reference = a frozen copy of the initial policy in memory (forwarded every step) for both;
   * throughput = real (non-pad) tokens of chosen + rejected sequences per second of training
-    step, median over the steps after ``--warmup`` (each framework pads its own way: ours to
-    model.seq_length, TRL to the longest sequence of the batch).
+    step, median over the steps after ``--warmup`` (both run each batch at the width of its
+    longest sequence: TRL pads to it, our engine cuts the model.seq_length padding after it).
 
 Also prints both loss sequences: step 1 is ln 2 for both (policy == reference), and the
 sequences should stay close (same math; the Adam implementations differ in rounding).

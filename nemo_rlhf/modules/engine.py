@@ -3,6 +3,8 @@ megatron optimizer and LR scheduler, and one optimizer step over a DP-local batc
 megatron's forward/backward schedule (no pipelining, 1F1B, or interleaved 1F1B by layout)."""
 from __future__ import annotations
 
+import math
+
 from functools import partial
 from typing import Callable, Dict, List, Tuple
 
@@ -59,6 +61,9 @@ class MegatronEngine:
         """``setup(model)`` runs on each model chunk (GPTModel, or T5Model with model.arch=t5)
         before DDP wrapping (e.g. to attach a head)."""
         self.model_cfg, self.parallel = model, parallel
+        self.trim_padding = True
+        """Cut each batch's padded tail before the forward (:func:`trim_right_padding`); False
+        keeps the full model.seq_length width (the same losses, more compute)."""
         chunks = build_chunks(model, parallel, vocab_size)
         for chunk in chunks:
             if setup is not None:
@@ -88,6 +93,8 @@ class MegatronEngine:
         sequence-parallel norms, over first/last stage for tied embeddings)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        if self.trim_padding and self.model_cfg.arch == "gpt":
+            batch = trim_right_padding(batch, self._pad_multiple())
         n = next(iter(batch.values())).shape[0]
         if n % micro_batch_size:
             raise ValueError(f"DP-local batch of {n} is not divisible by micro_batch_size={micro_batch_size}")
@@ -129,6 +136,13 @@ class MegatronEngine:
                 "lr": float(self.optimizer.param_groups[0]["lr"]),
                 "update_skipped": float(not ok)}
 
+    def _pad_multiple(self) -> int:
+        """Trimmed sequence lengths are multiples of 8 on GPUs (tensor-core friendly; any length on
+        the CPU), and of TP with sequence parallel (the sequence is split over the TP ranks)."""
+        base = 8 if torch.cuda.is_available() else 1
+        tp = self.parallel.tensor_model_parallel_size if self.parallel.sequence_parallel else 1
+        return base * tp // math.gcd(base, tp)
+
     @staticmethod
     def _reduce_stats(outputs: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
         """Loss functions report {"loss": [sum, tokens], name: [sum, tokens], ...} per
@@ -151,6 +165,24 @@ class MegatronEngine:
         if "loss" in keys:
             result["num_tokens"] = float(totals[keys.index("loss"), 1])
         return result
+
+
+def trim_right_padding(batch: Dict[str, torch.Tensor], multiple: int = 8) -> Dict[str, torch.Tensor]:
+    """``batch`` with its [..., S] tensors (those shaped like ``loss_mask``) cut one position after
+    the last one any row's loss reads, rounded up to ``multiple`` (at most S): no compute on a padded
+    tail (the batches are padded to model.seq_length; a causal model's real tokens never attend to
+    the right padding, so the losses are those of the full width). Every rank that shares this
+    batch (its TP group and pipeline) cuts it the same way."""
+    mask = batch.get("loss_mask")
+    if mask is None or mask.dim() < 2:
+        return batch
+    width = mask.shape[-1]
+    used = mask.reshape(-1, width).ne(0).any(0).nonzero()
+    keep = int(used.max()) + 2 if used.numel() else 1    # + the state after the last action (ILQL's V(s'))
+    keep = min(width, -(-keep // multiple) * multiple)
+    if keep == width:
+        return batch
+    return {k: (v[..., :keep] if torch.is_tensor(v) and v.shape == mask.shape else v) for k, v in batch.items()}
 
 
 def check_interleaved_microbatches(num_micro: int, pp: int) -> None:

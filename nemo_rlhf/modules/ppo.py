@@ -60,16 +60,17 @@ class Rollout:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def actor_forward(batch: Dict[str, torch.Tensor], model, ppo, with_value: bool):
+def actor_forward(batch: Dict[str, torch.Tensor], model, ppo, with_value: bool, max_length: int = 0):
     nll, states = lm_forward_with_states(model, batch["tokens"], batch["labels"], batch["loss_mask"], batch.get("pad"))
     values = value_head_output(unwrap(model), states) if with_value else None
-    return nll, partial(actor_loss, batch, ppo, values)
+    return nll, partial(actor_loss, batch, ppo, values, max_length=max_length)
 
 
-def actor_loss(batch, ppo, values, nll):
+def actor_loss(batch, ppo, values, nll, max_length: int = 0):
     """The policy loss (ppo.policy_loss: per-token or GSPO's sequence ratio, clipped to
     [1 - cliprange, 1 + cliprange_high]), plus ppo.kl_loss_coef * KL(pi || pi_ref) by ppo.kl_estimator,
-    aggregated by ppo.loss_aggregation; plus vf_coef * the value loss with a value head."""
+    aggregated by ppo.loss_aggregation (Dr. GRPO's constant: ``max_length``, the generation budget);
+    plus vf_coef * the value loss with a value head."""
     mask = batch["loss_mask"]
     logprobs = -nll.float()
     high = ppo.cliprange if ppo.cliprange_high is None else ppo.cliprange_high
@@ -83,7 +84,7 @@ def actor_loss(batch, ppo, values, nll):
         kl = KL_ESTIMATORS[ppo.kl_estimator]((logprobs - batch["ref_logprobs"]) * mask) * mask
         token_losses = token_losses + ppo.kl_loss_coef * kl
         stats["kl_loss"] = masked_mean(kl.detach(), mask)
-    total, count = aggregate(token_losses, mask, ppo.loss_aggregation, mask.shape[1])
+    total, count = aggregate(token_losses, mask, ppo.loss_aggregation, max_length or mask.shape[1])
     stats["policy_loss"] = total.detach() / count
     if values is not None:
         vloss, vstats = value_loss(values, batch["values"], batch["returns"], mask, ppo.cliprange_value)
@@ -261,7 +262,8 @@ class PPOModule(TrainingSystem):
                 idx = order[i * mb:(i + 1) * mb]
                 batch = {k: v[idx] for k, v in data.items()}
                 actor_stats = self.actor.train_step(
-                    batch, mbs, partial(actor_forward, ppo=ppo, with_value=self.critic.on_actor))
+                    batch, mbs, partial(actor_forward, ppo=ppo, with_value=self.critic.on_actor,
+                                        max_length=self.cfg.generation.max_new_tokens or self.cfg.task.max_length))
                 stats = {f"actor/{k}": v for k, v in actor_stats.items()}
                 stats.update(self.critic.train_step(batch, mbs, ppo))
                 for k, v in stats.items():
