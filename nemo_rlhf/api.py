@@ -46,6 +46,15 @@ def default_ilql_config(*overrides: str) -> RunConfig:
     return _compose("ilql_tiny", overrides)
 
 
+def default_grpo_config(*overrides: str) -> RunConfig:
+    """The grpo_tiny recipe: the online-RL loop without a critic, group-relative advantages."""
+    return _compose("grpo_tiny", overrides)
+
+
+def default_rloo_config(*overrides: str) -> RunConfig:
+    return _compose("rloo_tiny", overrides)
+
+
 class Trainer:
     """What ``nemo_rlhf.train`` returns: the trained policy, its tokenizer and the run summary."""
 
@@ -117,7 +126,8 @@ def checkpoint_model_config(model, model_path):
 def train(model_path: Optional[str] = None, reward_fn: Optional[Callable] = None,
           prompts: Optional[List[str]] = None, eval_prompts: Optional[List[str]] = None,
           samples: Optional[list] = None, rewards: Optional[List[float]] = None,
-          config: Optional[RunConfig] = None, run_dir: Optional[str] = None) -> Trainer:
+          config: Optional[RunConfig] = None, run_dir: Optional[str] = None,
+          algorithm: Optional[str] = None) -> Trainer:
     """As trlX: PPO when a ``reward_fn`` is given (``config`` defaults to ppo_tiny), ILQL when
     ``samples`` and ``rewards`` are (ilql_tiny), SFT on ``samples`` alone or on the task's data
     (sft_tiny). A sample is a string or a [prompt, completion] pair; SFT trains on completion
@@ -126,6 +136,8 @@ def train(model_path: Optional[str] = None, reward_fn: Optional[Callable] = None
     the padding is masked out of generation, the experience forwards and the updates; the reward
     function sees each prompt without padding. Each must fit in ``model.seq_length`` minus
     ``generation.max_new_tokens``.
+    ``algorithm`` picks the online-RL preset for a ``reward_fn`` when no ``config`` is given:
+    "ppo" (ppo_tiny), "grpo" (grpo_tiny), "rloo" (rloo_tiny).
     ``model_path``: a Hugging Face directory or .nemo file brings its architecture and tokenizer
     (:func:`checkpoint_model_config`); a nemo_rlhf checkpoint must match ``config.model``."""
     import dataclasses
@@ -139,12 +151,7 @@ def train(model_path: Optional[str] = None, reward_fn: Optional[Callable] = None
         raise ValueError("rewards need samples (one reward per sample)")
     # trlX's convention: reward_fn -> PPO; samples + rewards -> ILQL; samples alone -> SFT;
     # nothing -> whatever the config says (sft_tiny without one)
-    given = {"reward_fn": reward_fn, "rewards": rewards, "samples": samples}
-    algorithm = next((name for key, name in INPUT_ALGORITHMS if given[key] is not None), None)
-    if config is None:
-        config = DEFAULT_CONFIGS.get(algorithm, default_sft_config)()
-    if algorithm is not None and config.algorithm.name != algorithm:
-        config = with_algorithm(config, algorithm)
+    config = choose_config({"reward_fn": reward_fn, "rewards": rewards, "samples": samples}, config, algorithm)
     if model_path is not None:
         config = dataclasses.replace(config, model=checkpoint_model_config(config.model, model_path))
     run_dir = run_dir or f"runs/api_{config.algorithm.name}/{time.strftime('%Y-%m-%d_%H-%M-%S')}"
@@ -153,6 +160,29 @@ def train(model_path: Optional[str] = None, reward_fn: Optional[Callable] = None
     return Trainer(summary, ctx)
 
 
+def choose_config(given, config: Optional[RunConfig], preset: Optional[str]) -> RunConfig:
+    """train()'s config: ``config``, or the preset ``algorithm=`` names, or the one the inputs
+    pick (trlX's convention: reward_fn -> PPO; samples + rewards -> ILQL; samples alone -> SFT;
+    nothing -> sft_tiny), with its algorithm set to the one the inputs pick."""
+    algorithm = next((name for key, name in INPUT_ALGORITHMS if given[key] is not None), None)
+    if preset is not None:
+        if preset not in ONLINE_PRESETS:
+            raise ValueError(f"algorithm={preset!r}: the online-RL algorithms are {', '.join(ONLINE_PRESETS)}")
+        if given["reward_fn"] is None:
+            raise ValueError(f"algorithm={preset!r} is online RL: give a reward_fn")
+        if config is not None:
+            raise ValueError(f"give either algorithm={preset!r} or config= (e.g. nemo_rlhf.default_{preset}_config("
+                             f"'trainer.max_steps=10')), not both")
+        config = ONLINE_PRESETS[preset]()
+    if config is None:
+        config = DEFAULT_CONFIGS.get(algorithm, default_sft_config)()
+    if algorithm is not None and config.algorithm.name != algorithm:
+        config = with_algorithm(config, algorithm)
+    return config
+
+
 INPUT_ALGORITHMS = (("reward_fn", "ppo"), ("rewards", "ilql"), ("samples", "sft"))
 """trlX's convention, first match wins: which input picks which algorithm."""
 DEFAULT_CONFIGS = {"ppo": default_ppo_config, "ilql": default_ilql_config, "sft": default_sft_config}
+ONLINE_PRESETS = {"ppo": default_ppo_config, "grpo": default_grpo_config, "rloo": default_rloo_config}
+"""train(algorithm=...): the online-RL loop's presets (the config block is ppo: for all of them)."""

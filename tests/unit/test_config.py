@@ -161,3 +161,20 @@ def test_cli_names_a_renamed_key(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "ppo.sft_steps was renamed: use ppo.sft_warmup.steps" in proc.stderr
     assert not (tmp_path / "a").exists()
+
+
+def test_api_algorithm_names_an_online_rl_preset():
+    from nemo_rlhf.api import choose_config
+
+    f = lambda samples, prompts, completions: [0.0] * len(samples)
+    given = {"reward_fn": f, "rewards": None, "samples": None}
+    for name, estimator, critic in (("grpo", "grpo", "none"), ("rloo", "rloo", "none"), ("ppo", "gae", "separate")):
+        cfg = choose_config(given, None, name)
+        assert cfg.algorithm.name == "ppo" and (cfg.ppo.advantage_estimator, cfg.ppo.critic) == (estimator, critic)
+    assert choose_config(given, None, None).ppo.advantage_estimator == "gae"
+    with pytest.raises(ValueError, match="the online-RL algorithms are ppo, grpo, rloo"):
+        choose_config(given, None, "dapo")
+    with pytest.raises(ValueError, match="algorithm='grpo' is online RL: give a reward_fn"):
+        choose_config({"reward_fn": None, "rewards": None, "samples": ["ab"]}, None, "grpo")
+    with pytest.raises(ValueError, match="default_grpo_config"):
+        choose_config(given, choose_config(given, None, "grpo"), "grpo")
