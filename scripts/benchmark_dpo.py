@@ -44,6 +44,8 @@ def parse_args():
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--full-width", action="store_true",
+                   help="ours without dynamic padding (every batch at model.seq_length), for the before/after figure")
     return p.parse_args()
 
 
@@ -80,6 +82,7 @@ def run_ours(args, tok, dataset, model_cfg, optim, dpo_cfg, parallel, hf_dir):
     from nemo_rlhf.modules.engine import MegatronEngine
 
     engine = MegatronEngine(model_cfg, parallel, optim, tok.vocab_size, args.steps)
+    engine.trim_padding = not args.full_width
     export_hf(hf_dir, engine.chunks, model_cfg, tok.vocab_size, tokenizer=tok)
     reference = MegatronEngine(model_cfg, parallel, optim, tok.vocab_size, args.steps).module.eval()
     reference.load_state_dict(engine.module.state_dict())
