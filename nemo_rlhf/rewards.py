@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 import math
-from typing import Callable, List, Sequence
+from typing import Callable, Dict, List, Sequence
 
 
 from nemo_rlhf.errors import RewardFunctionError  # noqa: F401  (re-exported)
@@ -59,6 +59,35 @@ def score(fn: Callable, samples: Sequence[str], prompts: Sequence[str], completi
         if not math.isfinite(x):
             raise RewardFunctionError(f"reward function {_name(fn)} returned {x} for sample {i} ({samples[i]!r})")
     return out
+
+
+class WeightedRewards:
+    """Several reward functions as one (``ppo.reward_fns`` + ``ppo.reward_weights``): the score of a
+    sample is sum_i w_i * f_i(sample). Each function is checked on its own (an error names it);
+    ``last`` keeps each one's scores of the latest call, for logging."""
+
+    def __init__(self, named_fns: Sequence[tuple]):
+        """``named_fns``: (name, function, weight) triples."""
+        if not named_fns:
+            raise RewardFunctionError("WeightedRewards needs at least one reward function")
+        self.named_fns = list(named_fns)
+        self.last: Dict[str, List[float]] = {}
+        self.__qualname__ = " + ".join(f"{w:g} * {name}" for name, _, w in self.named_fns)
+
+    def __call__(self, samples, prompts, completions) -> List[float]:
+        self.last = {name: score(fn, samples, prompts, completions) for name, fn, _ in self.named_fns}
+        return [sum(w * self.last[name][i] for name, _, w in self.named_fns) for i in range(len(samples))]
+
+
+def weighted_rewards(specs: Sequence[str], weights: Sequence[float], task=None) -> WeightedRewards:
+    """``ppo.reward_fns`` (each as ``reward_fn`` takes it) with ``ppo.reward_weights`` (default 1 each)."""
+    weights = list(weights) or [1.0] * len(specs)
+    if len(weights) != len(specs):
+        raise RewardFunctionError(f"ppo.reward_weights has {len(weights)} weights for {len(specs)} ppo.reward_fns")
+    names = [spec.rpartition(":")[2] if isinstance(spec, str) else _name(spec) for spec in specs]
+    if len(set(names)) != len(names):
+        names = [f"{n}_{i}" for i, n in enumerate(names)]
+    return WeightedRewards([(n, resolve_reward_fn(spec, task), float(w)) for n, spec, w in zip(names, specs, weights)])
 
 
 class RewardModelScorer:

@@ -180,7 +180,7 @@ class PPOModule(TrainingSystem):
         rollout = timed("experience", self.make_experience, tokens, mask, scores, pad, groups)
         stats = timed("training", self.update, rollout)
         self.step += 1
-        stats.update(self.rollout_stats(rollout), **timings)
+        stats.update(self.rollout_stats(rollout), **self.reward_component_means(), **timings)
         stats["kl_coef"] = self.kl_ctl.value
         self.kl_ctl.update(stats["kl"], n_steps=self.ppo.num_rollouts)
         end_of_step(self, stats, prog_bar=("reward_mean", "kl"))
@@ -277,6 +277,15 @@ class PPOModule(TrainingSystem):
 
     def _dp_sum(self, values: List[float]) -> List[float]:
         return all_reduce_sum(torch.tensor(values, dtype=torch.float64), self._dp_group()).tolist()
+
+    def reward_component_means(self) -> Dict[str, float]:
+        """reward/<name>: the mean of each of several weighted reward functions (ppo.reward_fns)."""
+        last = getattr(self.reward_fn, "last", None)
+        if not last:
+            return {}
+        names = sorted(last)
+        sums = self._dp_sum([float(sum(last[n])) for n in names] + [float(len(last[names[0]]))])
+        return {f"reward/{n}": v / max(sums[-1], 1.0) for n, v in zip(names, sums[:-1])}
 
     def rollout_stats(self, r: Rollout) -> Dict[str, float]:
         """Rollout metrics averaged over all data-parallel ranks."""

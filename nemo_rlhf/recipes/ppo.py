@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
@@ -17,7 +17,7 @@ from nemo_rlhf.config.schema import RunConfig, SFTWarmupConfig
 from nemo_rlhf.generation.sampling import SamplingParams, generate, left_pad
 from nemo_rlhf.modules.ppo import CRITICS, PPOModule
 from nemo_rlhf.recipes.common import Job, RunContext, encode_prompts, file_examples
-from nemo_rlhf.rewards import RewardModelScorer, resolve_reward_fn, score
+from nemo_rlhf.rewards import RewardModelScorer, resolve_reward_fn, score, weighted_rewards
 
 
 @dataclass
@@ -76,6 +76,11 @@ class PPOConfig:
     reward_fn: str = "randomwalks"
     """randomwalks (the task's optimality) | 'package.module:function' called as
     fn(samples, prompts=..., completions=...) -> list of floats."""
+    reward_fns: List[str] = field(default_factory=list)
+    """Several reward functions (each as reward_fn takes it), summed with reward_weights; each
+    one's mean is logged as reward/<function name>. Non-empty: replaces reward_fn."""
+    reward_weights: List[float] = field(default_factory=list)
+    """One weight per reward_fns entry; empty = 1 each."""
     reward_model: Optional[str] = None
     """A checkpoint of a GPT with a scalar head (value_head) to score samples instead of reward_fn
     (score = the head's output at the last token)."""
@@ -110,6 +115,8 @@ class PPOConfig:
         _require(self.loss_aggregation in LOSS_AGGREGATIONS,
                  f"ppo.loss_aggregation must be {'|'.join(LOSS_AGGREGATIONS)}, got {self.loss_aggregation!r}")
         _require(self.kl_loss_coef >= 0, f"ppo.kl_loss_coef must be >= 0, got {self.kl_loss_coef}")
+        _require(not self.reward_weights or len(self.reward_weights) == len(self.reward_fns),
+                 f"ppo.reward_weights has {len(self.reward_weights)} weights for {len(self.reward_fns)} ppo.reward_fns")
         _require(self.cliprange_high is None or self.cliprange_high > 0, "ppo.cliprange_high must be null or > 0")
         _require(self.scale_reward in ("none", "running"),
                  f"ppo.scale_reward must be none|running, got {self.scale_reward!r}")
@@ -136,6 +143,8 @@ def prepare(ctx: RunContext, rcfg: RunConfig, block: PPOConfig, reward_fn=None, 
     """Prompts (strings of any token lengths) and the reward function, checked before any training."""
     if block.reward_model is not None and reward_fn is None:
         reward_fn = RewardModelScorer(block.reward_model, rcfg.model, rcfg.parallel, ctx.tokenizer)
+    if reward_fn is None and block.reward_fns:
+        reward_fn = weighted_rewards(block.reward_fns, block.reward_weights, ctx.task)
     reward_fn = resolve_reward_fn(reward_fn if reward_fn is not None else block.reward_fn, ctx.task)
     room = rcfg.model.seq_length - (rcfg.generation.max_new_tokens or rcfg.task.max_length)
     prompt_ids, extra = (None, {}) if prompts is not None else file_examples(

@@ -48,6 +48,16 @@ def test_grpo_and_rloo_raise_optimality_without_a_critic(tmp_path):
     assert s["initial"]["optimality"] == init["optimality"]                # the same start
     assert s["final"]["optimality"] >= 0.9 and s["final"]["valid_rate"] >= 0.95
 
+    # two weighted reward functions: their weighted sum is the reward, each one's mean is logged
+    both = tmp_path / "both"
+    _ok(train([f"hydra.run.dir={both}", "trainer.progress_bar=false", "trainer.max_steps=2",
+               "trainer.eval_every_n_steps=0", f"model.path={grpo / 'sft' / 'checkpoints' / 'step_0001000'}",
+               'ppo.reward_fns=[randomwalks,"tests.helpers.rewards:length_reward"]', "ppo.reward_weights=[1.0,-0.05]"],
+              config="grpo_tiny"))
+    for r in _train_rows(both):
+        assert r["reward_mean"] == pytest.approx(r["reward/randomwalks"] - 0.05 * r["reward/length_reward"], abs=1e-6)
+        assert r["reward/length_reward"] > 1.0
+
 
 def test_critic_free_configs_refuse_a_critic_or_a_single_sample(tmp_path):
     proc = train([f"hydra.run.dir={tmp_path / 'a'}", "ppo.num_generations=1", "ppo.num_rollouts=16"], config="grpo_tiny")

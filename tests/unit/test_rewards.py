@@ -42,3 +42,22 @@ def test_randomwalks_reward_is_optimality():
     text = task.walk_text(walk)
     assert task.reward_fn([text])[0] == pytest.approx(task.walk_optimality(walk))
     assert task.reward_fn(["", "?"]) == [0.0, 0.0]
+
+
+def test_weighted_reward_functions_sum_and_each_is_kept_and_checked():
+    from nemo_rlhf.rewards import weighted_rewards
+
+    task = RandomWalks()
+    fn = weighted_rewards(["randomwalks", "tests.helpers.rewards:length_reward"], [1.0, 0.5], task)
+    samples = [task.walk_text(w) for w in task.walks[:3]]
+    prompts, completions = [s[:1] for s in samples], [s[1:] for s in samples]
+    out = score(fn, samples, prompts, completions)
+    opt = task.reward_fn(samples, prompts=prompts, completions=completions)
+    length = R.length_reward(samples, prompts, completions)
+    assert out == pytest.approx([a + 0.5 * b for a, b in zip(opt, length)])
+    assert fn.last == {"randomwalks": pytest.approx(opt), "length_reward": pytest.approx(length)}
+    bad = weighted_rewards(["randomwalks", "tests.helpers.rewards:returns_nan"], [], task)
+    with pytest.raises(RewardFunctionError, match="reward function returns_nan returned nan"):
+        bad(samples * 2, prompts * 2, completions * 2)
+    with pytest.raises(RewardFunctionError, match="ppo.reward_weights has 1 weights for 2 ppo.reward_fns"):
+        weighted_rewards(["randomwalks", "tests.helpers.rewards:length_reward"], [1.0], task)
