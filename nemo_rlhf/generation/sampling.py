@@ -20,7 +20,7 @@ from nemo_rlhf.generation.decoding import (  # noqa: F401  (SamplingParams, Gene
     GenerationOutput, SamplingParams, filter_logits, sample_step,
 )
 from nemo_rlhf.generation.seq2seq import generate_seq2seq
-from nemo_rlhf.models.gpt import gpt_forward
+from nemo_rlhf.generation.pipeline import check_pipeline_layout, is_last_stage, pipeline_size, share_step, stage_forward
 from nemo_rlhf.models.t5 import is_t5
 
 
@@ -55,7 +55,8 @@ def generate(model: torch.nn.Module, prompts: torch.Tensor, params: SamplingPara
     ``padding_side`` when ``prompt_lengths`` is given (right-padded prompts are re-aligned to the
     left-padded layout, which the returned ``tokens`` use).
 
-    ``model`` is an unwrapped megatron GPTModel (pipeline_model_parallel_size must be 1);
+    ``model`` is an unwrapped megatron GPTModel, or this rank's pipeline stage of one (the stages
+    pass hidden states on, generation/pipeline.py; no virtual stages);
     ``vocab_size`` masks the padded tail of the vocabulary (never sampled); ``decode`` (ids ->
     str) is needed for ``params.stop_strings``; ``logits_processor(logits [B, V], hidden [S, B, H])
     -> logits`` runs right after each forward, with that forward's final hidden states (e.g. ILQL's
@@ -72,9 +73,8 @@ def generate(model: torch.nn.Module, prompts: torch.Tensor, params: SamplingPara
         shift = prompts.shape[1] - prompt_lengths.to(prompts.device)
         idx = (torch.arange(prompts.shape[1], device=prompts.device)[None, :] - shift[:, None]) % prompts.shape[1]
         prompts = prompts.gather(1, idx)
-    if ps.model_parallel_is_initialized() and ps.get_pipeline_model_parallel_world_size() > 1:
-        raise NotImplementedError("generation needs pipeline_model_parallel_size=1: reshard the "
-                                  "checkpoint to PP=1 for sampling")
+    check_pipeline_layout()
+    last_stage, pipelined = is_last_stage(), pipeline_size() > 1
     was_training = model.training
     model.eval()
     device = prompts.device
@@ -121,9 +121,9 @@ def generate(model: torch.nn.Module, prompts: torch.Tensor, params: SamplingPara
                 if pad is not None:
                     pos = pos - pad[:, None]
                     mask = (torch.arange(cur, device=device)[None, :] < pad[:, None])[:, None, None, :]
-            out, hidden = gpt_forward(model, ids, pos, mask, inference_context=ctx, runtime_gather_output=True)
+            out, hidden = stage_forward(model, ids, pos, mask, inference_context=ctx)
             ctx.sequence_len_offset += ids.shape[1]
-            return out[:, -1].float(), hidden
+            return (None if out is None else out[:, -1].float()), hidden
         length = cur if not sequence_parallel else ((cur + tp - 1) // tp) * tp
         ids = tokens[:, :length] if length <= tokens.shape[1] else torch.nn.functional.pad(
             tokens, (0, length - tokens.shape[1]), value=params.pad_id)
@@ -131,14 +131,17 @@ def generate(model: torch.nn.Module, prompts: torch.Tensor, params: SamplingPara
         mask = None
         if pad is not None:
             mask, pos = padded_attention(pad, length)
-        out, hidden = gpt_forward(model, ids, pos, mask, runtime_gather_output=True)
-        return out[:, cur - 1].float(), hidden
+        out, hidden = stage_forward(model, ids, pos, mask)
+        return (None if out is None else out[:, cur - 1].float()), hidden
 
     try:
         for step in range(n):
             logits, hidden = next_logits(step)
-            choice, done = sample_step(logits, step, p, done, tokens, logprobs, mask, params, vocab_size,
-                                       logits_processor, generator, decode, hidden=hidden)
+            if last_stage:   # (with PP > 1, the last stage chooses and the others get its choice)
+                _, done = sample_step(logits, step, p, done, tokens, logprobs, mask, params, vocab_size,
+                                      logits_processor, generator, decode, hidden=hidden)
+            if pipelined:
+                done = share_step(step, p, tokens, logprobs, mask, done)
             if bool(done.all()):
                 break
     finally:

@@ -35,11 +35,12 @@ class RunContext:
     """Where the last stage wrote summary.json (run_dir, or its restart-<time> subdir with resume=never)."""
 
     def evaluate_fn(self, engine, step: int) -> Dict[str, Any]:
-        """Task metrics of the policy in ``engine`` (sampling needs PP=1: {} otherwise)."""
+        """Task metrics of the policy in ``engine`` (at PP > 1 sampled across the pipeline stages;
+        with virtual stages, which the sampler does not run, {})."""
         from nemo_rlhf.evaluation import evaluate_randomwalks
 
         rcfg, gen = self.rcfg, self.rcfg.generation
-        if rcfg.parallel.pipeline_model_parallel_size > 1:
+        if rcfg.parallel.virtual_pipeline_model_parallel_size:
             return {}
         return evaluate_randomwalks(engine.module, self.task, self.tokenizer, rcfg.task.eval_samples_per_start,
                                     seed=rcfg.trainer.seed + step, temperature=gen.temperature,

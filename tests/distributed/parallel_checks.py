@@ -198,6 +198,16 @@ def greedy_nocache(engine, tok):
     return greedy(engine, tok, use_kv_cache=False)
 
 
+def greedy_ragged(engine, tok, use_kv_cache=True):
+    """Greedy decoding of left-padded prompts of three lengths (padding masked, positions per prompt)."""
+    from nemo_rlhf.generation.sampling import SamplingParams, generate, left_pad
+
+    ids, lengths = left_pad([[tok.ids[c] for c in text] for text in ("b", "cde", "fg", "hijk")], tok.pad_id)
+    return generate(engine.module, ids, SamplingParams(max_new_tokens=7, greedy=True, eos_id=tok.eos_id,
+                                                       pad_id=tok.pad_id, use_kv_cache=use_kv_cache),
+                    vocab_size=tok.vocab_size, prompt_lengths=lengths)
+
+
 def main(out_path):
     init_distributed()
     rank = dist.get_rank()
@@ -397,8 +407,25 @@ def main(out_path):
         load_reference_weights(engine, ref["params"])
         out = greedy(engine, tok)
         nocache = greedy_nocache(engine, tok)
+        ragged = greedy_ragged(engine, tok)
         return {"tokens": out.tokens.tolist(), "logprobs": out.logprobs.tolist(),
-                "nocache_tokens": nocache.tokens.tolist()}
+                "nocache_tokens": nocache.tokens.tolist(), "ragged_tokens": ragged.tokens.tolist(),
+                "ragged_logprobs": ragged.logprobs.tolist()}
+
+    def gen_pp2():
+        """Greedy decoding across two pipeline stages (KV cache per stage, hidden states sent on,
+        the last stage's choice broadcast), on the single-process weights; every rank's sequences."""
+        parallel = ParallelConfig(pipeline_model_parallel_size=2)
+        initialize_model_parallel(parallel, seed=7)
+        engine = engine_for(parallel, vocab)
+        load_reference_weights(engine, ref["params"])
+        mine = {"tokens": greedy(engine, tok).tokens.tolist(), "logprobs": greedy(engine, tok).logprobs.tolist(),
+                "nocache_tokens": greedy_nocache(engine, tok).tokens.tolist(),
+                "ragged_tokens": greedy_ragged(engine, tok).tokens.tolist(),
+                "ragged_logprobs": greedy_ragged(engine, tok).logprobs.tolist()}
+        every = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(every, mine)
+        return {"ranks": every}
 
     check("tp2", tp2)
     check("tp2_logits", tp2_logits)
@@ -587,6 +614,7 @@ def main(out_path):
     check("ilql_tp2", lambda: ilql_tp(2))
     check("gen_tp1", lambda: gen(1))
     check("gen_tp2", lambda: gen(2))
+    check("gen_pp2", gen_pp2)
     from tests.distributed.hf_checks import hf_checks   # HF import/export at TP=2 and PP=2
 
     for name, fn in hf_checks(str(out_path) + ".hf"):

@@ -121,6 +121,20 @@ def test_generation_tp2_equals_tp1_and_kv_cache_equals_no_cache(results):
     assert diff < 1e-5
 
 
+def test_generation_across_two_pipeline_stages_equals_pp1_on_every_rank(results):
+    """PP=2: each stage runs its layers with its own KV cache, the last stage chooses; both ranks
+    hold the PP=1 sequences token for token (also for left-padded prompts of several lengths)."""
+    base, r = _ok(results, "gen_tp1"), _ok(results, "gen_pp2")
+    assert len(r["ranks"]) == 2
+    for rank in r["ranks"]:
+        assert rank["tokens"] == base["tokens"] == rank["nocache_tokens"]
+        assert rank["ragged_tokens"] == base["ragged_tokens"]
+        for key in ("logprobs", "ragged_logprobs"):
+            diff = max(abs(a - b) for ra, rb in zip(rank[key], base[key]) for a, b in zip(ra, rb))
+            assert diff < 1e-5, (key, diff)
+    assert any(t != 0 for row in base["ragged_tokens"] for t in row[4:])     # something was generated
+
+
 @pytest.mark.parametrize("name", ["ppo_tp2", "ppo_tp2_sp"])
 def test_ppo_actor_step_tp2_equals_tp1(results, name):
     """Clipped policy loss + clipped value loss on a value head, same rollout batch."""

@@ -1,0 +1,76 @@
+"""Decoding across pipeline stages (PP > 1, no virtual stages).
+
+One forward of the sampler runs the stages in order: the first embeds the tokens, each stage runs
+its layers (with its own KV cache) and sends its hidden states [S, B, H] to the next, and the last
+one computes the logits. The last stage chooses the next token; the step's token, log-prob, mask
+and finished flags are then broadcast to every stage of the pipeline, so every rank holds the same
+sequences (the reward function and the experience pass read them on all ranks).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from nemo_rlhf.models.gpt import gpt_forward
+
+
+def pipeline_size() -> int:
+    from megatron.core import parallel_state as ps
+
+    return ps.get_pipeline_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
+
+
+def check_pipeline_layout() -> None:
+    from megatron.core import parallel_state as ps
+
+    if pipeline_size() > 1 and (ps.get_virtual_pipeline_model_parallel_world_size() or 1) > 1:
+        raise NotImplementedError("generation at parallel.virtual_pipeline_model_parallel_size > 1 is not "
+                                  "supported: reshard the checkpoint to a layout without virtual stages")
+
+
+def is_last_stage() -> bool:
+    from megatron.core import parallel_state as ps
+
+    return pipeline_size() == 1 or ps.is_pipeline_last_stage(ignore_virtual=True)
+
+
+def stage_forward(model, ids: torch.Tensor, pos: torch.Tensor, mask: Optional[torch.Tensor],
+                  inference_context=None) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(logits [B, S, V], final hidden [S, B, H]) on the last stage; (None, None) on the others,
+    after they ran their layers and passed the hidden states on."""
+    if pipeline_size() == 1:
+        return gpt_forward(model, ids, pos, mask, inference_context=inference_context, runtime_gather_output=True)
+    from megatron.core import parallel_state as ps
+
+    config = model.config
+    b, s = ids.shape
+    if not ps.is_pipeline_first_stage(ignore_virtual=True):
+        tp = ps.get_tensor_model_parallel_world_size()
+        rows = s // tp if config.sequence_parallel else s
+        dtype = torch.bfloat16 if config.bf16 else torch.float16 if config.fp16 else torch.float32
+        received = torch.empty((rows, b, config.hidden_size), dtype=dtype, device=ids.device)
+        dist.recv(received, src=ps.get_pipeline_model_parallel_prev_rank())
+        model.set_input_tensor(received)
+    out, hidden = gpt_forward(model, ids, pos, mask, inference_context=inference_context, runtime_gather_output=True)
+    if not ps.is_pipeline_last_stage(ignore_virtual=True):
+        dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
+        return None, None
+    return out, hidden
+
+
+def share_step(step: int, prompt_length: int, tokens: torch.Tensor, logprobs: torch.Tensor, mask: torch.Tensor,
+               done: torch.Tensor) -> torch.Tensor:
+    """The last stage's step ``step`` (its token, log-prob, mask and the finished flags) on every
+    stage of the pipeline; returns ``done``."""
+    from megatron.core import parallel_state as ps
+
+    src, group = ps.get_pipeline_model_parallel_last_rank(), ps.get_pipeline_model_parallel_group()
+    column = prompt_length + step
+    shared = [tokens[:, column].contiguous(), logprobs[:, step].contiguous(), mask[:, step].contiguous(),
+              done.to(torch.uint8)]
+    for t in shared:
+        dist.broadcast(t, src=src, group=group)
+    tokens[:, column], logprobs[:, step], mask[:, step] = shared[0], shared[1], shared[2]
+    return shared[3].bool()
