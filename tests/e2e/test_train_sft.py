@@ -130,3 +130,23 @@ def test_two_rank_training_matches_single_process(tmp_path, layout):
         proc = launch(cut, "resume=auto")
         assert f"at step {steps // 2}" in proc.stderr + proc.stdout
         assert _losses(cut) == b                              # the same losses, none repeated or missing
+
+
+@pytest.mark.distributed
+def test_pp2_run_evaluates_like_the_single_process_run(tmp_path):
+    """PP=2 without virtual stages: the task evaluation samples across the two stages and reports
+    what the single-process run reports (both start from one Hugging Face model)."""
+    common = ["trainer.max_steps=10", "trainer.eval_every_n_steps=0", "trainer.checkpoint_every_n_steps=0",
+              "trainer.progress_bar=false", "task.eval_samples_per_start=4",
+              f"model.path={_hf_gpt2(tmp_path / 'hf', num_layers=2)}"]
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    _ok(train([f"hydra.run.dir={single}", *common]))
+    _ok(torchrun(["-m", "nemo_rlhf.train", "--config-name", "sft_tiny", f"hydra.run.dir={multi}", *common,
+                  "parallel=pp2"]))
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (single, multi))
+    assert b["layout"]["pp"] == 2
+    for stage in ("initial", "final"):
+        for key in ("optimality_greedy", "valid_rate_greedy", "length_greedy"):
+            assert b[stage][key] == a[stage][key], (stage, key)
+        for key in ("optimality", "valid_rate"):
+            assert abs(b[stage][key] - a[stage][key]) < 0.02, (stage, key)
