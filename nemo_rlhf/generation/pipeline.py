@@ -1,10 +1,12 @@
-"""Decoding across pipeline stages (PP > 1, no virtual stages).
+"""Decoding and forward-only passes across pipeline stages (PP > 1, no virtual stages).
 
 One forward of the sampler runs the stages in order: the first embeds the tokens, each stage runs
 its layers (with its own KV cache) and sends its hidden states [S, B, H] to the next, and the last
 one computes the logits. The last stage chooses the next token; the step's token, log-prob, mask
 and finished flags are then broadcast to every stage of the pipeline, so every rank holds the same
-sequences (the reward function and the experience pass read them on all ranks).
+sequences (the reward function and the experience pass read them on all ranks). A forward-only
+pass outside megatron's schedule (the experience pass of the online-RL loop) goes the same way and
+the last stage's result is broadcast with :func:`from_last_stage`.
 """
 from __future__ import annotations
 
@@ -37,11 +39,14 @@ def is_last_stage() -> bool:
 
 
 def stage_forward(model, ids: torch.Tensor, pos: torch.Tensor, mask: Optional[torch.Tensor],
-                  inference_context=None) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """(logits [B, S, V], final hidden [S, B, H]) on the last stage; (None, None) on the others,
-    after they ran their layers and passed the hidden states on."""
+                  inference_context=None, labels: Optional[torch.Tensor] = None
+                  ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(logits [B, S, V] -- or the per-token NLL [B, S] of ``labels`` --, final hidden [S, B, H]) on
+    the last stage; (None, None) on the others, after they ran their layers and passed the hidden
+    states on."""
     if pipeline_size() == 1:
-        return gpt_forward(model, ids, pos, mask, inference_context=inference_context, runtime_gather_output=True)
+        return gpt_forward(model, ids, pos, mask, labels=labels, inference_context=inference_context,
+                           runtime_gather_output=True)
     from megatron.core import parallel_state as ps
 
     config = model.config
@@ -53,7 +58,8 @@ def stage_forward(model, ids: torch.Tensor, pos: torch.Tensor, mask: Optional[to
         received = torch.empty((rows, b, config.hidden_size), dtype=dtype, device=ids.device)
         dist.recv(received, src=ps.get_pipeline_model_parallel_prev_rank())
         model.set_input_tensor(received)
-    out, hidden = gpt_forward(model, ids, pos, mask, inference_context=inference_context, runtime_gather_output=True)
+    out, hidden = gpt_forward(model, ids, pos, mask, labels=labels, inference_context=inference_context,
+                              runtime_gather_output=True)
     if not ps.is_pipeline_last_stage(ignore_virtual=True):
         dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
         return None, None
@@ -74,3 +80,14 @@ def share_step(step: int, prompt_length: int, tokens: torch.Tensor, logprobs: to
         dist.broadcast(t, src=src, group=group)
     tokens[:, column], logprobs[:, step], mask[:, step] = shared[0], shared[1], shared[2]
     return shared[3].bool()
+
+
+def from_last_stage(value: Optional[torch.Tensor], shape, dtype=torch.float32, device=None) -> torch.Tensor:
+    """The last pipeline stage's ``value`` (``shape``, ``dtype``) on every stage of the pipeline."""
+    if pipeline_size() == 1:
+        return value
+    from megatron.core import parallel_state as ps
+
+    buf = value.to(dtype).contiguous() if value is not None else torch.empty(shape, dtype=dtype, device=device)
+    dist.broadcast(buf, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
+    return buf

@@ -236,6 +236,21 @@ def lm_forward_with_states(model: torch.nn.Module, tokens: torch.Tensor, labels:
     return (nll if labels is not None else None), DecoderStates(hidden)
 
 
+def lm_nll_across_stages(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor,
+                         pad: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token NLL [B, S] of ``labels`` on every rank, outside megatron's schedule: with PP > 1 the
+    stages run in turn (hidden states sent on) and the last stage's NLL is broadcast to the others.
+    GPT only; the experience pass of the online-RL loop at PP > 1."""
+    from nemo_rlhf.generation.pipeline import from_last_stage, stage_forward
+
+    attention_mask = None
+    position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+    if pad is not None and bool((pad > 0).any()):
+        attention_mask, position_ids = padded_attention(pad.to(tokens.device), tokens.shape[1])
+    nll, _ = stage_forward(unwrap(model), tokens, position_ids, attention_mask, labels=labels)
+    return from_last_stage(None if nll is None else nll.float(), tuple(tokens.shape), device=tokens.device)
+
+
 def lm_forward(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor,
                completion_mask: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token NLL [B, S] of ``labels`` (arguments as :func:`lm_forward_with_states`)."""

@@ -29,7 +29,8 @@ from nemo_rlhf.logging import get_logger
 from nemo_rlhf.models.gpt import unwrap
 from nemo_rlhf.models.heads import attach_value_head, value_head_output
 from nemo_rlhf.modules.critics import CRITICS, stats_report  # noqa: F401  (CRITICS: the ppo.critic table)
-from nemo_rlhf.modules.engine import MegatronEngine, build_chunks, lm_forward, lm_forward_with_states
+from nemo_rlhf.modules.engine import (MegatronEngine, build_chunks, lm_forward, lm_forward_with_states,
+                                      lm_nll_across_stages)
 from nemo_rlhf.modules.loop import dp_loader, end_of_step, record_eval, save_engine, TrainingSystem
 from nemo_rlhf.modules.run_dir import RunDirectory
 from nemo_rlhf.parallel.reductions import all_reduce_sum, data_parallel_group, dp_moments, dp_whiten
@@ -145,6 +146,7 @@ class PPOModule(TrainingSystem):
         for p in self.reference.parameters():
             p.requires_grad_(False)
         self.models = torch.nn.ModuleList(self.actor.chunks + self.critic.chunks)
+        self.pipelined = cfg.parallel.pipeline_model_parallel_size > 1
         self.kl_ctl = make_kl_controller(self.ppo.init_kl_coef, self.ppo.target_kl, self.ppo.kl_horizon)
         self.reward_moments: Moments = INITIAL_MOMENTS   # running moments of the scores (scale_reward=running)
 
@@ -226,10 +228,15 @@ class PPOModule(TrainingSystem):
             scores = scores / moments_std(self.reward_moments)
         policy = self.actor.module
         policy.eval()
-        nll, states = lm_forward_with_states(policy, inputs, labels, mask, pad)
-        logprobs = -nll.float()
-        values = self.critic.values(states, inputs, mask, pad)
-        ref_logprobs = -lm_forward(self.reference, inputs, labels, mask, pad).float()
+        if self.pipelined:   # critic-free at PP > 1: the stages run in turn, every rank gets the NLL
+            logprobs = -lm_nll_across_stages(policy, inputs, labels, pad)
+            ref_logprobs = -lm_nll_across_stages(self.reference, inputs, labels, pad)
+            values = None
+        else:
+            nll, states = lm_forward_with_states(policy, inputs, labels, mask, pad)
+            logprobs = -nll.float()
+            values = self.critic.values(states, inputs, mask, pad)
+            ref_logprobs = -lm_forward(self.reference, inputs, labels, mask, pad).float()
         logprobs, ref_logprobs = logprobs * mask, ref_logprobs * mask
         values = None if values is None else values * mask
         rewards, _ = kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, self.kl_ctl.value)

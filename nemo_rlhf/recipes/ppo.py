@@ -138,6 +138,23 @@ class PPOData:
     summary: dict
 
 
+def layout_problem(rcfg: RunConfig) -> Optional[str]:
+    """At PP > 1 the loop runs critic-free (generation and the experience pass go across the
+    stages; value heads on a pipeline are not supported yet), without virtual stages or a reward model."""
+    p, block = rcfg.parallel, rcfg.ppo
+    if p.pipeline_model_parallel_size == 1:
+        return None
+    if block.critic != "none":
+        return (f"ppo.critic={block.critic} needs parallel.pipeline_model_parallel_size=1 (value heads on a "
+                f"pipeline are not supported yet); the critic-free estimators (ppo.critic=none with "
+                f"advantage_estimator=grpo|rloo|reinforce++) run at PP > 1")
+    if p.virtual_pipeline_model_parallel_size:
+        return "rollouts need parallel.virtual_pipeline_model_parallel_size=null (no virtual stages)"
+    if block.reward_model is not None:
+        return "ppo.reward_model needs parallel.pipeline_model_parallel_size=1 (use a reward_fn)"
+    return None
+
+
 def prepare(ctx: RunContext, rcfg: RunConfig, block: PPOConfig, reward_fn=None, prompts=None,
             eval_prompts=None) -> PPOData:
     """Prompts (strings of any token lengths) and the reward function, checked before any training."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -37,6 +37,8 @@ class Recipe:
     t5: bool = True
     why_not: str = ""
     """Why a layout / architecture above is refused (shown in the error)."""
+    layout_problem: Optional[Callable[[Any], Optional[str]]] = None
+    """(run config) -> why its layout is refused, or None: checks finer than the flags above."""
 
     def config_block(self, rcfg) -> Any:
         return getattr(rcfg, self.block) if self.block else None
@@ -44,8 +46,7 @@ class Recipe:
 
 RECIPES: Dict[str, Recipe] = {r.name: r for r in (
     Recipe("sft", sft, inputs=("samples",)),
-    Recipe("ppo", ppo, "ppo", inputs=("reward_fn", "prompts", "eval_prompts"), pipeline_parallel=False,
-           why_not="rollout generation and value heads run on a single pipeline stage"),
+    Recipe("ppo", ppo, "ppo", inputs=("reward_fn", "prompts", "eval_prompts"), layout_problem=ppo.layout_problem),
     Recipe("ilql", ilql, "ilql", inputs=("samples", "rewards"), pipeline_parallel=False, sequence_parallel=False,
            why_not="its heads sit on the last stage's full hidden states"),
     Recipe("dpo", dpo, "dpo"),
@@ -139,6 +140,9 @@ def validate(rcfg: RunConfig) -> Recipe:
                           f"(compose it with the Hydra option algorithm={name})")
     if not recipe.pipeline_parallel and p.pipeline_model_parallel_size > 1:
         raise ConfigError(f"algorithm.name={name} needs parallel.pipeline_model_parallel_size=1 ({recipe.why_not})")
+    problem = recipe.layout_problem(rcfg) if recipe.layout_problem else None
+    if problem:
+        raise ConfigError(f"algorithm.name={name}: {problem}")
     if not recipe.sequence_parallel and p.sequence_parallel:
         raise ConfigError(f"algorithm.name={name} needs parallel.sequence_parallel=false ({recipe.why_not})")
     if rcfg.model.arch == "t5":

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from tests.conftest import train
+from tests.conftest import torchrun, train
 
 pytestmark = pytest.mark.slow
 
@@ -64,3 +64,36 @@ def test_critic_free_configs_refuse_a_critic_or_a_single_sample(tmp_path):
     assert proc.returncode == 2 and "ppo.num_generations must be > 1" in proc.stderr
     proc = train([f"hydra.run.dir={tmp_path / 'b'}", "ppo.critic=separate"], config="rloo_tiny")
     assert proc.returncode == 2 and "advantage_estimator=rloo is critic-free: set ppo.critic=none" in proc.stderr
+
+
+@pytest.mark.distributed
+def test_grpo_at_pp2_equals_the_single_process_run(tmp_path):
+    """Rollouts sampled across two pipeline stages, the experience pass (policy and reference NLL)
+    across them, the update through megatron's pipeline schedule: the same rewards, losses, KL and
+    final evaluation as one process."""
+    sft = tmp_path / "sft"
+    _ok(train([f"hydra.run.dir={sft}", "trainer.max_steps=100", "trainer.eval_every_n_steps=0",
+               "trainer.progress_bar=false"]))
+    common = ["trainer.max_steps=3", "trainer.eval_every_n_steps=0", "trainer.progress_bar=false",
+              "trainer.log_every_n_steps=1", "trainer.checkpoint_every_n_steps=0", "task.eval_samples_per_start=4",
+              f"model.path={sft / 'checkpoints' / 'step_0000100'}"]
+    single, multi = tmp_path / "single", tmp_path / "pp2"
+    _ok(train([f"hydra.run.dir={single}", *common], config="grpo_tiny"))
+    _ok(torchrun(["-m", "nemo_rlhf.train", "--config-name", "grpo_tiny", f"hydra.run.dir={multi}", *common,
+                  "parallel=pp2"]))
+    a, b = _train_rows(single), _train_rows(multi)
+    assert [r["step"] for r in b] == [1, 2, 3]
+    for ra, rb in zip(a, b):
+        assert ra["reward_mean"] == rb["reward_mean"]                # the same rollouts
+        for key in ("actor/loss", "kl", "actor/kl_loss", "entropy"):
+            assert abs(ra[key] - rb[key]) < 1e-5, (ra["step"], key, ra[key], rb[key])
+    sa, sb = _summary(single), _summary(multi)
+    assert sb["layout"]["pp"] == 2 and sa["final"]["optimality_greedy"] == sb["final"]["optimality_greedy"]
+    assert abs(sa["final"]["optimality"] - sb["final"]["optimality"]) < 0.02
+
+
+def test_value_critics_are_refused_at_pp2_with_the_way_out(tmp_path):
+    proc = train([f"hydra.run.dir={tmp_path / 'a'}", "parallel=pp2"], config="ppo_tiny")
+    assert proc.returncode == 2
+    assert "ppo.critic=separate needs parallel.pipeline_model_parallel_size=1" in proc.stderr
+    assert "ppo.critic=none" in proc.stderr

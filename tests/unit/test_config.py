@@ -94,7 +94,8 @@ def test_cli_reports_bad_layout_and_unknown_key(tmp_path):
 
 
 @pytest.mark.parametrize("name, overrides, message", [
-    ("ppo_tiny", ["parallel=pp2"], "algorithm.name=ppo needs parallel.pipeline_model_parallel_size=1"),
+    ("ppo_tiny", ["parallel=pp2"], "algorithm.name=ppo: ppo.critic=separate needs parallel.pipeline_model_parallel_size=1"),
+    ("grpo_tiny", ["parallel=pp2_vpp2", "model.num_layers=4"], "rollouts need parallel.virtual_pipeline_model_parallel_size=null"),
     ("ilql_tiny", ["parallel=tp2_sp"], "algorithm.name=ilql needs parallel.sequence_parallel=false"),
     ("rm_tiny", ["model=t5_tiny"], "model.arch=t5 supports algorithm.name sft|ppo|ilql|dpo|kto, got 'rm'"),
     ("dpo_tiny", ["dpo.loss_type=cpo2"], "dpo.loss_type must be sigmoid|ipo|hinge|robust|simpo|orpo"),
