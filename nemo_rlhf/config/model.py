@@ -38,6 +38,9 @@ class ModelConfig:
     """Biases in the attention and MLP linear layers (GPT-2, GPT-NeoX: true; Llama: false)."""
     add_qkv_bias: bool = False
     """Bias on the QKV projection even when add_bias_linear=false (Qwen2)."""
+    parallel_residual: bool = False
+    """GPT-NeoX / Pythia layers: attention and MLP both read the layer input, x + attn(ln1(x)) +
+    mlp(ln2(x)), instead of the MLP reading the attention's output."""
     layernorm_epsilon: float = 1e-5
     rotary_base: float = 10000.0
     """RoPE theta (HF rope_theta)."""

@@ -26,7 +26,7 @@ SUPPORTED = ("gpt2", "llama", "mistral", "qwen2", "gpt_neox")
 ARCH_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
                "position_embedding_type", "normalization", "activation", "add_bias_linear", "add_qkv_bias",
                "layernorm_epsilon", "rotary_base", "rotary_percent", "rope_scaling", "rope_scaling_factor",
-               "share_embeddings_and_output_weights", "vocab_size", "max_position_embeddings")
+               "share_embeddings_and_output_weights", "vocab_size", "max_position_embeddings", "parallel_residual")
 
 _HF_ACT = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
            "relu": "relu", "silu": "silu", "swish": "silu"}
@@ -118,9 +118,6 @@ def _llama_like(hf, where):
 
 
 def _gpt_neox(hf, where):
-    if hf.get("use_parallel_residual", True):
-        raise ConfigError(f"{where}: use_parallel_residual=true is not supported: megatron-core 0.16.1's "
-                          f"TransformerLayer has no parallel attention+MLP residual (Pythia / GPT-NeoX-20B use it)")
     act = hf.get("hidden_act", "gelu")
     if act not in _HF_ACT:
         raise ConfigError(f"{where}: hidden_act={act!r} is not supported")
@@ -134,6 +131,7 @@ def _gpt_neox(hf, where):
                 activation=_HF_ACT[act], add_bias_linear=True, add_qkv_bias=False,
                 layernorm_epsilon=hf.get("layer_norm_eps", 1e-5), rotary_percent=float(pct),
                 share_embeddings_and_output_weights=hf.get("tie_word_embeddings", False),
+                parallel_residual=bool(hf.get("use_parallel_residual", True)),
                 vocab_size=hf["vocab_size"], max_position_embeddings=hf.get("max_position_embeddings"), **rope)
 
 
@@ -199,6 +197,8 @@ def hf_config_from_model(model: ModelConfig, vocab_size: int, template: Optional
                           f"model.activation={m.activation}, model.add_bias_linear={m.add_bias_linear}")
     if mt not in SUPPORTED:
         raise ConfigError(f"export to model_type={mt!r} is not supported ({', '.join(SUPPORTED)} are)")
+    if m.parallel_residual and mt != "gpt_neox":
+        raise ConfigError(f"model.parallel_residual=true has no {mt} form in Hugging Face (gpt_neox has it)")
     ffn = m.ffn_hidden_size or 4 * m.hidden_size
     positions = m.max_position_embeddings or m.seq_length
     rev_act = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu", "silu": "silu", "swiglu": "silu",
@@ -231,7 +231,7 @@ def hf_config_from_model(model: ModelConfig, vocab_size: int, template: Optional
             cfg.update(rotary_pct=m.rotary_percent, rotary_emb_base=m.rotary_base)
             cfg["rope_parameters"]["partial_rotary_factor"] = m.rotary_percent
             cfg.update(architectures=["GPTNeoXForCausalLM"], layer_norm_eps=m.layernorm_epsilon,
-                       use_parallel_residual=False, attention_bias=True, hidden_dropout=0.0)
+                       use_parallel_residual=m.parallel_residual, attention_bias=True, hidden_dropout=0.0)
         else:
             if m.rotary_percent != 1.0:
                 raise ConfigError(f"model.rotary_percent={m.rotary_percent} cannot be exported as {mt}")

@@ -2,6 +2,7 @@
 when usable, local otherwise), model chunks per (virtual) pipeline stage, megatron DDP wrapping."""
 from __future__ import annotations
 
+import functools
 from typing import List, Optional
 
 import torch
@@ -104,7 +105,39 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig):
     return config
 
 
+@functools.lru_cache(maxsize=None)
+def _parallel_residual_layer():
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    class ParallelResidualLayer(TransformerLayer):
+        """GPT-NeoX's layer (Pythia, GPT-NeoX-20B): attention and MLP both read the layer input,
+        out = x + attn(ln1(x)) + mlp(ln2(x)). Built from megatron's own halves: _forward_attention
+        gives x + attn(ln1(x)) and _forward_mlp(x) gives x + mlp(ln2(x)); one x is taken back out."""
+
+        def forward(self, *args, **kwargs):
+            kwargs.pop("dynamic_inference_decode_only", None)
+            x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            after_attention, context = self._forward_attention(*args, **kwargs)
+            after_mlp = self._forward_mlp(x, kwargs.get("inference_context", None),
+                                          padding_mask=kwargs.get("padding_mask", None))
+            return after_attention + after_mlp - x, context
+
+    return ParallelResidualLayer
+
+
 def layer_spec(model: ModelConfig):
+    """The decoder layer's megatron spec (Transformer Engine or local modules), with GPT-NeoX's
+    parallel residual when model.parallel_residual."""
+    spec = _layer_spec(model)
+    if model.parallel_residual:
+        from megatron.core.transformer.spec_utils import ModuleSpec
+
+        spec = ModuleSpec(module=_parallel_residual_layer(), params=spec.params, submodules=spec.submodules,
+                          metainfo=spec.metainfo)
+    return spec
+
+
+def _layer_spec(model: ModelConfig):
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,

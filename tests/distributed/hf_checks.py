@@ -38,6 +38,9 @@ def hf_configs() -> Dict[str, object]:
         # partial rotary, untied embed_out, sequential residual
         "gpt_neox": T.GPTNeoXConfig(**common, max_position_embeddings=128, rotary_pct=0.25,
                                     use_parallel_residual=False),
+        # Pythia / GPT-NeoX-20B: attention and MLP in parallel on the layer input
+        "pythia": T.GPTNeoXConfig(**common, max_position_embeddings=128, rotary_pct=0.25,
+                                  use_parallel_residual=True),
     }
 
 

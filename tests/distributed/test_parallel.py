@@ -201,12 +201,13 @@ def test_t5_tp2_logits_loss_grads_and_decoding_equal_tp1(results):
 
 @pytest.mark.parametrize("layout", ["hf_tp2", "hf_pp2"])
 def test_hugging_face_import_and_export_at_tp2_and_pp2(results, layout):
-    """GPT-2, Llama (GQA, tied), Mistral, Qwen2 (QKV bias), GPT-NeoX built with transformers:
+    """GPT-2, Llama (GQA, tied), Mistral, Qwen2 (QKV bias), GPT-NeoX (sequential and Pythia's
+    parallel residual) built with transformers:
     imported at TP=2 the logits equal transformers'; exported (gathered) from TP=2 / PP=2 the
     tensors equal the original files."""
     _ok(results, "hf_prepare")
     r = _ok(results, layout)
-    assert sorted(r) == ["gpt2", "gpt_neox", "llama", "mistral", "qwen2"]
+    assert sorted(r) == ["gpt2", "gpt_neox", "llama", "mistral", "pythia", "qwen2"]
     for arch, m in r.items():
         if layout == "hf_tp2":
             assert 0.0 <= m["logits_max_abs_diff"] < 1e-4, arch

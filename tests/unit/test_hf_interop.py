@@ -1,7 +1,8 @@
 """Hugging Face decoder-only interop at TP=1 (TP=2 / PP=2: tests/distributed/hf_checks.py).
 
 Random-weight GPT-2, Llama (GQA, tied, llama3 RoPE scaling), Mistral, Qwen2 (QKV bias, linear
-RoPE scaling) and GPT-NeoX (partial rotary) models are built locally with transformers; the
+RoPE scaling), GPT-NeoX (partial rotary) and Pythia (GPT-NeoX with the parallel attention + MLP
+residual) models are built locally with transformers; the
 imported megatron GPTModel must give the same logits, and the exported directory must reload in
 transformers (``AutoModelForCausalLM.from_pretrained``, in a fresh process) with the same logits.
 """
@@ -117,7 +118,6 @@ def test_unsupported_model_type_is_named(tmp_path, change, message):
 
 
 @pytest.mark.parametrize("name, change, field", [
-    ("gpt_neox", {"use_parallel_residual": True}, "use_parallel_residual"),
     ("mistral", {"sliding_window": 16}, "sliding_window"),
     ("llama", {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 2.0,
                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
