@@ -127,7 +127,19 @@ class MegatronEngine:
                 num_microbatches=num_micro, seq_length=seq_length, micro_batch_size=schedule_mbs,
                 forward_only=forward_only,
             )
-        return self._reduce_stats(outputs)
+        stats = self._reduce_stats(outputs)
+        stats["model_tokens"] = self._global_positions(first.numel() * num_micro, first.device)
+        return stats
+
+    @staticmethod
+    def _global_positions(local: int, device) -> float:
+        """Token positions computed by this step over all data-parallel ranks (throughput logs)."""
+        from megatron.core import parallel_state as ps
+
+        total = torch.tensor([float(local)], dtype=torch.float64, device=device)
+        if ps.get_data_parallel_world_size() > 1:
+            dist.all_reduce(total, group=ps.get_data_parallel_group())
+        return float(total)
 
     def optimizer_step(self) -> Dict[str, float]:
         ok, grad_norm, _ = self.optimizer.step()

@@ -13,6 +13,7 @@ from nemo_rlhf import fault
 from nemo_rlhf.checkpoint import save_checkpoint
 from nemo_rlhf.data.sampler import GlobalBatchSampler
 from nemo_rlhf.logging import get_logger
+from nemo_rlhf.modules.throughput import peak_flops, throughput
 
 log = get_logger(__name__)
 
@@ -34,11 +35,16 @@ def end_of_step(module, stats: Dict[str, float], prog_bar: Sequence[str] = ("los
     t = module.cfg.trainer
     for key in prog_bar:
         module.log(key, stats[key], prog_bar=True, logger=False, batch_size=1)
+    module._tokens_since_log = getattr(module, "_tokens_since_log", 0.0) + sum(
+        v for k, v in stats.items() if k.endswith("model_tokens"))
     if module.step % t.log_every_n_steps == 0 or module.step == t.max_steps or module.step == 1:
         now = time.perf_counter()
         last_step, last_time = getattr(module, "_last_log", (module.step - 1, now))
         stats["step_time_s"] = (now - last_time) / max(1, module.step - last_step)
-        module._last_log = (module.step, now)
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        stats.update(throughput(module._tokens_since_log, now - last_time, module.cfg.model, module.vocab_size(),
+                                module.cfg.model.seq_length, world, peak_flops(module.cfg.model)))
+        module._last_log, module._tokens_since_log = (module.step, now), 0.0
         module.run_dir.log(module.step, stats, kind="train")
     if t.eval_every_n_steps and module.step % t.eval_every_n_steps == 0 and module.step != t.max_steps:
         module.evaluate()
@@ -70,6 +76,14 @@ class TrainingSystem(pl.LightningModule):
 
     def configure_optimizers(self):
         return None
+
+    def vocab_size(self) -> int:
+        """The policy's (padded) vocabulary, for the model-FLOPs count of the throughput logs."""
+        from nemo_rlhf.models.gpt import unwrap
+
+        engine = getattr(self, "engine", None) or getattr(self, "actor", None)
+        model = unwrap(engine.module) if engine is not None else None
+        return getattr(model, "vocab_size", None) or self.cfg.model.vocab_size or 0
 
     def on_train_start(self):
         if self.initial_eval is None:

@@ -183,6 +183,8 @@ class PPOModule(TrainingSystem):
         stats = timed("training", self.update, rollout)
         self.step += 1
         stats.update(self.rollout_stats(rollout), **self.reward_component_means(), **timings)
+        generated = self._dp_sum([float(mask.sum())])[0]
+        stats["generation_tokens_per_s"] = generated / max(timings["time/generation_s"], 1e-9)
         stats["kl_coef"] = self.kl_ctl.value
         self.kl_ctl.update(stats["kl"], n_steps=self.ppo.num_rollouts)
         end_of_step(self, stats, prog_bar=("reward_mean", "kl"))
@@ -276,7 +278,8 @@ class PPOModule(TrainingSystem):
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v
                 count += 1
-        return {k: v / count for k, v in sums.items()}
+        # means over the minibatches; the token counts add up (throughput logs)
+        return {k: v if k.endswith("model_tokens") else v / count for k, v in sums.items()}
 
     # -- distributed helpers ----------------------------------------------------------------------
     def _dp_group(self):
