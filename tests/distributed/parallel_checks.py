@@ -54,6 +54,9 @@ MODEL = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hid
 # (DDP reduce, finalize, optimizer) without Adam's g / sqrt(v) amplifying 1e-8 noise in tiny grads.
 OPTIM = OptimConfig(name="sgd", lr=0.5, clip_grad=0.0)
 BATCH = 8
+# step stats that are counts, not results: they differ with the layout (at TP=1 on two ranks both
+# data-parallel replicas see the whole batch, so the counts double)
+COUNTS = ("num_tokens", "model_tokens")
 T5_MODEL = dataclasses.replace(MODEL, arch="t5", encoder_num_layers=1)
 PPO = PPOConfig(cliprange=0.2, cliprange_value=0.2, vf_coef=0.5)
 # GRPO's loss knobs that depend on how a batch is split: per-sequence means, a k3 KL term, DAPO's clip-higher
@@ -288,7 +291,7 @@ def main(out_path):
                                 vocab)
             load_reference_weights(engine, params4)
             stats = engine.forward_backward(pbatch, 1, step)          # 4 micro-batches of 1 pair
-            return {"max_stat_abs_diff": max(abs(stats[k] - base[k]) for k in base if k != "num_tokens"),
+            return {"max_stat_abs_diff": max(abs(stats[k] - base[k]) for k in base if k not in COUNTS),
                     "grad_max_abs_diff": max(float((p.main_grad - base_grads[n]).abs().max())
                                              for n, p in named_params(engine)),
                     "loss": stats["loss"]}
@@ -468,7 +471,7 @@ def main(out_path):
             return {k: v for k, v in stats.items()}
         # (num_tokens is a count over DP ranks: 2x at TP=1 here, where both DP ranks see the full batch)
         out = {"max_stat_abs_diff": max(abs(stats[k] - ppo_ref["stats"][k]) for k in ppo_ref["stats"]
-                                        if k != "num_tokens"),
+                                        if k not in COUNTS),
                "grad_max_abs_diff": max(float((grads[n] - ppo_ref["grads"][n]).abs().max()) for n in grads),
                "value_head_grad_norm": float(grads["value_head.linear.weight"].norm()),
                "policy_clipfrac": stats["policy_clipfrac"]}
@@ -551,7 +554,7 @@ def main(out_path):
         if tp == 1:
             ilql_ref["stats"], ilql_ref["grads"] = stats, grads
             return stats
-        return {"max_stat_abs_diff": max(abs(stats[k] - ilql_ref["stats"][k]) for k in stats if k != "num_tokens"),
+        return {"max_stat_abs_diff": max(abs(stats[k] - ilql_ref["stats"][k]) for k in stats if k not in COUNTS),
                 "grad_max_abs_diff": max(float((grads[n] - ilql_ref["grads"][n]).abs().max()) for n in grads),
                 "q_head_grad_norm": float(grads["ilql_heads.q_heads.0.weight"].norm()),
                 "v_head_grad_norm": float(grads["ilql_heads.v_head.weight"].norm()),
@@ -595,7 +598,7 @@ def main(out_path):
         if "stats" not in base:
             base["stats"], base["grads"] = stats, grads
             return {k: v for k, v in stats.items()}
-        return {"max_stat_abs_diff": max(abs(stats[k] - base["stats"][k]) for k in stats if k != "num_tokens"),
+        return {"max_stat_abs_diff": max(abs(stats[k] - base["stats"][k]) for k in stats if k not in COUNTS),
                 "grad_max_abs_diff": max(float((grads[n] - base["grads"][n]).abs().max()) for n in grads)}
 
     dpo_ref = {}
