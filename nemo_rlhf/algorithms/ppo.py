@@ -13,6 +13,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from nemo_rlhf.algorithms.advantages import gae  # noqa: F401  (GAE lives in the advantage-estimator table)
+from nemo_rlhf.algorithms.policy_losses import clipped_surrogate, kl_k3
 from nemo_rlhf.algorithms.reductions import masked_mean, masked_sums, mean_var_from_sums
 
 Stats = Dict[str, torch.Tensor]
@@ -44,18 +45,15 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
 
         ratio = exp(logp - logp_old)
         L     = masked_mean( max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)) )
-    """
-    log_ratio = (logprobs - old_logprobs) * mask
-    ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.max(unclipped, clipped), mask)
+
+    :func:`~nemo_rlhf.algorithms.policy_losses.clipped_surrogate` with one clip range, averaged
+    over the valid tokens."""
+    token_losses, st = clipped_surrogate(logprobs, old_logprobs, advantages, mask, clip_range, clip_range)
+    loss = masked_mean(token_losses, mask)
     with torch.no_grad():
-        # k3 estimator of KL(old || new), http://joschu.net/blog/kl-approx.html
-        approx_kl = masked_mean((ratio - 1) - log_ratio, mask)
-        clipfrac = masked_mean((clipped > unclipped).float(), mask)
-    return loss, {"policy_loss": loss.detach(), "approx_kl": approx_kl, "policy_clipfrac": clipfrac,
-                  "ratio_mean": masked_mean(ratio.detach(), mask)}
+        approx_kl = masked_mean(kl_k3((old_logprobs - logprobs) * mask), mask)   # KL(old || new)
+    return loss, {"policy_loss": loss.detach(), "approx_kl": approx_kl,
+                  "policy_clipfrac": st["clipfrac_low"] + st["clipfrac_high"], "ratio_mean": st["ratio_mean"]}
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,

@@ -125,9 +125,10 @@ def save_checkpoint(root: str | os.PathLike, step: int, chunks: List[torch.nn.Mo
     root = Path(root)
     final = _step_dir(root, step)
     tmp = final.with_name(final.name + ".tmp")
-    if final.exists() and (final / META_FILE).is_file() and read_meta(final).get("run_id") != run_id:
-        raise CheckpointError(f"{final} was written by another run (run_id {read_meta(final).get('run_id')}); "
-                              f"not replacing it: use another hydra.run.dir")
+    owner = _run_id_of(final) if (final / META_FILE).is_file() else run_id
+    if owner != run_id:
+        raise CheckpointError(f"{final} was written by another run (run_id {owner}); not replacing it: "
+                              f"use another hydra.run.dir")
     _guard_io(root, step, tmp, lambda: _rank() == 0 and _fresh_dir(tmp))
     layout = current_layout()
     state = _model_sharded_state_dict(chunks)

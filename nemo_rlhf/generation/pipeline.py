@@ -68,17 +68,18 @@ def stage_forward(model, ids: torch.Tensor, pos: torch.Tensor, mask: Optional[to
 
 def share_step(step: int, prompt_length: int, tokens: torch.Tensor, logprobs: torch.Tensor, mask: torch.Tensor,
                done: torch.Tensor) -> torch.Tensor:
-    """The last stage's step ``step`` (its token, log-prob, mask and the finished flags) on every
-    stage of the pipeline; returns ``done``."""
+    """The last stage's step ``step`` (its token, log-prob, mask and the finished flags, in one
+    broadcast) on every stage of the pipeline; returns ``done``."""
     from megatron.core import parallel_state as ps
 
-    src, group = ps.get_pipeline_model_parallel_last_rank(), ps.get_pipeline_model_parallel_group()
     column = prompt_length + step
-    shared = [tokens[:, column].contiguous(), logprobs[:, step].contiguous(), mask[:, step].contiguous(),
-              done.to(torch.uint8)]
-    for t in shared:
-        dist.broadcast(t, src=src, group=group)
-    tokens[:, column], logprobs[:, step], mask[:, step] = shared[0], shared[1], shared[2]
+    # float64 holds token ids exactly (< 2^53)
+    shared = torch.stack([tokens[:, column].double(), logprobs[:, step].double(), mask[:, step].double(),
+                          done.double()])
+    dist.broadcast(shared, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
+    tokens[:, column] = shared[0].to(tokens.dtype)
+    logprobs[:, step] = shared[1].to(logprobs.dtype)
+    mask[:, step] = shared[2].to(mask.dtype)
     return shared[3].bool()
 
 

@@ -127,19 +127,7 @@ class MegatronEngine:
                 num_microbatches=num_micro, seq_length=seq_length, micro_batch_size=schedule_mbs,
                 forward_only=forward_only,
             )
-        stats = self._reduce_stats(outputs)
-        stats["model_tokens"] = self._global_positions(first.numel() * num_micro, first.device)
-        return stats
-
-    @staticmethod
-    def _global_positions(local: int, device) -> float:
-        """Token positions computed by this step over all data-parallel ranks (throughput logs)."""
-        from megatron.core import parallel_state as ps
-
-        total = torch.tensor([float(local)], dtype=torch.float64, device=device)
-        if ps.get_data_parallel_world_size() > 1:
-            dist.all_reduce(total, group=ps.get_data_parallel_group())
-        return float(total)
+        return self._reduce_stats(outputs, positions=first.numel() * num_micro)
 
     def optimizer_step(self) -> Dict[str, float]:
         ok, grad_norm, _ = self.optimizer.step()
@@ -156,24 +144,28 @@ class MegatronEngine:
         return base * tp // math.gcd(base, tp)
 
     @staticmethod
-    def _reduce_stats(outputs: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
+    def _reduce_stats(outputs: List[Dict[str, torch.Tensor]], positions: int) -> Dict[str, float]:
         """Loss functions report {"loss": [sum, tokens], name: [sum, tokens], ...} per
         micro-batch on the last pipeline stage. Sum over micro-batches and DP ranks, then
-        broadcast from the last stage so every rank returns the same numbers."""
+        broadcast from the last stage so every rank returns the same numbers. ``positions`` (the
+        token positions this rank's step computed) rides along in the same reduction and comes
+        back summed over DP as ``model_tokens`` (throughput logs)."""
         from megatron.core import parallel_state as ps
 
         keys = sorted(outputs[0].keys()) if outputs else []
         keys = ps_broadcast_keys(keys)
-        totals = torch.zeros(len(keys), 2, dtype=torch.float64)
+        totals = torch.zeros(len(keys) + 1, 2, dtype=torch.float64)
         for out in outputs:
             for i, k in enumerate(keys):
                 totals[i] += out[k].detach().to(torch.float64).view(2)
+        totals[-1, 0] = float(positions)
         if ps.get_data_parallel_world_size() > 1:
             dist.all_reduce(totals, group=ps.get_data_parallel_group())
         if ps.get_pipeline_model_parallel_world_size() > 1:
             last = ps.get_pipeline_model_parallel_last_rank()
             dist.broadcast(totals, src=last, group=ps.get_pipeline_model_parallel_group())
         result = {k: float(totals[i, 0] / max(totals[i, 1], 1.0)) for i, k in enumerate(keys)}
+        result["model_tokens"] = float(totals[-1, 0])
         if "loss" in keys:
             result["num_tokens"] = float(totals[keys.index("loss"), 1])
         return result
@@ -240,12 +232,17 @@ def lm_forward_with_states(model: torch.nn.Module, tokens: torch.Tensor, labels:
         if pad is None:
             return t5_causal_forward(model, tokens, labels, completion_mask)
         return _t5_left_padded_forward(model, tokens, labels, completion_mask, pad)
-    attention_mask = None
-    position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-    if pad is not None:
-        attention_mask, position_ids = padded_attention(pad.to(tokens.device), tokens.shape[1])
+    attention_mask, position_ids = _gpt_layout(tokens, pad)
     nll, hidden = gpt_forward(unwrap(model), tokens, position_ids, attention_mask, labels=labels)
     return (nll if labels is not None else None), DecoderStates(hidden)
+
+
+def _gpt_layout(tokens: torch.Tensor, pad: torch.Tensor | None):
+    """(attention mask, position ids) of GPT rows that start with ``pad`` left-padding tokens
+    (None: no padding, causal mask only, positions 0..S-1)."""
+    if pad is None:
+        return None, torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+    return padded_attention(pad.to(tokens.device), tokens.shape[1])
 
 
 def lm_nll_across_stages(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor,
@@ -255,10 +252,9 @@ def lm_nll_across_stages(model: torch.nn.Module, tokens: torch.Tensor, labels: t
     GPT only; the experience pass of the online-RL loop at PP > 1."""
     from nemo_rlhf.generation.pipeline import from_last_stage, stage_forward
 
-    attention_mask = None
-    position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-    if pad is not None and bool((pad > 0).any()):
-        attention_mask, position_ids = padded_attention(pad.to(tokens.device), tokens.shape[1])
+    if pad is not None and not bool((pad > 0).any()):
+        pad = None
+    attention_mask, position_ids = _gpt_layout(tokens, pad)
     nll, _ = stage_forward(unwrap(model), tokens, position_ids, attention_mask, labels=labels)
     return from_last_stage(None if nll is None else nll.float(), tuple(tokens.shape), device=tokens.device)
 

@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 from nemo_rlhf.algorithms.advantages import ADVANTAGE_ESTIMATORS, estimate_advantages, sequence_scores
-from nemo_rlhf.algorithms.policy_losses import KL_ESTIMATORS, POLICY_LOSSES, aggregate, informative_groups
+from nemo_rlhf.algorithms.policy_losses import KL_ESTIMATORS, POLICY_LOSSES, aggregate, informative_groups, kl_k3
 from nemo_rlhf.algorithms.ppo import kl_penalized_rewards, make_kl_controller, value_loss
 from nemo_rlhf.algorithms.reductions import masked_mean
 from nemo_rlhf.algorithms.reductions import INITIAL_MOMENTS, Moments, moments_std, update_moments
@@ -78,8 +78,7 @@ def actor_loss(batch, ppo, values, nll, max_length: int = 0):
     token_losses, stats = POLICY_LOSSES[ppo.policy_loss](logprobs, batch["logprobs"], batch["advantages"], mask,
                                                           ppo.cliprange, high)
     with torch.no_grad():
-        log_ratio = (logprobs - batch["logprobs"]) * mask
-        stats["approx_kl"] = masked_mean(torch.exp(log_ratio) - 1 - log_ratio, mask)   # k3 of KL(old || new)
+        stats["approx_kl"] = masked_mean(kl_k3((batch["logprobs"] - logprobs) * mask), mask)   # KL(old || new)
         stats["policy_clipfrac"] = stats["clipfrac_low"] + stats["clipfrac_high"]
     if ppo.kl_loss_coef:
         kl = KL_ESTIMATORS[ppo.kl_estimator]((logprobs - batch["ref_logprobs"]) * mask) * mask
