@@ -11,15 +11,17 @@ from nemo_rlhf.errors import RewardFunctionError  # noqa: F401  (re-exported)
 
 
 def resolve_reward_fn(spec, task=None) -> Callable:
-    """``spec``: a callable, ``"randomwalks"`` (the task's optimality) or ``"package.module:function"``."""
+    """``spec``: a callable, ``"task"`` or the task's name (the built-in task's reward: randomwalks'
+    optimality, arithmetic's exact match) or ``"package.module:function"``."""
     if callable(spec):
         return spec
-    if spec == "randomwalks":
-        if task is None:
-            raise RewardFunctionError("reward_fn=randomwalks needs the randomwalks task")
+    if spec in ("task", "randomwalks", "arithmetic"):
+        if task is None or spec not in ("task", task.name):
+            raise RewardFunctionError(f"reward_fn={spec} needs task.name={spec if spec != 'task' else 'randomwalks|arithmetic'}"
+                                      f" (the run's task is {getattr(task, 'name', None)})")
         return task.reward_fn
     if not isinstance(spec, str) or ":" not in spec:
-        raise RewardFunctionError(f"reward_fn={spec!r}: expected 'package.module:function' or 'randomwalks'")
+        raise RewardFunctionError(f"reward_fn={spec!r}: expected 'package.module:function' or 'task'")
     module_name, _, attr = spec.partition(":")
     try:
         fn = getattr(importlib.import_module(module_name), attr)

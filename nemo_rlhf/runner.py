@@ -81,14 +81,13 @@ def make_context(rcfg: RunConfig, run_dir: Path) -> RunContext:
 
     from nemo_rlhf.data.tokenizers import tokenizer_for
     from nemo_rlhf.parallel import broadcast_object, init_distributed, initialize_model_parallel
-    from nemo_rlhf.tasks.randomwalks import RandomWalks
+    from nemo_rlhf.tasks import build_task
 
     env = init_distributed(rcfg.parallel.backend)
     dp_size = initialize_model_parallel(rcfg.parallel, seed=rcfg.trainer.seed)
     run_dir = Path(broadcast_object(str(Path(run_dir).resolve())))
     torch.manual_seed(rcfg.trainer.seed)
-    tc = rcfg.task
-    task = RandomWalks(tc.num_nodes, tc.edge_prob, tc.max_length, tc.num_walks, tc.seed)
+    task = build_task(rcfg.task)
     # the checkpoint's tokenizer when model.path is a Hugging Face directory with one
     return RunContext(rcfg, env, ps.get_data_parallel_rank(), dp_size, run_dir, task,
                       tokenizer_for(rcfg.model.path, task.vocab))
@@ -218,7 +217,7 @@ def finish(module, rd: RunDirectory, ctx: RunContext, rcfg: RunConfig, t_start: 
 
 
 SUMMARY_METRICS = ("optimality", "valid_rate", "optimality_greedy", "valid_rate_greedy", "optimality_beta0",
-                   "valid_rate_beta0", "behaviour_optimality", "accuracy", "reward_margin")
+                   "valid_rate_beta0", "behaviour_optimality", "accuracy", "accuracy_greedy", "reward_margin")
 """The metrics of the before/after table, in this order, where the run has them."""
 
 

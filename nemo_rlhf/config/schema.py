@@ -51,29 +51,63 @@ class ParallelConfig:
 
 @dataclass
 class TaskConfig:
-    """The built-in randomwalks task (after trlX examples/randomwalks)."""
+    """The built-in task: randomwalks (after trlX examples/randomwalks) or arithmetic (short
+    problems with an exact answer, nemo_rlhf/tasks/arithmetic.py). Keys a task does not read are
+    ignored by it."""
 
     name: str = "randomwalks"
+    """randomwalks | arithmetic"""
     num_nodes: int = 21
-    """Graph nodes, named a, b, c, ...; node 'a' is the absorbing goal."""
+    """(randomwalks) Graph nodes, named a, b, c, ...; node 'a' is the absorbing goal."""
     edge_prob: float = 0.1
-    """Probability of each directed edge (graphs are redrawn until every node has an out-edge)."""
+    """(randomwalks) Probability of each directed edge (graphs are redrawn until every node has an out-edge)."""
     max_length: int = 10
-    """Maximum walk length in nodes (prompt node included)."""
+    """Tokens a completion may take: randomwalks, the maximum walk length in nodes (prompt node
+    included; the completion's max_length - 1 nodes + EOS); arithmetic, the answer's digits + EOS."""
     num_walks: int = 1000
-    """Random walks generated as training data."""
+    """(randomwalks) Random walks generated as training data."""
     seed: int = 1000
-    """Seed of the graph and of the walks."""
+    """Seed of the graph and walks / of the arithmetic problems' splits."""
     eval_samples_per_start: int = 8
-    """Temperature-1 samples drawn per evaluation start node."""
+    """Temperature-1 samples drawn per evaluation start node / held-out problem."""
+    max_operand: int = 50
+    """(arithmetic) Operands are integers in [0, max_operand)."""
+    operators: str = "+-"
+    """(arithmetic) Any of + - *."""
+    num_sft: int = 200
+    """(arithmetic) Problems in the SFT set (the warm-up's data)."""
+    num_prompts: int = 2000
+    """(arithmetic) Problems used as RL prompts."""
+    num_eval: int = 200
+    """(arithmetic) Held-out problems for evaluation (disjoint from the SFT and prompt sets)."""
 
     def __post_init__(self):
-        _require(self.name == "randomwalks", f"task.name: unknown task {self.name!r} (known: randomwalks)")
+        _require(self.name in ("randomwalks", "arithmetic"),
+                 f"task.name: unknown task {self.name!r} (known: randomwalks, arithmetic)")
         _require(2 <= self.num_nodes <= 26, f"task.num_nodes must be in [2, 26], got {self.num_nodes}")
         _require(0.0 < self.edge_prob <= 1.0, f"task.edge_prob must be in (0, 1], got {self.edge_prob}")
         _require(self.max_length >= 2, f"task.max_length must be >= 2, got {self.max_length}")
         _positive(self.num_walks, "task.num_walks")
         _positive(self.eval_samples_per_start, "task.eval_samples_per_start")
+        if self.name == "arithmetic":
+            for key in ("num_sft", "num_prompts", "num_eval"):
+                _positive(getattr(self, key), f"task.{key}")
+            _require(self.max_length >= self.answer_tokens(),
+                     f"task.max_length={self.max_length} is too short for the longest answer plus EOS "
+                     f"({self.answer_tokens()} tokens with max_operand={self.max_operand}, operators={self.operators!r})")
+
+    def answer_tokens(self) -> int:
+        """(arithmetic) Tokens of the longest answer, EOS included."""
+        m = max(self.max_operand - 1, 1)
+        longest = max(len(str(m + m)) if "+" in self.operators else 0, len(str(-m)) if "-" in self.operators else 0,
+                      len(str(m * m)) if "*" in self.operators else 0)
+        return longest + 1
+
+    def sequence_length(self) -> int:
+        """Prompt plus completion tokens the model must hold."""
+        if self.name == "arithmetic":
+            return 2 * len(str(max(self.max_operand - 1, 1))) + 2 + self.max_length
+        return self.max_length + 1
 
 
 @dataclass
@@ -266,9 +300,9 @@ class RunConfig:
         _require(self.model.num_layers % chunks == 0,
                  f"model.num_layers={self.model.num_layers} is not divisible by "
                  f"parallel.pipeline_model_parallel_size * virtual_pipeline_model_parallel_size={chunks}")
-        _require(self.model.seq_length >= self.task.max_length + 1,
-                 f"model.seq_length={self.model.seq_length} is shorter than a walk plus EOS "
-                 f"(task.max_length + 1 = {self.task.max_length + 1})")
+        _require(self.model.seq_length >= self.task.sequence_length(),
+                 f"model.seq_length={self.model.seq_length} is shorter than a {self.task.name} prompt plus "
+                 f"task.max_length={self.task.max_length} completion tokens ({self.task.sequence_length()})")
         if self.parallel.sequence_parallel:
             _require(self.model.seq_length % tp == 0,
                      f"model.seq_length={self.model.seq_length} is not divisible by "

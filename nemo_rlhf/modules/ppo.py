@@ -24,7 +24,6 @@ from nemo_rlhf.algorithms.ppo import kl_penalized_rewards, make_kl_controller, v
 from nemo_rlhf.algorithms.reductions import masked_mean
 from nemo_rlhf.algorithms.reductions import INITIAL_MOMENTS, Moments, moments_std, update_moments
 from nemo_rlhf.config.schema import RunConfig
-from nemo_rlhf.generation.sampling import SamplingParams, generate, left_pad
 from nemo_rlhf.logging import get_logger
 from nemo_rlhf.models.gpt import unwrap
 from nemo_rlhf.models.heads import attach_value_head, value_head_output
@@ -32,9 +31,9 @@ from nemo_rlhf.modules.critics import CRITICS, stats_report  # noqa: F401  (CRIT
 from nemo_rlhf.modules.engine import (MegatronEngine, build_chunks, lm_forward, lm_forward_with_states,
                                       lm_nll_across_stages)
 from nemo_rlhf.modules.loop import dp_loader, end_of_step, record_eval, save_engine, TrainingSystem
+from nemo_rlhf.modules.rollouts import PromptDataset, sample_rollouts, score_rollouts, trim_left_padding
 from nemo_rlhf.modules.run_dir import RunDirectory
 from nemo_rlhf.parallel.reductions import all_reduce_sum, data_parallel_group, dp_moments, dp_whiten
-from nemo_rlhf.rewards import score as score_samples
 
 
 log = get_logger(__name__)
@@ -91,30 +90,6 @@ def actor_loss(batch, ppo, values, nll, max_length: int = 0):
         total = total + ppo.vf_coef * vloss * count
         stats.update(vstats)
     return stats_report(total, count, stats, mask)
-
-
-class PromptDataset(torch.utils.data.Dataset):
-    """Token-id prompts of any lengths. Item i is (prompt i left-padded to the longest prompt [P],
-    its length); :func:`trim_left_padding` cuts a collated batch to its own longest prompt."""
-
-    def __init__(self, prompts, pad_id: int):
-        rows = [list(map(int, p)) for p in (prompts.tolist() if torch.is_tensor(prompts) else prompts)]
-        if not rows or any(len(r) == 0 for r in rows):
-            raise ValueError("PPO needs a non-empty list of non-empty prompts")
-        self.ids, self.lengths = left_pad(rows, pad_id)
-
-    def __len__(self) -> int:
-        return self.ids.shape[0]
-
-    def __getitem__(self, i: int):
-        return self.ids[i], self.lengths[i]
-
-
-def trim_left_padding(prompts: torch.Tensor, lengths: torch.Tensor):
-    """[B, P] left-padded prompts -> ([B, P'] with P' = longest prompt of the batch, pad [B])."""
-    p = prompts.shape[1]
-    keep = int(lengths.max())
-    return prompts[:, p - keep:], (keep - lengths).to(prompts.device)
 
 
 class PPOModule(TrainingSystem):
@@ -188,28 +163,12 @@ class PPOModule(TrainingSystem):
         self.kl_ctl.update(stats["kl"], n_steps=self.ppo.num_rollouts)
         end_of_step(self, stats, prog_bar=("reward_mean", "kl"))
 
-    @torch.no_grad()
     def generate_rollouts(self, prompts: torch.Tensor, pad: Optional[torch.Tensor] = None):
-        g = self.cfg.generation
-        n = g.max_new_tokens or self.cfg.task.max_length
-        gen = torch.Generator(device=prompts.device).manual_seed(
-            self.cfg.trainer.seed * 1_000_003 + self.step * 1009 + self.dp_rank)
-        out = generate(self.actor.module, prompts, SamplingParams(
-            max_new_tokens=n, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
-            eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id), generator=gen,
-            vocab_size=self.tokenizer.vocab_size,
-            prompt_lengths=None if pad is None else prompts.shape[1] - pad)
-        return out.tokens, out.mask
+        return sample_rollouts(self.actor.module, prompts, pad, self.cfg, self.tokenizer,
+                               seed=self.cfg.trainer.seed * 1_000_003 + self.step * 1009 + self.dp_rank)
 
     def score(self, tokens: torch.Tensor, prompt_length: int, pad: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Rewards of [B, P + N] rollouts; the reward function sees each prompt without its padding."""
-        tok = self.tokenizer
-        pad = [0] * len(tokens) if pad is None else pad.tolist()
-        prompts = [tok.decode(t[k:prompt_length].tolist()) for t, k in zip(tokens, pad)]
-        completions = [tok.decode(t[prompt_length:].tolist()) for t in tokens]
-        samples = [p + c for p, c in zip(prompts, completions)]
-        scores = torch.tensor(score_samples(self.reward_fn, samples, prompts, completions), dtype=torch.float32)
-        return scores.to(tokens.device)
+        return score_rollouts(self.reward_fn, self.tokenizer, tokens, prompt_length, pad)
 
     @torch.no_grad()
     def make_experience(self, tokens: torch.Tensor, gen_mask: torch.Tensor, scores: torch.Tensor,

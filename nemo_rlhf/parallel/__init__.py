@@ -5,5 +5,5 @@ from nemo_rlhf.parallel.distributed import (  # noqa: F401
     initialize_model_parallel, is_rank_zero, validate_layout,
 )
 from nemo_rlhf.parallel.reductions import (  # noqa: F401
-    all_reduce_sum, data_parallel_group, dp_masked_sums, dp_moments, dp_whiten,
+    all_gather_lists, all_reduce_sum, data_parallel_group, dp_masked_sums, dp_moments, dp_whiten,
 )

@@ -59,3 +59,12 @@ def dp_moments(values: torch.Tensor, group: Optional[dist.ProcessGroup]) -> Mome
     for part in parts[1:]:
         total = combine_moments(total, Moments(*part.tolist()))
     return total
+
+
+def all_gather_lists(items: list, group: Optional[dist.ProcessGroup]) -> list:
+    """The concatenation, in rank order, of every rank's ``items`` (picklable) over ``group``."""
+    if group is None:
+        return list(items)
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, list(items), group=group)
+    return [x for part in out for x in part]

@@ -27,7 +27,7 @@ class RunContext:
     dp_size: int
     run_dir: Path
     task: Any
-    """The built-in task (randomwalks): data, prompts, metrics."""
+    """The built-in task (nemo_rlhf.tasks: randomwalks or arithmetic): data, prompts, reward, metrics."""
     tokenizer: Any
     module: Any = None
     """The last stage's trained LightningModule (the Python API returns it)."""
@@ -37,14 +37,12 @@ class RunContext:
     def evaluate_fn(self, engine, step: int) -> Dict[str, Any]:
         """Task metrics of the policy in ``engine`` (at PP > 1 sampled across the pipeline stages;
         with virtual stages, which the sampler does not run, {})."""
-        from nemo_rlhf.evaluation import evaluate_randomwalks
-
         rcfg, gen = self.rcfg, self.rcfg.generation
         if rcfg.parallel.virtual_pipeline_model_parallel_size:
             return {}
-        return evaluate_randomwalks(engine.module, self.task, self.tokenizer, rcfg.task.eval_samples_per_start,
-                                    seed=rcfg.trainer.seed + step, temperature=gen.temperature,
-                                    top_k=gen.top_k, top_p=gen.top_p, max_new_tokens=gen.max_new_tokens)
+        return self.task.evaluate(engine.module, self.tokenizer, rcfg.task.eval_samples_per_start,
+                                  seed=rcfg.trainer.seed + step, temperature=gen.temperature,
+                                  top_k=gen.top_k, top_p=gen.top_p, max_new_tokens=gen.max_new_tokens)
 
 
 def _noop(*_args) -> None:
@@ -95,10 +93,12 @@ def file_examples(ctx: RunContext, rcfg: RunConfig, schema: str, max_new_tokens:
 def walk_pairs(ctx: RunContext, num_pairs: int) -> List[Tuple[List[int], List[int], List[int]]]:
     """(prompt, chosen + EOS, rejected + EOS) token ids: two walks from one start, the more optimal chosen."""
     from nemo_rlhf.data.preference import randomwalk_pairs
+    from nemo_rlhf.tasks import offline_data_task
 
     eos = ctx.tokenizer.eos_id
+    task = offline_data_task(ctx.task, ctx.rcfg.algorithm.name)
     return [(p, c + [eos], r + [eos])
-            for p, c, r in randomwalk_pairs(ctx.task, ctx.tokenizer, num_pairs, ctx.rcfg.trainer.seed)]
+            for p, c, r in randomwalk_pairs(task, ctx.tokenizer, num_pairs, ctx.rcfg.trainer.seed)]
 
 
 def encode_prompts(tokenizer, prompts, max_tokens: Optional[int] = None, name: str = "prompts"):

@@ -9,9 +9,9 @@ from typing import Optional
 from nemo_rlhf.config.checks import _positive, _require
 from nemo_rlhf.config.schema import RunConfig
 from nemo_rlhf.data.ilql import ILQLDataset, load_jsonl_samples
-from nemo_rlhf.evaluation import evaluate_randomwalks
 from nemo_rlhf.modules.ilql import ILQLModule, ilql_logits_processor
 from nemo_rlhf.recipes.common import Job, RunContext, load_initial_weights
+from nemo_rlhf.tasks import offline_data_task
 
 
 @dataclass
@@ -57,10 +57,10 @@ Config = ILQLConfig
 
 def prepare(ctx: RunContext, rcfg: RunConfig, block: ILQLConfig, samples=None, rewards=None):
     """Samples and rewards from Python, block.samples_path, or the task's walks labeled with their optimality."""
-    task = ctx.task
     if samples is None and block.samples_path:
         samples, rewards = load_jsonl_samples(block.samples_path)
     elif samples is None:
+        task = offline_data_task(ctx.task, "ilql")
         samples = [task.walk_text(w) for w in task.walks]
         rewards = [task.walk_optimality(w) for w in task.walks]
     return ILQLDataset.build(samples, rewards, ctx.tokenizer, rcfg.model.seq_length, block.reward_normalization)
@@ -78,10 +78,10 @@ def build(ctx: RunContext, rcfg: RunConfig, block: ILQLConfig, dataset, rd, conf
         gpt, gen = engine.module, rcfg.generation
         common = dict(seed=rcfg.trainer.seed + step, temperature=gen.temperature, top_k=block.gen_top_k,
                       max_new_tokens=gen.max_new_tokens)
-        metrics = evaluate_randomwalks(gpt, task, tok, rcfg.task.eval_samples_per_start,
-                                       logits_processor=ilql_logits_processor(gpt, block.beta), **common)
-        metrics.update(evaluate_randomwalks(gpt, task, tok, rcfg.task.eval_samples_per_start, suffix="_beta0",
-                                            logits_processor=ilql_logits_processor(gpt, 0.0), **common))
+        metrics = task.evaluate(gpt, tok, rcfg.task.eval_samples_per_start,
+                                logits_processor=ilql_logits_processor(gpt, block.beta), **common)
+        metrics.update(task.evaluate(gpt, tok, rcfg.task.eval_samples_per_start, suffix="_beta0",
+                                     logits_processor=ilql_logits_processor(gpt, 0.0), **common))
         metrics["beta"] = block.beta
         return metrics
 

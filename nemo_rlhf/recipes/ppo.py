@@ -73,8 +73,9 @@ class PPOConfig:
     """k1 | k2 | k3: the per-token KL estimate of the loss term (nemo_rlhf.algorithms.policy_losses)."""
     loss_aggregation: str = "token_mean"
     """token_mean (PPO, DAPO) | seq_mean_token_mean (GRPO, GSPO) | seq_mean_token_sum (Dr. GRPO)."""
-    reward_fn: str = "randomwalks"
-    """randomwalks (the task's optimality) | 'package.module:function' called as
+    reward_fn: str = "task"
+    """task (the built-in task's reward: randomwalks' optimality, arithmetic's exact match; its
+    name works too) | 'package.module:function' called as
     fn(samples, prompts=..., completions=...) -> list of floats."""
     reward_fns: List[str] = field(default_factory=list)
     """Several reward functions (each as reward_fn takes it), summed with reward_weights; each
@@ -168,8 +169,8 @@ def prepare(ctx: RunContext, rcfg: RunConfig, block: PPOConfig, reward_fn=None, 
         ctx, rcfg, "prompt", rcfg.generation.max_new_tokens or rcfg.task.max_length)
     if prompts is not None:
         prompt_ids = encode_prompts(ctx.tokenizer, prompts, room)
-    elif prompt_ids is None:  # the task's prompts: the start node of each walk (as trlX)
-        prompt_ids = [[ctx.tokenizer.ids[ctx.task.walk_text(w[:1])]] for w in ctx.task.walks]
+    elif prompt_ids is None:  # the task's prompts (randomwalks: the start node of each walk, as trlX)
+        prompt_ids = encode_prompts(ctx.tokenizer, ctx.task.prompts(), room, f"task {ctx.task.name}'s prompts")
     eval_ids = None if eval_prompts is None else encode_prompts(ctx.tokenizer, eval_prompts, room, "eval_prompts")
     return PPOData(prompt_ids, reward_fn, eval_ids, {"num_prompts": len(prompt_ids), **extra})
 

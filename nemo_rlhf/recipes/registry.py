@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from nemo_rlhf.config.schema import RENAMED_KEYS, RunConfig
 from nemo_rlhf.errors import ConfigError
-from nemo_rlhf.recipes import dpo, ilql, kto, ppo, rm, sft
+from nemo_rlhf.recipes import dpo, ilql, kto, ppo, rft, rm, sft
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,8 @@ RECIPES: Dict[str, Recipe] = {r.name: r for r in (
     Recipe("ppo", ppo, "ppo", inputs=("reward_fn", "prompts", "eval_prompts"), layout_problem=ppo.layout_problem),
     Recipe("ilql", ilql, "ilql", inputs=("samples", "rewards"), pipeline_parallel=False, sequence_parallel=False,
            why_not="its heads sit on the last stage's full hidden states"),
+    Recipe("rft", rft, "rft", inputs=("reward_fn", "prompts"), layout_problem=rft.layout_problem, t5=False,
+           why_not="its SFT updates use the decoder-only batch layout"),
     Recipe("dpo", dpo, "dpo"),
     Recipe("kto", kto, "kto"),
     Recipe("rm", rm, "rm", t5=False, why_not="reward models are GPT"),

@@ -1,4 +1,4 @@
-"""SFT recipe: supervised fine-tuning on the task's walks, on ``data.train_file``
+"""SFT recipe: supervised fine-tuning on the task's examples (randomwalks: its walks), on ``data.train_file``
 (prompt/completion) or on samples given from Python; the loss covers completion tokens only.
 Also the warm-up stage the RL / preference recipes run first (``<block>.sft_warmup``)."""
 from __future__ import annotations
@@ -23,7 +23,7 @@ def prepare(ctx: RunContext, rcfg: RunConfig, block, samples=None):
     pairs, extra = (None, {}) if samples is not None else file_examples(ctx, rcfg, "sft")
     if pairs is None:
         if samples is None:
-            samples = [[ctx.task.walk_text(w[:1]), ctx.task.walk_text(w[1:])] for w in ctx.task.walks]
+            samples = ctx.task.sft_samples()
         pairs = []
         for i, sample in enumerate(samples):
             prompt, completion = (sample[:1], sample[1:]) if isinstance(sample, str) else sample

@@ -1,1 +1,38 @@
+"""Built-in tasks (``task.name``): data, prompts, a reward and an evaluation for tiny CPU runs.
 
+Every task has ``name``, ``vocab`` (its symbols, one token each), ``max_length`` (completion
+tokens generation needs, EOS included), ``sft_samples()`` ([prompt, completion] strings),
+``prompts()`` (RL prompts), ``reward_fn(samples, prompts=, completions=)`` and
+``evaluate(model, tokenizer, samples_per_start, seed, temperature=, top_k=, top_p=,
+max_new_tokens=)``. Only randomwalks builds preference pairs and rewarded samples (``walks``) for
+the offline recipes (DPO, KTO, RM, ILQL); the others read data.train_file there.
+"""
+from __future__ import annotations
+
+from nemo_rlhf.errors import ConfigError
+
+TASKS = ("randomwalks", "arithmetic")
+
+
+def build_task(tc):
+    """The task of a ``task:`` config block (nemo_rlhf.config.schema.TaskConfig)."""
+    if tc.name == "randomwalks":
+        from nemo_rlhf.tasks.randomwalks import RandomWalks
+
+        return RandomWalks(tc.num_nodes, tc.edge_prob, tc.max_length, tc.num_walks, tc.seed)
+    if tc.name == "arithmetic":
+        from nemo_rlhf.tasks.arithmetic import Arithmetic
+
+        try:
+            return Arithmetic(tc.max_operand, tc.operators, tc.num_sft, tc.num_prompts, tc.num_eval, tc.seed)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    raise ConfigError(f"task.name: unknown task {tc.name!r} (known: {', '.join(TASKS)})")
+
+
+def offline_data_task(task, recipe: str):
+    """``task`` when it can build ``recipe``'s training data (the randomwalks walks), else a ConfigError."""
+    if not hasattr(task, "walks"):
+        raise ConfigError(f"task.name={task.name} builds no data for algorithm.name={recipe} (only randomwalks "
+                          f"does): give data.train_file")
+    return task

@@ -40,6 +40,8 @@ class WalkScore:
 class RandomWalks:
     """Graph, training walks and metrics. Everything is a pure function of the constructor args."""
 
+    name = "randomwalks"
+
     def __init__(self, num_nodes: int = 21, edge_prob: float = 0.1, max_length: int = 10,
                  num_walks: int = 1000, seed: int = 1000):
         if not 2 <= num_nodes <= 26:
@@ -98,6 +100,21 @@ class RandomWalks:
 
     def walk_text(self, walk: Sequence[int]) -> str:
         return "".join(node_name(i) for i in walk)
+
+    # -- what recipes read --------------------------------------------------------------------
+    def sft_samples(self) -> List[List[str]]:
+        """[prompt, completion] pairs: each training walk's start node and the rest of it."""
+        return [[self.walk_text(w[:1]), self.walk_text(w[1:])] for w in self.walks]
+
+    def prompts(self) -> List[str]:
+        """The start node of each training walk (as trlX)."""
+        return [self.walk_text(w[:1]) for w in self.walks]
+
+    def evaluate(self, model, tokenizer, samples_per_start: int, seed: int, **sampling) -> Dict[str, float]:
+        """Optimality / validity of sampled and greedy walks (nemo_rlhf.evaluation)."""
+        from nemo_rlhf.evaluation import evaluate_randomwalks
+
+        return evaluate_randomwalks(model, self, tokenizer, samples_per_start, seed=seed, **sampling)
 
     # -- metrics ----------------------------------------------------------------------------
     def score(self, start: int, completion: Sequence[str], ended_with_eos: bool) -> WalkScore:

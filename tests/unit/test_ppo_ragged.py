@@ -7,7 +7,7 @@ import torch
 from nemo_rlhf.config.schema import ModelConfig, ParallelConfig
 from nemo_rlhf.generation.sampling import SamplingParams, generate, left_pad
 from nemo_rlhf.modules.engine import lm_forward, lm_forward_with_states, shift_rows
-from nemo_rlhf.modules.ppo import PromptDataset, trim_left_padding
+from nemo_rlhf.modules.rollouts import PromptDataset, trim_left_padding
 
 PROMPTS = [[5, 6], [7, 8, 9, 10], [4], [7, 8, 9, 10, 11]]
 VOCAB = 20
