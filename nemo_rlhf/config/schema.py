@@ -99,9 +99,9 @@ class TaskConfig:
     def answer_tokens(self) -> int:
         """(arithmetic) Tokens of the longest answer, EOS included."""
         m = max(self.max_operand - 1, 1)
-        longest = max(len(str(m + m)) if "+" in self.operators else 0, len(str(-m)) if "-" in self.operators else 0,
-                      len(str(m * m)) if "*" in self.operators else 0)
-        return longest + 1
+        width = max(len(str(m + m)) if "+" in self.operators else 0, len(str(m)),
+                    len(str(m * m)) if "*" in self.operators else 0)   # zero-padded answers
+        return width + ("-" in self.operators) + 1
 
     def sequence_length(self) -> int:
         """Prompt plus completion tokens the model must hold."""

@@ -31,7 +31,8 @@ from nemo_rlhf.modules.critics import CRITICS, stats_report  # noqa: F401  (CRIT
 from nemo_rlhf.modules.engine import (MegatronEngine, build_chunks, lm_forward, lm_forward_with_states,
                                       lm_nll_across_stages)
 from nemo_rlhf.modules.loop import dp_loader, end_of_step, record_eval, save_engine, TrainingSystem
-from nemo_rlhf.modules.rollouts import PromptDataset, sample_rollouts, score_rollouts, trim_left_padding
+from nemo_rlhf.modules.rollouts import (PromptDataset, concat_rollouts, sample_rollouts, score_rollouts,
+                                        trim_left_padding)
 from nemo_rlhf.modules.run_dir import RunDirectory
 from nemo_rlhf.parallel.reductions import all_reduce_sum, data_parallel_group, dp_moments, dp_whiten
 
@@ -144,28 +145,70 @@ class PPOModule(TrainingSystem):
         def timed(name, fn, *args):
             t0 = time.perf_counter()
             out = fn(*args)
-            timings[f"time/{name}_s"] = time.perf_counter() - t0
+            timings[f"time/{name}_s"] = timings.get(f"time/{name}_s", 0.0) + time.perf_counter() - t0
             return out
 
         prompts, pad = trim_left_padding(*batch)                # [B, P], [B]
-        g = self.ppo.num_generations                            # samples per prompt, kept on this rank
-        groups = torch.arange(prompts.shape[0], device=prompts.device).repeat_interleave(g)
-        prompts, pad = prompts.repeat_interleave(g, 0), pad.repeat_interleave(g)
-        tokens, mask = timed("generation", self.generate_rollouts, prompts, pad)
-        scores = timed("scoring", self.score, tokens, prompts.shape[1], pad)
+        tokens, mask, pad, scores, groups, sampling = self.sample_groups(prompts, pad, timed)
         rollout = timed("experience", self.make_experience, tokens, mask, scores, pad, groups)
         stats = timed("training", self.update, rollout)
         self.step += 1
-        stats.update(self.rollout_stats(rollout), **self.reward_component_means(), **timings)
+        stats.update(self.rollout_stats(rollout), **self.reward_component_means(), **sampling, **timings)
         generated = self._dp_sum([float(mask.sum())])[0]
         stats["generation_tokens_per_s"] = generated / max(timings["time/generation_s"], 1e-9)
         stats["kl_coef"] = self.kl_ctl.value
         self.kl_ctl.update(stats["kl"], n_steps=self.ppo.num_rollouts)
         end_of_step(self, stats, prog_bar=("reward_mean", "kl"))
 
-    def generate_rollouts(self, prompts: torch.Tensor, pad: Optional[torch.Tensor] = None):
+    def sample_groups(self, prompts: torch.Tensor, pad: torch.Tensor, timed):
+        """ppo.num_generations scored samples of each prompt, a prompt's samples kept together on this
+        rank: (tokens [B, P + N], generated mask [B, N], pad [B], scores [B], groups [B], stats).
+
+        With ppo.dynamic_sampling (DAPO), groups whose scores are all equal (zero advantage, no
+        gradient) are set aside and further prompts, drawn from the prompt set by a seeded generator
+        (so a resumed run draws the same), are sampled in up to dynamic_sampling_max_rounds rounds
+        until the batch is full; if it is still short, set-aside groups fill it (counted in
+        ``dynamic_sampling/filled``)."""
+        ppo, g = self.ppo, self.ppo.num_generations
+        want = prompts.shape[0]
+        kept, flat, rounds = [], [], 0
+        while True:
+            rows, row_pad = prompts.repeat_interleave(g, 0), pad.repeat_interleave(g)
+            tokens, mask = timed("generation", self.generate_rollouts, rows, row_pad, rounds)
+            scores = timed("scoring", self.score, tokens, rows.shape[1], row_pad)
+            rounds += 1
+            if not ppo.dynamic_sampling:
+                groups = torch.arange(want, device=rows.device).repeat_interleave(g)
+                return tokens, mask, row_pad, scores, groups, {}
+            groups = torch.arange(prompts.shape[0], device=rows.device).repeat_interleave(g)
+            informative = informative_groups(scores, groups)
+            for j in range(prompts.shape[0]):
+                part = slice(j * g, (j + 1) * g)
+                (kept if bool(informative[j * g]) else flat).append(
+                    (tokens[part], mask[part], row_pad[part], scores[part]))
+            if len(kept) >= want or rounds >= ppo.dynamic_sampling_max_rounds:
+                break
+            prompts, pad = self.draw_prompts(want, rounds, prompts.device)
+        chosen = (kept + flat)[:want]
+        tokens, mask, pad = concat_rollouts([c[:3] for c in chosen], self.tokenizer.pad_id)
+        scores = torch.cat([c[3] for c in chosen])
+        rounds_sum, flat_sum, filled_sum = self._dp_sum([float(rounds), float(len(flat)),
+                                                         float(max(want - len(kept), 0))])
+        stats = {"dynamic_sampling/rounds": rounds_sum / self.dp_size,
+                 "dynamic_sampling/flat_groups": flat_sum, "dynamic_sampling/filled": filled_sum}
+        return tokens, mask, pad, scores, torch.arange(want, device=tokens.device).repeat_interleave(g), stats
+
+    def draw_prompts(self, n: int, round_: int, device):
+        """``n`` prompts drawn (with replacement) from the prompt set for dynamic sampling's round ``round_``."""
+        gen = torch.Generator().manual_seed(self.cfg.trainer.seed * 1_000_003 + self.step * 1009 + self.dp_rank
+                                            + 104_729 * round_)
+        idx = torch.randint(len(self.prompts), (n,), generator=gen)
+        return trim_left_padding(self.prompts.ids[idx].to(device), self.prompts.lengths[idx])
+
+    def generate_rollouts(self, prompts: torch.Tensor, pad: Optional[torch.Tensor] = None, round_: int = 0):
         return sample_rollouts(self.actor.module, prompts, pad, self.cfg, self.tokenizer,
-                               seed=self.cfg.trainer.seed * 1_000_003 + self.step * 1009 + self.dp_rank)
+                               seed=self.cfg.trainer.seed * 1_000_003 + self.step * 1009 + self.dp_rank
+                               + 7_777_771 * round_)
 
     def score(self, tokens: torch.Tensor, prompt_length: int, pad: Optional[torch.Tensor] = None) -> torch.Tensor:
         return score_rollouts(self.reward_fn, self.tokenizer, tokens, prompt_length, pad)

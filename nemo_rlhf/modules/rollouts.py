@@ -58,3 +58,22 @@ def score_rollouts(reward_fn: Callable, tokenizer, tokens: torch.Tensor, prompt_
     samples = [p + c for p, c in zip(prompts, completions)]
     scores = torch.tensor(score_samples(reward_fn, samples, prompts, completions), dtype=torch.float32)
     return scores.to(tokens.device)
+
+
+def concat_rollouts(parts, pad_id: int):
+    """Rollouts of different prompt / generation widths, (tokens [b, P_i + N_i], generated mask
+    [b, N_i], pad [b]) each, as one batch: prompts left-padded to the longest P, generations
+    right-padded to the longest N (pad_id, mask 0). Returns (tokens, mask, pad)."""
+    p = max(t.shape[1] - m.shape[1] for t, m, _ in parts)
+    n = max(m.shape[1] for _, m, _ in parts)
+    tokens, masks, pads = [], [], []
+    for t, m, k in parts:
+        pi, ni = t.shape[1] - m.shape[1], m.shape[1]
+        row = torch.full((t.shape[0], p + n), pad_id, dtype=t.dtype, device=t.device)
+        row[:, p - pi:p + ni] = t
+        mm = torch.zeros((m.shape[0], n), dtype=m.dtype, device=m.device)
+        mm[:, :ni] = m
+        tokens.append(row)
+        masks.append(mm)
+        pads.append(k + (p - pi))
+    return torch.cat(tokens), torch.cat(masks), torch.cat(pads)

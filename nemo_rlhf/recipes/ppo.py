@@ -71,6 +71,11 @@ class PPOConfig:
     penalty into the reward instead (PPO, REINFORCE++)."""
     kl_estimator: str = "k3"
     """k1 | k2 | k3: the per-token KL estimate of the loss term (nemo_rlhf.algorithms.policy_losses)."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling: groups whose rewards are all equal are replaced by groups of further
+    prompts (up to dynamic_sampling_max_rounds generation rounds per iteration; still short, the
+    batch is filled with such groups). Logged: dynamic_sampling/rounds, /flat_groups, /filled."""
+    dynamic_sampling_max_rounds: int = 3
     loss_aggregation: str = "token_mean"
     """token_mean (PPO, DAPO) | seq_mean_token_mean (GRPO, GSPO) | seq_mean_token_sum (Dr. GRPO)."""
     reward_fn: str = "task"
@@ -115,6 +120,9 @@ class PPOConfig:
                  f"ppo.kl_estimator must be {'|'.join(KL_ESTIMATORS)}, got {self.kl_estimator!r}")
         _require(self.loss_aggregation in LOSS_AGGREGATIONS,
                  f"ppo.loss_aggregation must be {'|'.join(LOSS_AGGREGATIONS)}, got {self.loss_aggregation!r}")
+        _positive(self.dynamic_sampling_max_rounds, "ppo.dynamic_sampling_max_rounds")
+        _require(not self.dynamic_sampling or self.num_generations > 1,
+                 "ppo.dynamic_sampling compares the samples of one prompt: ppo.num_generations must be > 1")
         _require(self.kl_loss_coef >= 0, f"ppo.kl_loss_coef must be >= 0, got {self.kl_loss_coef}")
         _require(not self.reward_weights or len(self.reward_weights) == len(self.reward_fns),
                  f"ppo.reward_weights has {len(self.reward_weights)} weights for {len(self.reward_fns)} ppo.reward_fns")

@@ -2,7 +2,8 @@
 
 A problem is ``x<op>y=`` with operands in [0, max_operand) and an operator from ``operators``
 (``+``, ``-`` or ``*``); the completion is the exact result in decimal (a leading ``-`` when
-negative) followed by EOS. Everything is a pure function of the constructor arguments: the
+negative) followed by EOS. Numbers have fixed widths, zero-padded (``07+45=52``, ``07-45=-38``,
+``49+49=98``), so each digit sits at one position. Everything is a pure function of the constructor arguments: the
 seed shuffles the set of all problems, the first ``num_eval`` are held out for evaluation, the
 next ``num_sft`` are the SFT examples (a deliberately small set: a weak start), the next
 ``num_prompts`` the RL prompts. The three sets are disjoint by problem, so a held-out accuracy
@@ -46,24 +47,36 @@ class Arithmetic:
         self.eval_problems = shuffled[:num_eval]
         self.sft_problems = shuffled[num_eval:num_eval + num_sft]
         self.prompt_problems = shuffled[num_eval + num_sft:need]
-        self.max_length = max(len(answer(p)) for p in problems) + 1   # answer tokens + EOS
-        self.prompt_length = max(len(question(p)) for p in problems)
+        # fixed widths (zero-padded) keep each digit at one position: "07+45=52"
+        self.width = len(str(max_operand - 1))
+        self.answer_width = max(len(str(abs(OPERATORS[o](x, y)))) for x, o, y in problems)
+        self.max_length = max(len(self.answer(p)) for p in problems) + 1   # answer tokens + EOS
+        self.prompt_length = len(self.question(problems[0]))
 
     @property
     def vocab(self) -> List[str]:
         return list(SYMBOLS)
 
+    def question(self, problem) -> str:
+        return question(problem, self.width)
+
+    def answer(self, problem) -> str:
+        return answer(problem, self.answer_width)
+
+    def is_correct(self, sample: str) -> bool:
+        return is_correct(sample, self.answer_width)
+
     # -- what recipes read --------------------------------------------------------------------
     def sft_samples(self) -> List[List[str]]:
         """[prompt, completion] pairs of the SFT problems."""
-        return [[question(p), answer(p)] for p in self.sft_problems]
+        return [[self.question(p), self.answer(p)] for p in self.sft_problems]
 
     def prompts(self) -> List[str]:
-        return [question(p) for p in self.prompt_problems]
+        return [self.question(p) for p in self.prompt_problems]
 
     def reward_fn(self, samples: Sequence[str], prompts=None, completions=None, **_) -> List[float]:
         """1.0 where the text after '=' is exactly the answer of the text before it, else 0.0."""
-        return [float(is_correct(s)) for s in samples]
+        return [float(self.is_correct(s)) for s in samples]
 
     def evaluate(self, model, tokenizer, samples_per_start: int, seed: int, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, max_new_tokens=None, logits_processor=None, suffix: str = "") -> Dict[str, float]:
@@ -74,7 +87,7 @@ class Arithmetic:
         from nemo_rlhf.generation.sampling import SamplingParams, generate, left_pad
 
         device = next(model.parameters()).device
-        texts = [question(p) for p in self.eval_problems]
+        texts = [self.question(p) for p in self.eval_problems]
         ids, lengths = left_pad([tokenizer.encode(t) for t in texts], tokenizer.pad_id)
         ids, lengths = ids.to(device), lengths.to(device)
         base = dict(max_new_tokens=max_new_tokens or self.max_length, eos_id=tokenizer.eos_id,
@@ -91,29 +104,33 @@ class Arithmetic:
 
         def accuracy(out, prompts) -> float:
             done = [tokenizer.decode(c[m.bool()].tolist()) for c, m in zip(out.completions, out.mask)]
-            return float(np.mean([is_correct(p + c) for p, c in zip(prompts, done)]))
+            return float(np.mean([self.is_correct(p + c) for p, c in zip(prompts, done)]))
 
         return {f"accuracy{suffix}": accuracy(sampled, [t for t in texts for _ in range(k)]),
                 f"accuracy{suffix}_greedy": accuracy(greedy, texts)}
 
 
-def question(problem: Tuple[int, str, int]) -> str:
+def question(problem: Tuple[int, str, int], width: int) -> str:
+    """``x<op>y=`` with the operands zero-padded to ``width`` digits."""
     x, o, y = problem
-    return f"{x}{o}{y}="
+    return f"{x:0{width}d}{o}{y:0{width}d}="
 
 
-def answer(problem: Tuple[int, str, int]) -> str:
+def answer(problem: Tuple[int, str, int], width: int) -> str:
+    """The result zero-padded to ``width`` digits, after a '-' when negative."""
     x, o, y = problem
-    return str(OPERATORS[o](x, y))
+    r = OPERATORS[o](x, y)
+    return ("-" if r < 0 else "") + f"{abs(r):0{width}d}"
 
 
-def is_correct(sample: str) -> bool:
-    """``sample`` = question + completion (special tokens stripped)."""
+def is_correct(sample: str, width: int) -> bool:
+    """``sample`` = question + completion (special tokens stripped): the completion is exactly the
+    answer written with ``width`` digits."""
     q, eq, completion = sample.partition("=")
     if not eq:
         return False
     for o in OPERATORS:
         x, sep, y = q.partition(o)
         if sep and x.isdigit() and y.isdigit():
-            return completion == str(OPERATORS[o](int(x), int(y)))
+            return completion == answer((int(x), o, int(y)), width)
     return False
