@@ -72,9 +72,9 @@ class TaskConfig:
     """Temperature-1 samples drawn per evaluation start node / held-out problem."""
     max_operand: int = 50
     """(arithmetic) Operands are integers in [0, max_operand)."""
-    operators: str = "+-"
+    operators: str = "+"
     """(arithmetic) Any of + - *."""
-    num_sft: int = 200
+    num_sft: int = 300
     """(arithmetic) Problems in the SFT set (the warm-up's data)."""
     num_prompts: int = 2000
     """(arithmetic) Problems used as RL prompts."""

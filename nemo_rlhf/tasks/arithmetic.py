@@ -29,7 +29,7 @@ class Arithmetic:
 
     name = "arithmetic"
 
-    def __init__(self, max_operand: int = 50, operators: str = "+-", num_sft: int = 200, num_prompts: int = 2000,
+    def __init__(self, max_operand: int = 50, operators: str = "+", num_sft: int = 300, num_prompts: int = 2000,
                  num_eval: int = 200, seed: int = 1000):
         if max_operand < 2:
             raise ValueError(f"task.max_operand must be >= 2, got {max_operand}")

@@ -175,6 +175,19 @@ def test_ppo_20b_fits_80gb(capsys):
     assert "reference policy (frozen)" in out and "rollout KV cache" in out
 
 
+def test_grpo_70b_runs_across_pipeline_stages_within_65_gib(capsys):
+    """Critic-free, so GRPO may use pipeline stages: TP=8 x PP=2 on 16 nodes holds half of the policy
+    and reference that ppo_70b's TP=8-only layout holds per GPU (the planner: ~50 vs ~74 GiB)."""
+    grpo, ppo = compose("grpo_70b"), compose("ppo_70b")
+    assert grpo.parallel.pipeline_model_parallel_size == 2 and grpo.ppo.critic == "none"
+    est_grpo, _ = plan(grpo, PlanOptions(), 32000)
+    est_ppo, _ = plan(ppo, PlanOptions(), 32000)
+    assert est_grpo.fits and est_grpo.total_bytes / GIB <= 65
+    assert est_grpo.params.rank_max < 0.51 * est_ppo.params.rank_max
+    code, out = _run(capsys, "--config-name", "grpo_70b")
+    assert code == 0 and "TP=8 PP=2" in out and "critic" not in out, out
+
+
 def test_20b_at_tp1_does_not_fit_and_names_the_knob(capsys):
     code, out = _run(capsys, "--config-name", "ppo_20b", "trainer.num_nodes=1",
                      "parallel.tensor_model_parallel_size=1", "parallel.sequence_parallel=false")
@@ -204,7 +217,7 @@ RECIPES = sorted(p.stem for p in (ROOT / "conf").glob("*.yaml"))
 
 
 def test_every_recipe_composes_and_is_planned():
-    assert {"ppo_20b", "ppo_70b", "ilql_20b", "dpo_20b", "dpo_70b"} <= set(RECIPES)
+    assert {"ppo_20b", "ppo_70b", "grpo_20b", "grpo_70b", "ilql_20b", "dpo_20b", "dpo_70b"} <= set(RECIPES)
     for name in RECIPES:
         cfg = compose(name)
         big = name.endswith(("_20b", "_70b"))
