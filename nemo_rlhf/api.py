@@ -55,6 +55,11 @@ def default_rloo_config(*overrides: str) -> RunConfig:
     return _compose("rloo_tiny", overrides)
 
 
+def default_rft_config(*overrides: str) -> RunConfig:
+    """The rft_tiny recipe: rejection fine-tuning (algorithm=rft, its own rft: block)."""
+    return _compose("rft_tiny", overrides)
+
+
 class Trainer:
     """What ``nemo_rlhf.train`` returns: the trained policy, its tokenizer and the run summary."""
 
@@ -176,7 +181,7 @@ def choose_config(given, config: Optional[RunConfig], preset: Optional[str]) -> 
         config = ONLINE_PRESETS[preset]()
     if config is None:
         config = DEFAULT_CONFIGS.get(algorithm, default_sft_config)()
-    if algorithm is not None and config.algorithm.name != algorithm:
+    if preset is None and algorithm is not None and config.algorithm.name != algorithm:
         config = with_algorithm(config, algorithm)
     return config
 
@@ -184,5 +189,6 @@ def choose_config(given, config: Optional[RunConfig], preset: Optional[str]) -> 
 INPUT_ALGORITHMS = (("reward_fn", "ppo"), ("rewards", "ilql"), ("samples", "sft"))
 """trlX's convention, first match wins: which input picks which algorithm."""
 DEFAULT_CONFIGS = {"ppo": default_ppo_config, "ilql": default_ilql_config, "sft": default_sft_config}
-ONLINE_PRESETS = {"ppo": default_ppo_config, "grpo": default_grpo_config, "rloo": default_rloo_config}
-"""train(algorithm=...): the online-RL loop's presets (the config block is ppo: for all of them)."""
+ONLINE_PRESETS = {"ppo": default_ppo_config, "grpo": default_grpo_config, "rloo": default_rloo_config,
+                  "rft": default_rft_config}
+"""train(algorithm=...): the online-RL presets (ppo, grpo, rloo: the ppo: block; rft: the rft: block)."""

@@ -150,7 +150,7 @@ def test_api_inputs_are_checked_against_the_recipe_row():
     from nemo_rlhf.recipes.registry import RECIPES, check_inputs
 
     check_inputs(RECIPES["ppo"], {"reward_fn": len, "prompts": ["a"], "samples": None})
-    with pytest.raises(ConfigError, match="reward_fn is an input of algorithm.name=ppo, not of sft"):
+    with pytest.raises(ConfigError, match=r"reward_fn is an input of algorithm.name=ppo\|rft, not of sft"):
         check_inputs(RECIPES["sft"], {"reward_fn": len})
     with pytest.raises(ConfigError, match="rewards is an input of algorithm.name=ilql, not of dpo"):
         check_inputs(RECIPES["dpo"], {"rewards": [1.0]})
@@ -173,7 +173,9 @@ def test_api_algorithm_names_an_online_rl_preset():
         cfg = choose_config(given, None, name)
         assert cfg.algorithm.name == "ppo" and (cfg.ppo.advantage_estimator, cfg.ppo.critic) == (estimator, critic)
     assert choose_config(given, None, None).ppo.advantage_estimator == "gae"
-    with pytest.raises(ValueError, match="the online-RL algorithms are ppo, grpo, rloo"):
+    rft = choose_config(given, None, "rft")                  # its own recipe, kept although reward_fn picks ppo
+    assert rft.algorithm.name == "rft" and rft.rft.num_generations == 8
+    with pytest.raises(ValueError, match="the online-RL algorithms are ppo, grpo, rloo, rft"):
         choose_config(given, None, "dapo")
     with pytest.raises(ValueError, match="algorithm='grpo' is online RL: give a reward_fn"):
         choose_config({"reward_fn": None, "rewards": None, "samples": ["ab"]}, None, "grpo")
