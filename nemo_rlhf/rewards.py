@@ -95,7 +95,8 @@ def weighted_rewards(specs: Sequence[str], weights: Sequence[float], task=None) 
 class RewardModelScorer:
     """A reward model as a reward function: a megatron GPT with a scalar head (``value_head``)
     loaded from a checkpoint; the score of a sample is the head's output at its last token.
-    Works at any TP (the head reads the full hidden state on every rank)."""
+    Works at any TP (the head reads the full hidden state on every rank) and PP (the stages run in
+    turn, the last one's scores are broadcast)."""
 
     def __init__(self, path, model_cfg, parallel_cfg, tokenizer, batch_size: int = 64):
         from nemo_rlhf.models.gpt import build_gpt_chunks
@@ -113,8 +114,8 @@ class RewardModelScorer:
     def __call__(self, samples, prompts=None, completions=None, **_):
         import torch
 
-        from nemo_rlhf.models.gpt import gpt_forward
-        from nemo_rlhf.models.heads import DecoderStates, value_head_output
+        from nemo_rlhf.models.heads import value_head_output
+        from nemo_rlhf.modules.engine import lm_across_stages
 
         out = []
         with torch.no_grad():
@@ -124,7 +125,6 @@ class RewardModelScorer:
                 tokens = torch.full((len(ids), int(lengths.max())), self.tokenizer.pad_id, dtype=torch.long)
                 for j, x in enumerate(ids):
                     tokens[j, :len(x)] = torch.tensor(x)
-                _, hidden = gpt_forward(self.model, tokens, torch.arange(tokens.shape[1]).expand_as(tokens), None)
-                values = value_head_output(self.model, DecoderStates(hidden))   # [B, S]
+                _, values = lm_across_stages(self.model, tokens, None, None, value_head_output)   # [B, S]
                 out.extend(values.gather(1, (lengths - 1)[:, None]).squeeze(1).tolist())
         return out

@@ -55,21 +55,24 @@ class ValueHead(torch.nn.Module):
         return self.linear(hidden.float()).squeeze(-1)
 
 
-def _last_stage_only(model: torch.nn.Module, what: str) -> None:
-    if not model.post_process:
-        raise NotImplementedError(f"{what} need the last pipeline stage (pipeline_model_parallel_size=1)")
-
-
-def attach_value_head(model: torch.nn.Module, hidden_size: int) -> ValueHead:
-    """Register ``model.value_head`` on a GPTModel/T5Model (idempotent); returns the head."""
+def attach_value_head(model: torch.nn.Module, hidden_size: int) -> Optional[ValueHead]:
+    """Register ``model.value_head`` on a GPTModel/T5Model (idempotent); returns the head. With
+    pipeline stages only the chunk holding the output layer (the last stage) gets one: None elsewhere
+    (the forward functions pass such a stage's hidden states on, see :func:`has_head`)."""
     if getattr(model, "value_head", None) is not None:
         return model.value_head
-    _last_stage_only(model, "value heads")
+    if not model.post_process:
+        return None
     head = ValueHead(hidden_size)
     if torch.cuda.is_available():
         head.cuda(torch.cuda.current_device())
     model.value_head = head
     return head
+
+
+def has_head(model: torch.nn.Module, name: str = "value_head") -> bool:
+    """Whether this chunk carries head ``name`` (False on pipeline stages before the last)."""
+    return getattr(model, name, None) is not None
 
 
 def value_head_output(model: torch.nn.Module, states: DecoderStates) -> torch.Tensor:
@@ -115,11 +118,13 @@ class ILQLHeads(torch.nn.Module):
         return qs, target_qs, v
 
 
-def attach_ilql_heads(model: torch.nn.Module, two_qs: bool = True) -> ILQLHeads:
-    """Register ``model.ilql_heads`` on a GPTModel/T5Model (idempotent); returns the heads."""
+def attach_ilql_heads(model: torch.nn.Module, two_qs: bool = True) -> Optional[ILQLHeads]:
+    """Register ``model.ilql_heads`` on a GPTModel/T5Model (idempotent); returns the heads. With
+    pipeline stages only the last stage's chunk gets them (None elsewhere), as the value head."""
     if getattr(model, "ilql_heads", None) is not None:
         return model.ilql_heads
-    _last_stage_only(model, "ILQL heads")
+    if not model.post_process:
+        return None
     if model.config.sequence_parallel:
         raise NotImplementedError("ILQL heads do not support sequence_parallel yet")
     heads = ILQLHeads(model.config, model.config.hidden_size, model.vocab_size, two_qs=two_qs)

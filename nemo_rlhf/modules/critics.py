@@ -10,8 +10,8 @@ import torch
 from nemo_rlhf.algorithms.ppo import value_loss
 from nemo_rlhf.config.schema import RunConfig
 from nemo_rlhf.models.gpt import unwrap
-from nemo_rlhf.models.heads import attach_value_head, value_head_output
-from nemo_rlhf.modules.engine import MegatronEngine, lm_forward_with_states
+from nemo_rlhf.models.heads import attach_value_head, has_head, value_head_output
+from nemo_rlhf.modules.engine import MegatronEngine, lm_across_stages, lm_forward_with_states
 
 
 def stats_report(total: torch.Tensor, count: torch.Tensor, stats: Dict[str, torch.Tensor], mask: torch.Tensor):
@@ -27,6 +27,8 @@ def stats_report(total: torch.Tensor, count: torch.Tensor, stats: Dict[str, torc
 
 def critic_forward(batch: Dict[str, torch.Tensor], model, ppo):
     _, states = lm_forward_with_states(model, batch["tokens"], None, batch["loss_mask"], batch.get("pad"))
+    if not has_head(unwrap(model)):   # a pipeline stage before the last: its hidden states go on
+        return states.hidden, None
     values = value_head_output(unwrap(model), states)
     return values, partial(critic_loss, batch, ppo)
 
@@ -62,6 +64,11 @@ class SeparateCritic:
         _, states = lm_forward_with_states(critic, tokens, None, loss_mask, pad)
         return value_head_output(critic, states)
 
+    def values_across_stages(self, policy_values, tokens, pad) -> torch.Tensor:
+        critic = self.engine.module
+        critic.eval()
+        return lm_across_stages(critic, tokens, None, pad, value_head_output)[1]
+
     def train_step(self, batch, micro_batch_size: int, ppo) -> Dict[str, float]:
         stats = self.engine.train_step(batch, micro_batch_size, partial(critic_forward, ppo=ppo))
         return {f"critic/{k}": v for k, v in stats.items()}
@@ -86,6 +93,9 @@ class ValueHeadCritic:
     def values(self, policy_states, tokens, loss_mask, pad) -> torch.Tensor:
         return value_head_output(self.actor.module, policy_states)
 
+    def values_across_stages(self, policy_values, tokens, pad) -> torch.Tensor:
+        return policy_values   # the head ran on the policy's last stage
+
     def train_step(self, batch, micro_batch_size: int, ppo) -> Dict[str, float]:
         return {}
 
@@ -108,6 +118,9 @@ class NoCritic:
     def values(self, policy_states, tokens, loss_mask, pad) -> Optional[torch.Tensor]:
         return None
 
+    def values_across_stages(self, policy_values, tokens, pad) -> Optional[torch.Tensor]:
+        return None
+
     def train_step(self, batch, micro_batch_size: int, ppo) -> Dict[str, float]:
         return {}
 
@@ -118,7 +131,9 @@ class NoCritic:
 CRITICS: Dict[str, type] = {"separate": SeparateCritic, "value_head": ValueHeadCritic, "none": NoCritic}
 """The ppo.critic values -> the critic's class. A class gives ``on_actor`` (a value head on the
 actor and a value term in its loss), ``chunks``, ``load(path)``, ``values(policy_states, tokens,
-loss_mask, pad)`` ([B, T], or None for a critic-free kind), ``train_step(batch, micro_batch_size,
+loss_mask, pad)`` ([B, T], or None for a critic-free kind), ``values_across_stages(policy_values,
+tokens, pad)`` (the same at PP > 1, on every rank; ``policy_values``: the actor's value head's output
+when it has one), ``train_step(batch, micro_batch_size,
 ppo)`` (its stats, "critic/"-prefixed) and ``checkpoint_engines()``."""
 
 

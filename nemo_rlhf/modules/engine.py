@@ -245,18 +245,29 @@ def _gpt_layout(tokens: torch.Tensor, pad: torch.Tensor | None):
     return padded_attention(pad.to(tokens.device), tokens.shape[1])
 
 
-def lm_nll_across_stages(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor,
-                         pad: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-token NLL [B, S] of ``labels`` on every rank, outside megatron's schedule: with PP > 1 the
-    stages run in turn (hidden states sent on) and the last stage's NLL is broadcast to the others.
-    GPT only; the experience pass of the online-RL loop at PP > 1."""
+def lm_across_stages(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor | None,
+                     pad: torch.Tensor | None = None, head: Callable | None = None):
+    """(per-token NLL [B, S] of ``labels`` or None without labels, ``head(model, states)`` [B, S] or
+    None without a head) on every rank, outside megatron's schedule: with PP > 1 the stages run in
+    turn (hidden states sent on) and the last stage's results are broadcast to the others. GPT only;
+    the experience pass of the online-RL loop at PP > 1 (policy log-probs, values, reward scores)."""
     from nemo_rlhf.generation.pipeline import from_last_stage, stage_forward
 
     if pad is not None and not bool((pad > 0).any()):
         pad = None
     attention_mask, position_ids = _gpt_layout(tokens, pad)
-    nll, _ = stage_forward(unwrap(model), tokens, position_ids, attention_mask, labels=labels)
-    return from_last_stage(None if nll is None else nll.float(), tuple(tokens.shape), device=tokens.device)
+    gpt = unwrap(model)
+    out, hidden = stage_forward(gpt, tokens, position_ids, attention_mask, labels=labels)
+    last = hidden is not None
+    results = []
+    if labels is not None:
+        results.append(out.float() if last else None)
+    if head is not None:
+        results.append(head(gpt, DecoderStates(hidden)).float() if last else None)
+    shape = (len(results), *tokens.shape)
+    shared = from_last_stage(torch.stack(results) if last else None, shape, device=tokens.device)
+    shared = iter(shared)
+    return (next(shared) if labels is not None else None), (next(shared) if head is not None else None)
 
 
 def lm_forward(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor,

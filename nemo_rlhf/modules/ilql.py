@@ -14,7 +14,7 @@ from nemo_rlhf.config.schema import RunConfig
 from nemo_rlhf.data.ilql import ILQLDataset
 from nemo_rlhf.logging import get_logger
 from nemo_rlhf.models.gpt import unwrap
-from nemo_rlhf.models.heads import DecoderStates, attach_ilql_heads, ilql_heads_output
+from nemo_rlhf.models.heads import DecoderStates, attach_ilql_heads, has_head, ilql_heads_output
 from nemo_rlhf.modules.engine import MegatronEngine, lm_forward_with_states
 from nemo_rlhf.modules.loop import dp_loader, end_of_step, record_eval, save_engine, TrainingSystem
 from nemo_rlhf.modules.run_dir import RunDirectory
@@ -24,6 +24,8 @@ log = get_logger(__name__)
 
 def ilql_forward(batch: Dict[str, torch.Tensor], model, cfg):
     nll, states = lm_forward_with_states(model, batch["tokens"], batch["labels"], batch["loss_mask"])
+    if not has_head(unwrap(model), "ilql_heads"):   # a stage before the last: its hidden states go on
+        return nll, None
     heads = ilql_heads_output(unwrap(model), states)
     return nll, partial(ilql_loss_func, batch, cfg, heads)
 
@@ -71,9 +73,10 @@ class ILQLModule(TrainingSystem):
         stats = self.engine.train_step(batch, self.cfg.trainer.micro_batch_size, partial(ilql_forward, cfg=self.ilql))
         self.step += 1
         if self.step % self.ilql.steps_for_target_q_sync == 0:
-            heads = self.engine.module.ilql_heads
-            for target, q in zip(heads.target_q_heads, heads.q_heads):
-                polyak_update(target, q, self.ilql.target_sync_rate)
+            for chunk in self.engine.chunks:   # the heads live on the last pipeline stage's last chunk
+                heads = getattr(unwrap(chunk), "ilql_heads", None)
+                for target, q in zip(heads.target_q_heads, heads.q_heads) if heads is not None else ():
+                    polyak_update(target, q, self.ilql.target_sync_rate)
         end_of_step(self, stats)
 
     def evaluate(self) -> Dict[str, Any]:

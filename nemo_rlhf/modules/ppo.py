@@ -26,10 +26,10 @@ from nemo_rlhf.algorithms.reductions import INITIAL_MOMENTS, Moments, moments_st
 from nemo_rlhf.config.schema import RunConfig
 from nemo_rlhf.logging import get_logger
 from nemo_rlhf.models.gpt import unwrap
-from nemo_rlhf.models.heads import attach_value_head, value_head_output
+from nemo_rlhf.models.heads import attach_value_head, has_head, value_head_output
 from nemo_rlhf.modules.critics import CRITICS, stats_report  # noqa: F401  (CRITICS: the ppo.critic table)
 from nemo_rlhf.modules.engine import (MegatronEngine, build_chunks, lm_forward, lm_forward_with_states,
-                                      lm_nll_across_stages)
+                                      lm_across_stages)
 from nemo_rlhf.modules.loop import dp_loader, end_of_step, record_eval, save_engine, TrainingSystem
 from nemo_rlhf.modules.rollouts import (PromptDataset, concat_rollouts, sample_rollouts, score_rollouts,
                                         trim_left_padding)
@@ -63,7 +63,8 @@ class Rollout:
 
 def actor_forward(batch: Dict[str, torch.Tensor], model, ppo, with_value: bool, max_length: int = 0):
     nll, states = lm_forward_with_states(model, batch["tokens"], batch["labels"], batch["loss_mask"], batch.get("pad"))
-    values = value_head_output(unwrap(model), states) if with_value else None
+    # (before the last pipeline stage, ``nll`` is the stage's hidden output and the loss is not called)
+    values = value_head_output(unwrap(model), states) if with_value and has_head(unwrap(model)) else None
     return nll, partial(actor_loss, batch, ppo, values, max_length=max_length)
 
 
@@ -231,10 +232,12 @@ class PPOModule(TrainingSystem):
             scores = scores / moments_std(self.reward_moments)
         policy = self.actor.module
         policy.eval()
-        if self.pipelined:   # critic-free at PP > 1: the stages run in turn, every rank gets the NLL
-            logprobs = -lm_nll_across_stages(policy, inputs, labels, pad)
-            ref_logprobs = -lm_nll_across_stages(self.reference, inputs, labels, pad)
-            values = None
+        if self.pipelined:   # the stages run in turn, every rank gets the last stage's NLL and values
+            nll, head_values = lm_across_stages(policy, inputs, labels, pad,
+                                                value_head_output if self.critic.on_actor else None)
+            logprobs = -nll
+            values = self.critic.values_across_stages(head_values, inputs, pad)
+            ref_logprobs = -lm_across_stages(self.reference, inputs, labels, pad)[0]
         else:
             nll, states = lm_forward_with_states(policy, inputs, labels, mask, pad)
             logprobs = -nll.float()

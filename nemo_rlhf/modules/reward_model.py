@@ -13,30 +13,42 @@ from nemo_rlhf.config.schema import RunConfig
 from nemo_rlhf.data.preference import PreferenceDataset
 from nemo_rlhf.logging import get_logger
 from nemo_rlhf.models.gpt import gpt_forward, unwrap
-from nemo_rlhf.models.heads import DecoderStates, attach_value_head, value_head_output
-from nemo_rlhf.modules.engine import MegatronEngine
+from nemo_rlhf.models.heads import DecoderStates, attach_value_head, has_head, value_head_output
+from nemo_rlhf.modules.engine import MegatronEngine, lm_across_stages
 from nemo_rlhf.modules.loop import dp_loader, end_of_step, record_eval, save_engine, TrainingSystem
 from nemo_rlhf.modules.run_dir import RunDirectory
 
 log = get_logger(__name__)
 
 
+def _last_completion_values(values: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """[N, S] -> [N]: the head's output at the last completion token (label t is token t + 1, so the
+    last completion token sits at the input position of the last 1 of ``loss_mask``)."""
+    s = loss_mask.shape[-1]
+    last = (loss_mask * torch.arange(s, device=loss_mask.device)).argmax(-1)
+    return values.gather(1, last[:, None]).squeeze(1)
+
+
 def pair_rewards(model, tokens, loss_mask) -> torch.Tensor:
     """[b, 2, S] -> rewards [b, 2]: the head's output at the last completion token (where the
-    input holds the whole prompt + completion, as RewardModelScorer reads samples)."""
+    input holds the whole prompt + completion, as RewardModelScorer reads samples); forward only,
+    across pipeline stages (every rank gets the rewards)."""
     b, two, s = tokens.shape
-    flat = tokens.reshape(b * two, s)
-    gpt = unwrap(model)
-    _, hidden = gpt_forward(gpt, flat, torch.arange(s, device=flat.device).expand_as(flat), None)
-    values = value_head_output(gpt, DecoderStates(hidden))                     # [2b, S]
-    mask = loss_mask.reshape(b * two, s)
-    last = (mask * torch.arange(s, device=mask.device)).argmax(-1)             # last completion label pos
-    # label t is token t + 1: the last completion token sits at input position `last`
-    return values.gather(1, last[:, None]).squeeze(1).view(b, two)
+    _, values = lm_across_stages(model, tokens.reshape(b * two, s), None, None, value_head_output)
+    return _last_completion_values(values, loss_mask.reshape(b * two, s)).view(b, two)
 
 
 def rm_forward(batch, model, margin: float):
-    rewards = pair_rewards(model, batch["tokens"], batch["loss_mask"])
+    """Megatron forward step: rewards [b, 2] and the loss on the last pipeline stage (a stage before
+    it returns its hidden states for the schedule to send on)."""
+    b, two, s = batch["tokens"].shape
+    flat = batch["tokens"].reshape(b * two, s)
+    gpt = unwrap(model)
+    out, hidden = gpt_forward(gpt, flat, torch.arange(s, device=flat.device).expand_as(flat), None)
+    if not has_head(gpt):
+        return out, None
+    values = value_head_output(gpt, DecoderStates(hidden))                     # [2b, S]
+    rewards = _last_completion_values(values, batch["loss_mask"].reshape(b * two, s)).view(b, two)
     return rewards, partial(rm_loss_func, margin)
 
 

@@ -75,6 +75,8 @@ def build(ctx: RunContext, rcfg: RunConfig, block: ILQLConfig, dataset, rd, conf
     task, tok = ctx.task, ctx.tokenizer
 
     def evaluate_fn(engine, step):
+        if rcfg.parallel.virtual_pipeline_model_parallel_size:
+            return {}   # the sampler runs one chunk per pipeline stage
         gpt, gen = engine.module, rcfg.generation
         common = dict(seed=rcfg.trainer.seed + step, temperature=gen.temperature, top_k=block.gen_top_k,
                       max_new_tokens=gen.max_new_tokens)

@@ -148,19 +148,13 @@ class PPOData:
 
 
 def layout_problem(rcfg: RunConfig) -> Optional[str]:
-    """At PP > 1 the loop runs critic-free (generation and the experience pass go across the
-    stages; value heads on a pipeline are not supported yet), without virtual stages or a reward model."""
-    p, block = rcfg.parallel, rcfg.ppo
-    if p.pipeline_model_parallel_size == 1:
-        return None
-    if block.critic != "none":
-        return (f"ppo.critic={block.critic} needs parallel.pipeline_model_parallel_size=1 (value heads on a "
-                f"pipeline are not supported yet); the critic-free estimators (ppo.critic=none with "
-                f"advantage_estimator=grpo|rloo|reinforce++) run at PP > 1")
-    if p.virtual_pipeline_model_parallel_size:
-        return "rollouts need parallel.virtual_pipeline_model_parallel_size=null (no virtual stages)"
-    if block.reward_model is not None:
-        return "ppo.reward_model needs parallel.pipeline_model_parallel_size=1 (use a reward_fn)"
+    """At PP > 1 generation, the experience pass (log-probs, values, reward-model scores) and the
+    updates go across the stages (value heads sit on the last one); the sampler runs one model chunk
+    per stage, so no virtual stages."""
+    p = rcfg.parallel
+    if p.pipeline_model_parallel_size > 1 and p.virtual_pipeline_model_parallel_size:
+        return ("rollouts need parallel.virtual_pipeline_model_parallel_size=null (the sampler runs one model "
+                "chunk per pipeline stage)")
     return None
 
 

@@ -23,12 +23,17 @@ computed on each rank from the same weights and the same batch of randomwalks da
              from TP=2, transformers reloads it with our logits
   dpo_* / kto_*  a DPO / KTO step at TP=2, PP=2 and DP=2 (micro-batches of 1) equals TP=1 (KTO's
              reference point z0 comes from the whole global batch, whatever the split)
+  {actor,critic,rm,ilql}_pp2[_vpp2]  a step of the trainers whose heads sit on the last pipeline stage
+             (PPO's actor with a value head, PPO's separate critic, the reward model, ILQL) at PP=2 and
+             PP=2 x VPP=2 equals the single-process step (4-layer model); gradients of every stage are
+             gathered over the pipeline group, so rank 0 compares all of them
 Rank 0 writes {check: {metric: value}} to OUT.json; the pytest side asserts on the numbers.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import tempfile
 import traceback
@@ -50,6 +55,7 @@ from nemo_rlhf.recipes.ppo import PPOConfig
 from nemo_rlhf.tasks.randomwalks import RandomWalks
 
 MODEL = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128, seq_length=16)
+MODEL4 = dataclasses.replace(MODEL, num_layers=4)   # 4 layers: PP=2 x VPP=2 gives each chunk one
 # SGD: the parameter update is lr * grad, so "params after one step" compares the whole step
 # (DDP reduce, finalize, optimizer) without Adam's g / sqrt(v) amplifying 1e-8 noise in tiny grads.
 OPTIM = OptimConfig(name="sgd", lr=0.5, clip_grad=0.0)
@@ -80,14 +86,15 @@ def engine_for(parallel: ParallelConfig, vocab: int, seed: int = 7, optim: Optim
     return MegatronEngine(MODEL, parallel, optim, vocab, max_steps=10)
 
 
-def named_params(engine: MegatronEngine):
-    """(name in the single-process model, param) for this rank's chunks."""
+def named_params(engine: MegatronEngine, model: ModelConfig = None):
+    """(name in the single-process model, param) for this rank's chunks (of a ``model``-shaped GPT,
+    default MODEL)."""
     from megatron.core import parallel_state as ps
 
     from nemo_rlhf.models.gpt import unwrap
 
     pp_rank, pp = ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size()
-    per_chunk = MODEL.num_layers // (pp * len(engine.chunks))
+    per_chunk = (model or MODEL).num_layers // (pp * len(engine.chunks))
     for v, chunk in enumerate(engine.chunks):
         for name, p in unwrap(chunk).named_parameters():
             if name.startswith("decoder.layers."):
@@ -112,12 +119,12 @@ def tp_full(p: torch.Tensor, param) -> torch.Tensor:
     return torch.cat(parts, dim=param.partition_dim)
 
 
-def load_reference_weights(engine: MegatronEngine, ref_params):
+def load_reference_weights(engine: MegatronEngine, ref_params, model: ModelConfig = None):
     from megatron.core import parallel_state as ps
 
     tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     with torch.no_grad():
-        for name, p in named_params(engine):
+        for name, p in named_params(engine, model):
             full = ref_params[name]
             if tp > 1 and getattr(p, "tensor_model_parallel", False):
                 full = full.chunk(tp, dim=p.partition_dim)[rank]
@@ -218,7 +225,11 @@ def main(out_path):
     vocab = tok.vocab_size
     results = {}
 
+    only = [p for p in os.environ.get("PARALLEL_CHECKS", "").split(",") if p]   # developers: a subset by prefix
+
     def check(name, fn):
+        if only and not any(name.startswith(p) for p in only):
+            return
         try:
             results[name] = fn()
         except Exception as e:  # report, keep going with the other checks
@@ -615,6 +626,79 @@ def main(out_path):
     ilql_ref = {}
     check("ilql_tp1", lambda: ilql_tp(1))
     check("ilql_tp2", lambda: ilql_tp(2))
+
+    def head_step(kind, parallel, mbs=BATCH // 2):
+        """One step of a trainer whose head sits on the last pipeline stage, on a 4-layer model:
+        ``actor`` (PPO clipped loss + value loss on a value head), ``critic`` (PPO's separate critic:
+        the value loss), ``rm`` (reward model, Bradley-Terry on 4 pairs), ``ilql``. Returns the step's
+        stats and the full gradients of every stage (gathered over the pipeline group, on every rank)."""
+        from megatron.core import parallel_state as ps
+
+        from nemo_rlhf.data.ilql import ILQLDataset
+        from nemo_rlhf.data.preference import PreferenceDataset, randomwalk_pairs
+        from nemo_rlhf.models.heads import attach_ilql_heads, attach_value_head
+        from nemo_rlhf.modules.critics import critic_forward
+        from nemo_rlhf.modules.ilql import ilql_forward
+        from nemo_rlhf.modules.ppo import actor_forward
+        from nemo_rlhf.modules.reward_model import rm_forward
+
+        initialize_model_parallel(parallel, seed=7)
+        torch.manual_seed(7)
+        setup = (lambda g: attach_ilql_heads(g)) if kind == "ilql" else (lambda g: attach_value_head(g, MODEL4.hidden_size))
+        engine = MegatronEngine(MODEL4, parallel, OPTIM, vocab, max_steps=10, setup=setup)
+        if kind not in head_ref:   # the single-process run: its weights (heads with a random init) for every layout
+            head_ref[kind] = {"params": {n: tp_full(p, p) for n, p in named_params(engine, MODEL4)}}
+            if kind != "ilql":
+                head_ref[kind]["params"]["value_head.linear.weight"] = 0.1 * torch.randn(
+                    1, MODEL4.hidden_size, generator=torch.Generator().manual_seed(11))
+        load_reference_weights(engine, head_ref[kind]["params"], MODEL4)
+        g = torch.Generator().manual_seed(3)
+        mask = batch["loss_mask"]
+        if kind in ("actor", "critic"):
+            data = {"tokens": batch["tokens"], "labels": batch["labels"], "loss_mask": mask,
+                    "logprobs": (-3 + 0.3 * torch.randn(mask.shape, generator=g)) * mask,
+                    "advantages": torch.randn(mask.shape, generator=g) * mask,
+                    "values": 0.1 * torch.randn(mask.shape, generator=g) * mask,
+                    "returns": torch.randn(mask.shape, generator=g) * mask}
+            fwd = partial(actor_forward, ppo=PPO, with_value=True) if kind == "actor" else partial(critic_forward, ppo=PPO)
+        elif kind == "rm":
+            ds = PreferenceDataset.build(randomwalk_pairs(RandomWalks(seed=1000), tok, 4, seed=0), MODEL4.seq_length,
+                                         tok.pad_id, tok.eos_id)
+            data, fwd, mbs = {"tokens": ds.tokens, "labels": ds.labels, "loss_mask": ds.loss_mask}, \
+                partial(rm_forward, margin=0.0), 2
+        else:
+            walks = RandomWalks(seed=1000).walks[:BATCH]
+            task = RandomWalks(seed=1000)
+            ds = ILQLDataset.build([task.walk_text(w) for w in walks], [task.walk_optimality(w) for w in walks],
+                                   tok, MODEL4.seq_length)
+            data = {k: getattr(ds, k) for k in ("tokens", "labels", "loss_mask", "rewards", "next_nonterminal")}
+            fwd = partial(ilql_forward, cfg=ILQLConfig())
+        stats = engine.forward_backward(data, mbs, fwd)
+        local = {n: tp_full(p.main_grad, p) for n, p in named_params(engine, MODEL4) if hasattr(p, "main_grad")}
+        parts = [None] * ps.get_pipeline_model_parallel_world_size()
+        dist.all_gather_object(parts, local, group=ps.get_pipeline_model_parallel_group())
+        grads = {n: t for part in parts for n, t in part.items()}
+        return stats, grads
+
+    def head_check(kind, parallel):
+        stats, grads = head_step(kind, parallel)
+        if parallel == ParallelConfig():
+            head_ref[kind].update(stats=stats, grads=grads)
+            return {k: v for k, v in stats.items()}
+        ref_stats, ref_grads = head_ref[kind]["stats"], head_ref[kind]["grads"]
+        head = "ilql_heads.v_head.weight" if kind == "ilql" else "value_head.linear.weight"
+        return {"max_stat_abs_diff": max(abs(stats[k] - ref_stats[k]) for k in ref_stats if k not in COUNTS),
+                "grad_max_abs_diff": max(float((grads[n] - ref_grads[n]).abs().max()) for n in ref_grads),
+                "missing_grads": sorted(set(ref_grads) - set(grads)),
+                "head_grad_norm": float(grads[head].norm()), "n_grads": len(grads)}
+
+    head_ref = {}
+    pp2, pp2_vpp2 = (ParallelConfig(pipeline_model_parallel_size=2),
+                     ParallelConfig(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2))
+    for kind in ("actor", "critic", "rm", "ilql"):
+        check(f"{kind}_pp1_4layers", lambda: head_check(kind, ParallelConfig()))
+        check(f"{kind}_pp2", lambda: head_check(kind, pp2))
+        check(f"{kind}_pp2_vpp2", lambda: head_check(kind, pp2_vpp2))
     check("gen_tp1", lambda: gen(1))
     check("gen_tp2", lambda: gen(2))
     check("gen_pp2", gen_pp2)

@@ -167,6 +167,21 @@ def test_ilql_step_tp2_equals_tp1(results):
     assert r["q_head_grad_norm"] > 1e-4 and r["v_head_grad_norm"] > 1e-4
 
 
+@pytest.mark.parametrize("kind", ["actor", "critic", "rm", "ilql"])
+@pytest.mark.parametrize("layout", ["pp2", "pp2_vpp2"])
+def test_head_trainers_at_pp2_and_vpp2_equal_the_single_process_step(results, kind, layout):
+    """PPO's actor with a value head, PPO's separate critic, the reward model and ILQL: their heads sit
+    on the last pipeline stage; the step's stats and every stage's gradients (gathered over the
+    pipeline group) equal the single-process step on the same 4-layer weights."""
+    base = _ok(results, f"{kind}_pp1_4layers")
+    assert base["loss"] != 0.0
+    r = _ok(results, f"{kind}_{layout}")
+    assert r["missing_grads"] == [] and r["n_grads"] > 10
+    assert r["max_stat_abs_diff"] < 1e-5, r
+    assert r["grad_max_abs_diff"] < 1e-6, r
+    assert r["head_grad_norm"] > 1e-4                        # the loss reached the head on the last stage
+
+
 @pytest.mark.parametrize("name", ["dpo_tp2", "dpo_pp2", "dpo_dp2"])
 def test_dpo_step_tp2_pp2_and_dp2_equal_tp1(results, name):
     base = _ok(results, "dpo_tp1")

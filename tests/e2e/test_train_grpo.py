@@ -120,8 +120,30 @@ def test_grpo_at_pp2_equals_the_single_process_run(tmp_path):
     assert abs(sa["final"]["optimality"] - sb["final"]["optimality"]) < 0.02
 
 
-def test_value_critics_are_refused_at_pp2_with_the_way_out(tmp_path):
-    proc = train([f"hydra.run.dir={tmp_path / 'a'}", "parallel=pp2"], config="ppo_tiny")
-    assert proc.returncode == 2
-    assert "ppo.critic=separate needs parallel.pipeline_model_parallel_size=1" in proc.stderr
-    assert "ppo.critic=none" in proc.stderr
+@pytest.mark.distributed
+def test_ppo_with_value_critics_at_pp2_equals_the_single_process_run(tmp_path):
+    """PPO with a separate critic and with a value head at PP=2: values on the last stage, broadcast
+    for GAE, critic and actor updates through the pipeline schedule; the same rewards, losses, KL and
+    values as one process, and it resumes at PP=2."""
+    sft = tmp_path / "sft"
+    _ok(train([f"hydra.run.dir={sft}", "trainer.max_steps=100", "trainer.eval_every_n_steps=0",
+               "trainer.progress_bar=false"]))
+    common = ["trainer.max_steps=2", "trainer.eval_every_n_steps=0", "trainer.progress_bar=false",
+              "trainer.log_every_n_steps=1", "trainer.checkpoint_every_n_steps=0", "task.eval_samples_per_start=4",
+              "ppo.num_rollouts=32", "ppo.ppo_epochs=2", "ppo.num_minibatches=2", "trainer.micro_batch_size=8",
+              f"model.path={sft / 'checkpoints' / 'step_0000100'}"]
+    for critic in ("separate", "value_head"):
+        single, multi = tmp_path / f"single_{critic}", tmp_path / f"pp2_{critic}"
+        _ok(train([f"hydra.run.dir={single}", *common, f"ppo.critic={critic}"], config="ppo_tiny"))
+        _ok(torchrun(["-m", "nemo_rlhf.train", "--config-name", "ppo_tiny", f"hydra.run.dir={multi}", *common,
+                      f"ppo.critic={critic}", "parallel=pp2"]))
+        a, b = _train_rows(single), _train_rows(multi)
+        assert [r["step"] for r in b] == [1, 2]
+        for ra, rb in zip(a, b):
+            assert ra["reward_mean"] == rb["reward_mean"], critic                # the same rollouts
+            keys = ["actor/loss", "kl", "values_mean", "returns_mean", "entropy"]
+            keys += ["critic/loss"] if critic == "separate" else ["actor/value_loss"]
+            for key in keys:
+                assert abs(ra[key] - rb[key]) < 1e-5, (critic, ra["step"], key, ra[key], rb[key])
+        sa, sb = _summary(single), _summary(multi)
+        assert sb["layout"]["pp"] == 2 and sa["final"]["optimality_greedy"] == sb["final"]["optimality_greedy"]

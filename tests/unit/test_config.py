@@ -94,7 +94,8 @@ def test_cli_reports_bad_layout_and_unknown_key(tmp_path):
 
 
 @pytest.mark.parametrize("name, overrides, message", [
-    ("ppo_tiny", ["parallel=pp2"], "algorithm.name=ppo: ppo.critic=separate needs parallel.pipeline_model_parallel_size=1"),
+    ("ppo_tiny", ["parallel=pp2_vpp2", "model.num_layers=4"], "algorithm.name=ppo: rollouts need parallel.virtual_pipeline_model_parallel_size=null"),
+    ("rft_tiny", ["parallel=pp2_vpp2", "model.num_layers=4"], "algorithm.name=rft: sampling needs parallel.virtual_pipeline_model_parallel_size=null"),
     ("grpo_tiny", ["parallel=pp2_vpp2", "model.num_layers=4"], "rollouts need parallel.virtual_pipeline_model_parallel_size=null"),
     ("ilql_tiny", ["parallel=tp2_sp"], "algorithm.name=ilql needs parallel.sequence_parallel=false"),
     ("rm_tiny", ["model=t5_tiny"], "model.arch=t5 supports algorithm.name sft|ppo|ilql|dpo|kto, got 'rm'"),
