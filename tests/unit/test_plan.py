@@ -9,7 +9,7 @@ import torch
 from nemo_rlhf.config.schema import ConfigError, ModelConfig, ParallelConfig
 from nemo_rlhf.plan import PlanOptions, compose, main, plan, vocab_size_of
 from nemo_rlhf.planning.memory import (
-    GIB, activation_elements_per_layer, estimate_memory, in_flight_microbatches, param_count,
+    GIB, activation_elements_per_layer, estimate_memory, in_flight_microbatches, param_count, with_overrides,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -175,15 +175,20 @@ def test_ppo_20b_fits_80gb(capsys):
     assert "reference policy (frozen)" in out and "rollout KV cache" in out
 
 
-def test_grpo_70b_runs_across_pipeline_stages_within_65_gib(capsys):
-    """Critic-free, so GRPO may use pipeline stages: TP=8 x PP=2 on 16 nodes holds half of the policy
-    and reference that ppo_70b's TP=8-only layout holds per GPU (the planner: ~50 vs ~74 GiB)."""
-    grpo, ppo = compose("grpo_70b"), compose("ppo_70b")
-    assert grpo.parallel.pipeline_model_parallel_size == 2 and grpo.ppo.critic == "none"
-    est_grpo, _ = plan(grpo, PlanOptions(), 32000)
-    est_ppo, _ = plan(ppo, PlanOptions(), 32000)
-    assert est_grpo.fits and est_grpo.total_bytes / GIB <= 65
-    assert est_grpo.params.rank_max < 0.51 * est_ppo.params.rank_max
+def test_70b_online_rl_runs_across_pipeline_stages_within_65_gib(capsys):
+    """ppo_70b with a separate critic at TP=8 x PP=4 on 16 nodes, grpo_70b at TP=8 x PP=2: both within
+    65 GiB per 80 GB GPU; at PP=1 (TP=8 only) PPO needed 32 nodes and a value-head critic (~74 GiB),
+    and a separate critic does not fit there at all."""
+    ppo, grpo = compose("ppo_70b"), compose("grpo_70b")
+    assert (ppo.parallel.pipeline_model_parallel_size, ppo.ppo.critic, ppo.trainer.num_nodes) == (4, "separate", 16)
+    assert (grpo.parallel.pipeline_model_parallel_size, grpo.ppo.critic) == (2, "none")
+    for cfg in (ppo, grpo):
+        est, _ = plan(cfg, PlanOptions(), 32000)
+        assert est.fits and est.total_bytes / GIB <= 65, est.total_bytes / GIB
+    flat = with_overrides(ppo, parallel={"pipeline_model_parallel_size": 1}, trainer={"num_nodes": 32})
+    assert not plan(flat, PlanOptions(), 32000)[0].fits
+    code, out = _run(capsys, "--config-name", "ppo_70b")
+    assert code == 0 and "TP=8 PP=4" in out and "critic optimizer states" in out, out
     code, out = _run(capsys, "--config-name", "grpo_70b")
     assert code == 0 and "TP=8 PP=2" in out and "critic" not in out, out
 
