@@ -83,7 +83,9 @@ class RunDirectory:
     def write_summary(self, initial: Dict[str, Any], final: Dict[str, Any], extra: Dict[str, Any]) -> None:
         if not is_rank_zero():
             return
-        summary = {"initial": initial, "final": final, **extra}
+        train = self.read_metrics("train")
+        # the last train record (rewards, KL, clip fractions, throughput, ...) next to the evaluations
+        summary = {"initial": initial, "final": final, **extra, "last_train": train[-1] if train else None}
         tmp = self.path / "summary.json.tmp"
         tmp.write_text(json.dumps(summary, indent=2, default=str))
         os.replace(tmp, self.path / "summary.json")

@@ -174,7 +174,9 @@ def prepare(ctx: RunContext, rcfg: RunConfig, block: PPOConfig, reward_fn=None, 
     elif prompt_ids is None:  # the task's prompts (randomwalks: the start node of each walk, as trlX)
         prompt_ids = encode_prompts(ctx.tokenizer, ctx.task.prompts(), room, f"task {ctx.task.name}'s prompts")
     eval_ids = None if eval_prompts is None else encode_prompts(ctx.tokenizer, eval_prompts, room, "eval_prompts")
-    return PPOData(prompt_ids, reward_fn, eval_ids, {"num_prompts": len(prompt_ids), **extra})
+    # which row of the online-RL loop ran (GRPO / RLOO / ... are presets of the ppo: block)
+    rows = {k: getattr(block, k) for k in ("advantage_estimator", "critic", "policy_loss") if hasattr(block, k)}
+    return PPOData(prompt_ids, reward_fn, eval_ids, {"num_prompts": len(prompt_ids), **rows, **extra})
 
 
 def build(ctx: RunContext, rcfg: RunConfig, block: PPOConfig, data: PPOData, rd, config_yaml: str) -> Job:

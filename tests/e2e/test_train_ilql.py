@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from tests.conftest import train
+from tests.conftest import torchrun, train
 
 pytestmark = pytest.mark.slow
 
@@ -24,6 +24,21 @@ def test_ilql_tiny_beats_the_behaviour_data_and_beta_zero(tmp_path):
     assert final["optimality"] >= behaviour + 0.15            # the issue's bar
     assert final["optimality"] > final["optimality_beta0"]
     assert final["valid_rate"] >= 0.9
+
+
+@pytest.mark.distributed
+def test_ilql_tiny_at_pp2_reaches_the_single_process_quality(tmp_path):
+    """ILQL's Q / target-Q / V heads on the last of two pipeline stages (the step itself equals the
+    single-process step in tests/distributed; the random initialisation differs with the layout)."""
+    run = tmp_path / "ilql_pp2"
+    _ok(torchrun(["-m", "nemo_rlhf.train", "--config-name", "ilql_tiny", f"hydra.run.dir={run}", "parallel=pp2",
+                  "trainer.progress_bar=false", "trainer.max_steps=600", "trainer.eval_every_n_steps=0",
+                  "trainer.checkpoint_every_n_steps=0"]))
+    s = json.loads((run / "summary.json").read_text())
+    final = s["final"]
+    assert s["layout"]["pp"] == 2
+    assert final["optimality"] >= final["behaviour_optimality"] + 0.15   # the single-process bar above
+    assert final["optimality"] > final["optimality_beta0"] and final["valid_rate"] >= 0.9
 
 
 def test_ilql_from_a_jsonl_file_and_malformed_file(tmp_path):
