@@ -79,35 +79,28 @@ class Arithmetic:
         return [float(self.is_correct(s)) for s in samples]
 
     def evaluate(self, model, tokenizer, samples_per_start: int, seed: int, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0, max_new_tokens=None, logits_processor=None, suffix: str = "") -> Dict[str, float]:
-        """Held-out accuracy of temperature samples and of greedy decoding (``logits_processor``: as
-        generation.sampling.generate takes it, e.g. ILQL's)."""
-        import torch
+                 top_k: int = 0, top_p: float = 1.0, max_new_tokens=None, logits_processor=None,
+                 suffix: str = "") -> Dict[str, float]:
+        """Held-out accuracy of temperature samples and of greedy decoding, sharded over data-parallel
+        ranks with the same result at any layout (nemo_rlhf/tasks/sharded.py); ``logits_processor``:
+        as generation.sampling.generate takes it, e.g. ILQL's."""
+        from nemo_rlhf.generation.sampling import SamplingParams
+        from nemo_rlhf.tasks.sharded import sharded_sums
 
-        from nemo_rlhf.generation.sampling import SamplingParams, generate, left_pad
-
-        device = next(model.parameters()).device
-        texts = [self.question(p) for p in self.eval_problems]
-        ids, lengths = left_pad([tokenizer.encode(t) for t in texts], tokenizer.pad_id)
-        ids, lengths = ids.to(device), lengths.to(device)
         base = dict(max_new_tokens=max_new_tokens or self.max_length, eos_id=tokenizer.eos_id,
                     pad_id=tokenizer.pad_id)
-        gen = torch.Generator(device=device).manual_seed(seed)
-        k = samples_per_start
-        with torch.no_grad():
-            sampled = generate(model, ids.repeat_interleave(k, 0), SamplingParams(
-                temperature=temperature, top_k=top_k, top_p=top_p, **base), generator=gen,
-                vocab_size=tokenizer.vocab_size, prompt_lengths=lengths.repeat_interleave(k, 0),
-                logits_processor=logits_processor)
-            greedy = generate(model, ids, SamplingParams(greedy=True, **base), vocab_size=tokenizer.vocab_size,
-                              prompt_lengths=lengths, logits_processor=logits_processor)
 
-        def accuracy(out, prompts) -> float:
-            done = [tokenizer.decode(c[m.bool()].tolist()) for c, m in zip(out.completions, out.mask)]
-            return float(np.mean([self.is_correct(p + c) for p, c in zip(prompts, done)]))
+        def accuracy(problems, params) -> float:
+            texts = [self.question(p) for p in problems]
+            score = lambda i, ids: (float(self.is_correct(texts[i] + tokenizer.decode(ids))),)
+            total = sharded_sums(model, [tokenizer.encode(t) for t in texts], params, seed, score, 1,
+                                 tokenizer.vocab_size, logits_processor)
+            return total[0] / max(total[1], 1.0)
 
-        return {f"accuracy{suffix}": accuracy(sampled, [t for t in texts for _ in range(k)]),
-                f"accuracy{suffix}_greedy": accuracy(greedy, texts)}
+        sampled = [p for p in self.eval_problems for _ in range(samples_per_start)]
+        return {f"accuracy{suffix}": accuracy(sampled, SamplingParams(temperature=temperature, top_k=top_k,
+                                                                        top_p=top_p, **base)),
+                f"accuracy{suffix}_greedy": accuracy(self.eval_problems, SamplingParams(greedy=True, **base))}
 
 
 def question(problem: Tuple[int, str, int], width: int) -> str:

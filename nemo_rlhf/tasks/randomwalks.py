@@ -113,41 +113,35 @@ class RandomWalks:
     def evaluate(self, model, tokenizer, samples_per_start: int, seed: int, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, max_new_tokens: Optional[int] = None, logits_processor=None,
                  suffix: str = "") -> Dict[str, float]:
-        """``optimality``/``valid_rate`` from temperature samples (``samples_per_start`` per start)
-        and ``optimality_greedy``/``valid_rate_greedy`` from greedy decoding, over the start nodes
-        from which the goal is reachable in fewer than max_length nodes. The sampling generator is
-        private (seeded by ``seed``), so evaluation never perturbs the training RNG stream."""
-        import torch
+        """``optimality``/``valid_rate``/``length`` of temperature samples (``samples_per_start`` per
+        start) and ``..._greedy`` of greedy decoding, over the start nodes from which the goal is
+        reachable in fewer than max_length nodes; sharded over data-parallel ranks with the same
+        result at any layout (nemo_rlhf/tasks/sharded.py). The sampling generators are private
+        (seeded by ``seed``), so evaluation never perturbs the training RNG stream."""
+        from nemo_rlhf.generation.sampling import SamplingParams
+        from nemo_rlhf.tasks.sharded import sharded_sums
 
-        from nemo_rlhf.generation.sampling import SamplingParams, generate
-
-        device = next(model.parameters()).device
-        starts = self.eval_starts
-        prompts = torch.tensor([[tokenizer.ids[node_name(s)]] for s in starts], device=device)
         base = dict(max_new_tokens=max_new_tokens or self.max_length, eos_id=tokenizer.eos_id,
                     pad_id=tokenizer.pad_id)   # max_length - 1 more nodes, then EOS
-        with torch.no_grad():
-            sampled = generate(model, prompts.repeat_interleave(samples_per_start, 0),
-                               SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, **base),
-                               generator=torch.Generator(device=device).manual_seed(seed),
-                               vocab_size=tokenizer.vocab_size, logits_processor=logits_processor)
-            greedy = generate(model, prompts, SamplingParams(greedy=True, **base), vocab_size=tokenizer.vocab_size,
-                              logits_processor=logits_processor)
-        sample_starts = [s for s in starts for _ in range(samples_per_start)]
-        metrics = self.summarize(self._score_generated(tokenizer, sample_starts, sampled), suffix=suffix)
-        metrics.update(self.summarize(self._score_generated(tokenizer, starts, greedy), suffix=suffix + "_greedy"))
+
+        def run(starts, params, name):
+            def score(i, ids):
+                ended = len(ids) > 0 and ids[-1] == tokenizer.eos_id
+                ids = ids[:-1] if ended else ids
+                s = self.score(starts[i], tokenizer.convert_ids_to_tokens(ids), ended_with_eos=ended)
+                return s.optimality, float(s.valid), float(s.length)
+
+            total = sharded_sums(model, [[tokenizer.ids[node_name(s)]] for s in starts], params, seed, score, 3,
+                                 tokenizer.vocab_size, logits_processor)
+            n = max(total[-1], 1.0)
+            return {f"optimality{name}": total[0] / n, f"valid_rate{name}": total[1] / n, f"length{name}": total[2] / n}
+
+        starts = self.eval_starts
+        metrics = run([s for s in starts for _ in range(samples_per_start)],
+                      SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, **base), suffix)
+        metrics.update(run(starts, SamplingParams(greedy=True, **base), suffix + "_greedy"))
         metrics["behaviour_optimality"] = self.behaviour_optimality()
         return metrics
-
-    def _score_generated(self, tokenizer, starts, out) -> List[WalkScore]:
-        scores = []
-        for i, start in enumerate(starts):
-            ids = out.completions[i][out.mask[i].bool()].tolist()
-            ended = len(ids) > 0 and ids[-1] == tokenizer.eos_id
-            if ended:
-                ids = ids[:-1]
-            scores.append(self.score(start, tokenizer.convert_ids_to_tokens(ids), ended_with_eos=ended))
-        return scores
 
     # -- metrics ----------------------------------------------------------------------------
     def score(self, start: int, completion: Sequence[str], ended_with_eos: bool) -> WalkScore:
