@@ -22,6 +22,9 @@ class SamplingParams:
     eos_id: Optional[int] = None
     pad_id: int = 0
     use_kv_cache: bool = True
+    fast_decode: bool = True
+    """With the KV cache: the lean forward of generation/fast_decode.py where it supports the model
+    (False: megatron's inference context)."""
     stop_strings: tuple = ()
     """Stop a sequence once its decoded completion contains one of these (needs ``decode``)."""
 

@@ -19,6 +19,7 @@ import torch
 from nemo_rlhf.generation.decoding import (  # noqa: F401  (SamplingParams, GenerationOutput, filter_logits re-exported)
     GenerationOutput, SamplingParams, filter_logits, sample_step,
 )
+from nemo_rlhf.generation import fast_decode
 from nemo_rlhf.generation.seq2seq import generate_seq2seq
 from nemo_rlhf.generation.pipeline import check_pipeline_layout, is_last_stage, pipeline_size, share_step, stage_forward
 from nemo_rlhf.models.t5 import is_t5
@@ -97,8 +98,10 @@ def generate(model: torch.nn.Module, prompts: torch.Tensor, params: SamplingPara
     if params.stop_strings and decode is None:
         raise ValueError("stop_strings need a decode function")
 
-    ctx = None
-    if use_cache:
+    ctx = fast = None
+    if use_cache and params.fast_decode and not pipelined and fast_decode.supported(model):
+        fast = fast_decode.FastDecoder(model, b, p + n, device, model.embedding.word_embeddings.weight.dtype)
+    elif use_cache:
         from megatron.core.inference.contexts import StaticInferenceContext
 
         ctx = StaticInferenceContext(max_batch_size=b, max_sequence_length=p + n)
@@ -106,7 +109,7 @@ def generate(model: torch.nn.Module, prompts: torch.Tensor, params: SamplingPara
     def next_logits(step: int):
         """(logits [B, V] for the next token, the forward's hidden states [S', B, H])"""
         cur = p + step  # tokens known so far
-        if ctx is not None:
+        if ctx is not None or fast is not None:
             if step == 0:
                 ids = tokens[:, :cur]
                 pos = torch.arange(cur, device=device).expand(b, cur)
@@ -114,15 +117,19 @@ def generate(model: torch.nn.Module, prompts: torch.Tensor, params: SamplingPara
                 if pad is not None:
                     mask, pos = padded_attention(pad, cur)
             else:
-                ctx.enable_decode_mode()
+                if ctx is not None:
+                    ctx.enable_decode_mode()
                 ids = tokens[:, cur - 1:cur]
                 pos = torch.full((b, 1), cur - 1, device=device, dtype=torch.long)
                 mask = None
                 if pad is not None:
                     pos = pos - pad[:, None]
                     mask = (torch.arange(cur, device=device)[None, :] < pad[:, None])[:, None, None, :]
-            out, hidden = stage_forward(model, ids, pos, mask, inference_context=ctx)
-            ctx.sequence_len_offset += ids.shape[1]
+            if fast is not None:
+                out, hidden = fast.forward(ids, pos, mask)
+            else:
+                out, hidden = stage_forward(model, ids, pos, mask, inference_context=ctx)
+                ctx.sequence_len_offset += ids.shape[1]
             return (None if out is None else out[:, -1].float()), hidden
         length = cur if not sequence_parallel else ((cur + tp - 1) // tp) * tp
         ids = tokens[:, :length] if length <= tokens.shape[1] else torch.nn.functional.pad(

@@ -1,0 +1,147 @@
+"""A lean KV-cached forward for sampling from a megatron GPT built with the local layer spec.
+
+megatron's own inference path runs every decoding step through its full module stack (about 80
+module calls, autograd functions and parallel-state lookups per step for a 4-layer model); on a CPU
+or at small batch that Python work costs more than the arithmetic. This forward reads the same
+weights and runs the same operations in the same order (matmul then bias, ``baddbmm`` scores with
+megatron's scale, the -10000 mask fill, softmax, residual adds as megatron's bias-dropout-add),
+with a preallocated key/value cache [layers, B, groups, max_len, head_dim] holding post-rotary keys.
+The prompt is run once (prefill); each step then runs one position.
+
+Used by generation.sampling.generate when :func:`supported` holds (local spec, one tensor- and
+pipeline-parallel rank, no sequence parallel, learned or rotary positions, dense MLP, fp32/bf16);
+anything else goes through megatron's inference context as before. ``SamplingParams(fast_decode=
+False)`` forces megatron's path (the tests compare the two).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+
+def supported(gpt) -> bool:
+    """Whether :class:`FastDecoder` reproduces ``gpt``'s forward."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.identity_op import IdentityOp
+    from megatron.core.transformer.mlp import MLP
+
+    cfg = gpt.config
+    if ps.model_parallel_is_initialized() and (ps.get_tensor_model_parallel_world_size() > 1
+                                               or ps.get_pipeline_model_parallel_world_size() > 1):
+        return False
+    if cfg.sequence_parallel or getattr(cfg, "fp8", None) or cfg.fp16 or cfg.apply_query_key_layer_scaling:
+        return False
+    if gpt.position_embedding_type not in ("learned_absolute", "rope") or getattr(cfg, "rotary_interleaved", False):
+        return False
+    if getattr(cfg, "mrope_section", None) or getattr(cfg, "multi_latent_attention", False):
+        return False
+    if getattr(cfg, "attention_output_gate", False) or getattr(cfg, "softmax_scale", None) is not None:
+        return False
+    if not (gpt.pre_process and gpt.post_process) or getattr(gpt, "mtp_process", False):
+        return False
+    for layer in gpt.decoder.layers:
+        att = layer.self_attention
+        if not (isinstance(att.linear_qkv, ColumnParallelLinear) and isinstance(att.linear_proj, RowParallelLinear)):
+            return False   # Transformer Engine modules (fused layernorm + linear, ...)
+        if any(getattr(att, n, None) is not None and not isinstance(getattr(att, n), IdentityOp)
+               for n in ("q_layernorm", "k_layernorm")):
+            return False
+        if not isinstance(layer.mlp, MLP) or not isinstance(layer.mlp.linear_fc1, ColumnParallelLinear):
+            return False
+    return True
+
+
+def _linear(x: torch.Tensor, module) -> torch.Tensor:
+    """megatron's Column/RowParallelLinear at one rank: matmul, then the bias (added by the layer or,
+    with skip_bias_add, by the caller; either way after the matmul)."""
+    y = torch.matmul(x, module.weight.t())
+    return y + module.bias if module.bias is not None else y
+
+
+class FastDecoder:
+    """KV-cached forward of one GPT over ``batch`` rows and up to ``max_len`` positions."""
+
+    def __init__(self, gpt, batch: int, max_len: int, device, dtype):
+        cfg = gpt.config
+        self.gpt, self.cfg = gpt, cfg
+        self.heads = cfg.num_attention_heads
+        self.groups = cfg.num_query_groups or cfg.num_attention_heads
+        self.head_dim = cfg.kv_channels
+        self.scale = 1.0 / (self.head_dim ** 0.5)
+        n = len(gpt.decoder.layers)
+        self.keys = torch.empty((n, batch, self.groups, max_len, self.head_dim), device=device, dtype=dtype)
+        self.values = torch.empty_like(self.keys)
+        self.length = 0
+        self.rope = None
+        if gpt.position_embedding_type == "rope":
+            self.rope = gpt.rotary_pos_emb(max_len)   # [max_len, 1, 1, dim]
+        self.parallel_residual = type(gpt.decoder.layers[0]).__name__ == "ParallelResidualLayer"
+
+    @torch.no_grad()
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, attention_mask: Optional[torch.Tensor]
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(logits [B, s, V], final hidden states [s, B, H]) of ``ids`` [B, s] appended to the cached
+        positions; ``attention_mask`` [B, 1, s, length + s] (True = blocked) or None (causal)."""
+        gpt = self.gpt
+        x = gpt.embedding(input_ids=ids, position_ids=positions)          # [s, B, H]
+        s, b = x.shape[0], x.shape[1]
+        start, end = self.length, self.length + s
+        if attention_mask is None and s > 1:
+            idx = torch.arange(end, device=x.device)
+            attention_mask = (idx[None, :] > (start + torch.arange(s, device=x.device))[:, None])[None, None]
+        freqs = None if self.rope is None else self.rope[start:end]
+        for i, layer in enumerate(gpt.decoder.layers):
+            if self.parallel_residual:
+                x = self._attention(i, layer, x, freqs, attention_mask, start, end) + self._mlp(layer, x) - x
+            else:
+                x = self._attention(i, layer, x, freqs, attention_mask, start, end)
+                x = self._mlp(layer, x)
+        self.length = end
+        hidden = gpt.decoder.final_layernorm(x) if gpt.decoder.final_layernorm is not None else x
+        weight = gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights \
+            else gpt.output_layer.weight
+        logits = torch.matmul(hidden, weight.t())
+        return logits.transpose(0, 1).contiguous(), hidden
+
+    def _attention(self, i, layer, x, freqs, mask, start, end):
+        from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+
+        att = layer.self_attention
+        s, b = x.shape[:2]
+        qkv = _linear(layer.input_layernorm(x), att.linear_qkv)
+        per_group = self.heads // self.groups
+        qkv = qkv.view(s, b, self.groups, (per_group + 2) * self.head_dim)
+        q, k, v = torch.split(qkv, [per_group * self.head_dim, self.head_dim, self.head_dim], dim=3)
+        q = q.reshape(s, b, self.heads, self.head_dim)
+        if freqs is not None:
+            q = apply_rotary_pos_emb(q, freqs, config=self.cfg)
+            k = apply_rotary_pos_emb(k, freqs, config=self.cfg)
+        self.keys[i, :, :, start:end] = k.permute(1, 2, 0, 3)
+        self.values[i, :, :, start:end] = v.permute(1, 2, 0, 3)
+        keys, values = self.keys[i, :, :, :end], self.values[i, :, :, :end]          # [B, g, T, d]
+        if per_group > 1:
+            keys, values = keys.repeat_interleave(per_group, 1), values.repeat_interleave(per_group, 1)
+        q = q.permute(1, 2, 0, 3).reshape(b * self.heads, s, self.head_dim)
+        scores = torch.baddbmm(torch.empty((b * self.heads, s, end), dtype=q.dtype, device=q.device), q,
+                               keys.reshape(b * self.heads, end, self.head_dim).transpose(1, 2),
+                               beta=0.0, alpha=self.scale).view(b, self.heads, s, end)
+        if scores.dtype != torch.float32:
+            scores = scores.float()
+        if mask is not None:
+            scores = scores.masked_fill(mask, -10000.0)
+        probs = torch.softmax(scores, dim=-1).to(q.dtype)
+        context = torch.bmm(probs.view(b * self.heads, s, end), values.reshape(b * self.heads, end, self.head_dim))
+        context = context.view(b, self.heads, s, self.head_dim).permute(2, 0, 1, 3).reshape(s, b, -1)
+        return x + _linear(context, att.linear_proj)
+
+    def _mlp(self, layer, x):
+        mlp, cfg = layer.mlp, self.cfg
+        h = _linear(layer.pre_mlp_layernorm(x), mlp.linear_fc1)
+        if cfg.gated_linear_unit:
+            a, g = torch.chunk(h, 2, dim=-1)
+            h = cfg.activation_func(a) * g
+        else:
+            h = cfg.activation_func(h)
+        return x + _linear(h, mlp.linear_fc2)

@@ -1,0 +1,67 @@
+"""The lean KV-cached decoder (generation/fast_decode.py) gives exactly megatron's inference path:
+the same tokens and bit-identical log-probs, for GPT-2-, Llama- (GQA, RoPE, RMSNorm, SwiGLU, untied
+output) and GPT-NeoX-shaped (partial RoPE, parallel residual) models, with ragged left-padded
+prompts, greedy and sampled; layouts it does not cover fall back to megatron's path."""
+import pytest
+import torch
+
+from nemo_rlhf.config.schema import ModelConfig, ParallelConfig
+from nemo_rlhf.generation import fast_decode
+from nemo_rlhf.generation.sampling import SamplingParams, generate, left_pad
+
+SHAPES = {
+    "gpt2": dict(),
+    "llama": dict(num_query_groups=2, position_embedding_type="rope", normalization="RMSNorm", activation="swiglu",
+                  add_bias_linear=False, share_embeddings_and_output_weights=False, ffn_hidden_size=128),
+    "neox": dict(position_embedding_type="rope", rotary_percent=0.25, parallel_residual=True,
+                 share_embeddings_and_output_weights=False),
+}
+
+
+def _model(**kw):
+    from nemo_rlhf.models.gpt import build_gpt_chunks
+
+    cfg = ModelConfig(**{**dict(num_layers=3, hidden_size=64, num_attention_heads=4, ffn_hidden_size=256,
+                                seq_length=48, transformer_impl="local"), **kw})
+    torch.manual_seed(0)
+    model = build_gpt_chunks(cfg, ParallelConfig(), 50)[0].eval()
+    with torch.no_grad():   # away from megatron's init (zero biases, ...), so every term matters
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "sampled"])
+def test_fast_decode_equals_megatrons_inference_path(mp, shape, greedy):
+    model = _model(**SHAPES[shape])
+    assert fast_decode.supported(model)
+    ids, lengths = left_pad([[3, 4, 5], [6], [7, 8, 9, 10, 11], [12, 13]], 0)
+    outs = [generate(model, ids, SamplingParams(20, greedy=greedy, fast_decode=fast, eos_id=1),
+                     generator=torch.Generator().manual_seed(1), vocab_size=50, prompt_lengths=lengths)
+            for fast in (True, False)]
+    assert torch.equal(outs[0].tokens, outs[1].tokens) and torch.equal(outs[0].mask, outs[1].mask)
+    assert torch.equal(outs[0].logprobs, outs[1].logprobs)
+    assert outs[0].mask.sum() > 20                      # rows ran for several steps
+
+
+def test_fast_decode_hands_the_final_hidden_states_to_a_logits_processor(mp):
+    """ILQL's processor reads the forward's final hidden states: the same ones on both paths."""
+    model = _model()
+    seen = {True: [], False: []}
+    for fast in (True, False):
+        def processor(logits, hidden, fast=fast):
+            seen[fast].append(hidden[-1].clone())
+            return logits
+        generate(model, torch.tensor([[3, 4], [5, 6]]), SamplingParams(5, greedy=True, fast_decode=fast),
+                 vocab_size=50, logits_processor=processor)
+    assert len(seen[True]) == 5 and all(torch.equal(a, b) for a, b in zip(seen[True], seen[False]))
+
+
+def test_layouts_the_fast_path_does_not_cover_fall_back(mp):
+    model = _model()
+    model.config.sequence_parallel = True        # as a sequence-parallel model's config says
+    try:
+        assert not fast_decode.supported(model)
+    finally:
+        model.config.sequence_parallel = False
