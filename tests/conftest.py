@@ -47,3 +47,18 @@ def run_train():
 @pytest.fixture
 def run_torchrun():
     return torchrun
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """With NEMO_RLHF_NO_SKIPS=1 (CI sets it) a skipped test fails the run: every test must run."""
+    skipped = terminalreporter.stats.get("skipped", [])
+    if os.environ.get("NEMO_RLHF_NO_SKIPS") == "1" and skipped:
+        terminalreporter.write_line(f"NEMO_RLHF_NO_SKIPS=1: {len(skipped)} test(s) skipped, failing the run", red=True)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session, exitstatus):
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if os.environ.get("NEMO_RLHF_NO_SKIPS") == "1" and reporter is not None and reporter.stats.get("skipped") \
+            and session.exitstatus == 0:
+        session.exitstatus = 1

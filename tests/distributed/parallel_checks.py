@@ -27,7 +27,9 @@ computed on each rank from the same weights and the same batch of randomwalks da
              (PPO's actor with a value head, PPO's separate critic, the reward model, ILQL) at PP=2 and
              PP=2 x VPP=2 equals the single-process step (4-layer model); gradients of every stage are
              gathered over the pipeline group, so rank 0 compares all of them
-Rank 0 writes {check: {metric: value}} to OUT.json; the pytest side asserts on the numbers.
+Every rank computes every check on its own parameters; the results of all ranks are gathered and
+merged (worst difference over the ranks, an error on any rank fails the check, ``ranks_agree``),
+and rank 0 writes {check: {metric: value}} to OUT.json; the pytest side asserts on the numbers.
 """
 from __future__ import annotations
 
@@ -812,11 +814,44 @@ def main(out_path):
     check("t5_tp2", lambda: t5_tp(2))
     check("t5_hf_v1.0_tp2", lambda: t5_hf(2, "v1.0"))
     check("t5_hf_v1.1_tp2", lambda: t5_hf(2, "v1.1"))
+    merged = worst_over_ranks(results)
     if rank == 0:
         with open(out_path, "w") as f:
-            json.dump(results, f, indent=1)
+            json.dump(merged, f, indent=1)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def worst_over_ranks(results):
+    """Every rank's results, merged: a check that failed on any rank is an error naming the rank;
+    a difference ("..._diff") or a list of missing names is the worst over the ranks (each rank
+    compares its own parameters: at PP=2 rank 1 holds the last stage); other values are rank 0's,
+    with ``ranks_agree`` saying whether every rank computed the same ones."""
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, results)
+    merged = {}
+    for name, first in parts[0].items():
+        per_rank = [p.get(name, {"error": "not run on this rank"}) for p in parts]
+        failed = [(r, x) for r, x in enumerate(per_rank) if isinstance(x, dict) and "error" in x]
+        if failed:
+            r, x = failed[0]
+            merged[name] = {"error": f"rank {r}: {x['error']}", "trace": x.get("trace", "")}
+            continue
+        if not isinstance(first, dict):
+            merged[name] = first
+            continue
+        out = dict(first)
+        for key, value in first.items():
+            values = [x.get(key) for x in per_rank]
+            if key.endswith("_diff") and all(isinstance(v, (int, float)) for v in values):
+                out[key] = max(values)
+            elif key.startswith("missing") and all(isinstance(v, list) for v in values):
+                out[key] = sorted({n for v in values for n in v})
+        same = all(x.get(k) == v for x in per_rank for k, v in first.items()
+                   if not k.endswith("_diff") and isinstance(v, (int, float, str, bool)))
+        out["ranks_agree"] = same
+        merged[name] = out
+    return merged
 
 
 if __name__ == "__main__":

@@ -141,7 +141,7 @@ def _spiece(directory, symbols, dummy_prefix=False):
     """A tiny SentencePiece model in T5's layout (<pad>=0, </s>=1, <unk>=2, no BOS), node letters as
     single pieces (user-defined symbols, no word prefix) -- or, with ``dummy_prefix``, the default
     "\u2581" word prefix that glues letters into words."""
-    spm = pytest.importorskip("sentencepiece")
+    import sentencepiece as spm
     text = ["".join(symbols[i:] + symbols[:i]) for i in range(len(symbols))] * 5 + ["the graph walks reach"] * 5
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(text), model_prefix=str(directory / "spiece"), vocab_size=60, model_type="unigram",
@@ -154,7 +154,7 @@ def test_hf_t5_directory_brings_its_sentencepiece_tokenizer_and_exports_it(tmp_p
     import subprocess
     import sys
 
-    transformers = pytest.importorskip("transformers")
+    import transformers
     from nemo_rlhf.data.tokenizers import SentencePieceTokenizer, TokenizerError, tokenizer_for
     from nemo_rlhf.tasks.randomwalks import RandomWalks
     from tests.conftest import ROOT

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT, _clean_env
+from tests.slurm.conftest import _unavailable
 
 pytestmark = pytest.mark.slow
 
@@ -51,8 +52,9 @@ def _has_submitit_launcher() -> bool:
         return False
 
 
-@pytest.mark.skipif(not _has_submitit_launcher(), reason="hydra-submitit-launcher is not installed (pip install -e '.[slurm]')")
 def test_multirun_sweep_on_slurm_with_the_submitit_launcher(slurm_cluster, tmp_path):
+    if not _has_submitit_launcher():
+        _unavailable("hydra-submitit-launcher is not installed (pip install -e '.[slurm]')")
     sweep = tmp_path / "sweep"
     _sweep(sweep, "hydra/launcher=submitit_slurm", "hydra.launcher.partition=debug", "hydra.launcher.cpus_per_task=1",
            "hydra.launcher.timeout_min=10")

@@ -23,7 +23,7 @@ def train_bpe(vocab_size: int = 120):
 
 
 def test_hf_tokenizer_json_matches_transformers(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     train_bpe().save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>", "pad_token": "<pad>"}))
     ours = load_tokenizer(tmp_path)
@@ -54,7 +54,7 @@ def test_pad_falls_back_to_eos_and_a_missing_eos_is_named(tmp_path):
 
 
 def test_sentencepiece_model(tmp_path):
-    spm = pytest.importorskip("sentencepiece")
+    import sentencepiece as spm
     spm.SentencePieceTrainer.train(sentence_iterator=iter(TEXT), model_prefix=str(tmp_path / "tokenizer"),
                                    vocab_size=60, model_type="unigram", hard_vocab_limit=False,
                                    pad_id=3, minloglevel=2)
@@ -75,7 +75,7 @@ def test_sentencepiece_model(tmp_path):
 
 
 def test_char_tokenizer_saved_as_tokenizer_json_keeps_its_ids(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     char = CharTokenizer(list("abcdef"))
     char.save_hf(tmp_path)
     (tmp_path / "config.json").write_text("{}")
