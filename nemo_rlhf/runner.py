@@ -217,7 +217,8 @@ def finish(module, rd: RunDirectory, ctx: RunContext, rcfg: RunConfig, t_start: 
 
 
 SUMMARY_METRICS = ("optimality", "valid_rate", "optimality_greedy", "valid_rate_greedy", "optimality_beta0",
-                   "valid_rate_beta0", "behaviour_optimality", "accuracy", "accuracy_greedy", "reward_margin")
+                   "valid_rate_beta0", "behaviour_optimality", "accuracy", "accuracy_greedy", "accuracy_equal_length",
+                   "reward_margin")
 """The metrics of the before/after table, in this order, where the run has them."""
 
 

@@ -45,13 +45,46 @@ class PreferenceDataset(torch.utils.data.Dataset):
                    torch.zeros(n, 2))
 
 
-def randomwalk_pairs(task, tokenizer, num_pairs: int, seed: int):
-    """Two training walks from the same start with different optimality; the better one is chosen."""
+def split_walks(walks, heldout_fraction: float, seed: int):
+    """(training walks, held-out walks), disjoint by walk identity: each distinct walk (node sequence)
+    goes to one side, about ``heldout_fraction`` of the distinct walks to the held-out side."""
+    distinct = sorted({tuple(w) for w in walks})
+    rng = np.random.RandomState(seed)
+    held = {distinct[i] for i in rng.permutation(len(distinct))[:max(1, int(len(distinct) * heldout_fraction))]}
+    return [w for w in walks if tuple(w) not in held], [w for w in walks if tuple(w) in held]
+
+
+def invalid_edge_pairs(task, tokenizer, walks, num_pairs: int, seed: int):
+    """(prompt, walk, the same walk with one interior node replaced so that an edge is invalid): both
+    completions have the same length and end at the goal, so length cannot tell them apart; the
+    task scores the walk above 0 (walks that reach the goal early) and the corrupted one 0."""
+    rng = np.random.RandomState(seed)
+    usable = [w for w in walks if len(w) >= 3 and task.walk_optimality(w) > 0]
+    if not usable:
+        raise ValueError("no walk of 3 or more nodes to corrupt")
+    pairs = []
+    while len(pairs) < num_pairs:
+        w = list(usable[rng.randint(len(usable))])
+        i = 1 + rng.randint(len(w) - 2)
+        bad = [x for x in range(1, task.num_nodes) if x != w[i] and not task.adj[w[i - 1], x]]
+        if not bad:
+            continue
+        corrupted = w[:i] + [bad[rng.randint(len(bad))]] + w[i + 1:]
+        enc = lambda walk: tokenizer.encode(task.walk_text(walk[1:]))
+        pairs.append((tokenizer.encode(task.walk_text(w[:1])), enc(w), enc(corrupted)))
+    return pairs
+
+
+def randomwalk_pairs(task, tokenizer, num_pairs: int, seed: int, walks=None):
+    """Two walks (of ``walks``, default the task's training walks) from the same start with different
+    optimality; the better one is chosen."""
     rng = np.random.RandomState(seed)
     by_start: Dict[int, list] = {}
-    for w in task.walks:
+    for w in task.walks if walks is None else walks:
         by_start.setdefault(w[0], []).append(w)
     starts = [s for s, ws in by_start.items() if len({task.walk_optimality(w) for w in ws}) > 1]
+    if not starts:
+        raise ValueError("no start node has two walks of different optimality to pair")
     pairs = []
     while len(pairs) < num_pairs:
         ws = by_start[starts[rng.randint(len(starts))]]

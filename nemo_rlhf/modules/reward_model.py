@@ -62,9 +62,11 @@ def rm_loss_func(margin: float, rewards):
 
 class RewardModelModule(TrainingSystem):
     def __init__(self, cfg: RunConfig, train_set: PreferenceDataset, heldout: PreferenceDataset, vocab_size: int,
-                 run_dir: RunDirectory, dp_rank: int, dp_size: int, config_yaml: str = ""):
+                 run_dir: RunDirectory, dp_rank: int, dp_size: int, config_yaml: str = "",
+                 heldout_equal_length: PreferenceDataset = None):
         super().__init__()
         self.cfg, self.train_set, self.heldout, self.run_dir = cfg, train_set, heldout, run_dir
+        self.heldout_equal_length = heldout_equal_length
         self.dp_rank, self.dp_size, self.config_yaml = dp_rank, dp_size, config_yaml
         self.engine = MegatronEngine(cfg.model, cfg.parallel, cfg.optim, vocab_size, cfg.trainer.max_steps,
                                      setup=lambda gpt: attach_value_head(gpt, cfg.model.hidden_size))
@@ -84,14 +86,24 @@ class RewardModelModule(TrainingSystem):
         t0 = time.perf_counter()
         model = self.engine.module
         model.eval()
+        accuracy, margin, n = self._pairwise(model, self.heldout)
+        metrics = {"accuracy": accuracy, "reward_margin": margin, "heldout_pairs": n}
+        if self.heldout_equal_length is not None:   # valid vs invalid-edge walks of the same length
+            metrics["accuracy_equal_length"], metrics["reward_margin_equal_length"], _ = \
+                self._pairwise(model, self.heldout_equal_length)
+        model.train()
+        return record_eval(self, metrics, t0)
+
+    @staticmethod
+    def _pairwise(model, pairs: PreferenceDataset):
+        """(share of pairs whose chosen completion scores higher, mean margin, pairs)."""
         correct, margins, n = 0.0, 0.0, 0
-        for i in range(0, len(self.heldout), 256):
-            r = pair_rewards(model, self.heldout.tokens[i:i + 256], self.heldout.loss_mask[i:i + 256])
+        for i in range(0, len(pairs), 256):
+            r = pair_rewards(model, pairs.tokens[i:i + 256], pairs.loss_mask[i:i + 256])
             correct += float((r[:, 0] > r[:, 1]).sum())
             margins += float((r[:, 0] - r[:, 1]).sum())
             n += r.shape[0]
-        model.train()
-        return record_eval(self, {"accuracy": correct / n, "reward_margin": margins / n, "heldout_pairs": n}, t0)
+        return correct / n, margins / n, n
 
     def save(self):
         save_engine(self, self.engine)

@@ -96,3 +96,25 @@ def test_summarize_and_eval_starts(task):
     assert m["valid_rate"] == 1.0          # the training walks themselves are valid
     # random walks are far from optimal (shared/DESIGN.md measured 0.335 on the default graph)
     assert 0.25 < task.behaviour_optimality() < 0.45
+
+
+def test_reward_model_held_out_walks_are_disjoint_and_equal_length_pairs_hinge_on_an_edge(task):
+    from nemo_rlhf.data.preference import invalid_edge_pairs, randomwalk_pairs, split_walks
+    from nemo_rlhf.data.tokenizers import CharTokenizer
+
+    tok = CharTokenizer(task.vocab)
+    train, held = split_walks(task.walks, 0.1, seed=0)
+    assert len(train) + len(held) == len(task.walks) and held
+    assert not {tuple(w) for w in train} & {tuple(w) for w in held}          # disjoint by walk identity
+    walk_texts = lambda walks: {task.walk_text(w) for w in walks}
+    for p, c, r in randomwalk_pairs(task, tok, 50, seed=1, walks=held):
+        for completion in (c, r):
+            assert tok.decode(p + completion) in walk_texts(held)           # only held-out walks
+    for p, c, r in invalid_edge_pairs(task, tok, held, 50, seed=2):
+        assert len(c) == len(r)                                              # length cannot decide
+        chosen, rejected = tok.decode(p + c), tok.decode(p + r)
+        assert chosen in walk_texts(held)
+        diff = [i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b]
+        assert len(diff) == 1 and 0 < diff[0] < len(chosen) - 1              # one interior node replaced
+        assert task.reward_fn([rejected]) == [0.0]                          # an invalid edge scores 0
+        assert task.reward_fn([chosen])[0] > 0
