@@ -23,10 +23,11 @@ computed on each rank from the same weights and the same batch of randomwalks da
              from TP=2, transformers reloads it with our logits
   dpo_* / kto_*  a DPO / KTO step at TP=2, PP=2 and DP=2 (micro-batches of 1) equals TP=1 (KTO's
              reference point z0 comes from the whole global batch, whatever the split)
-  {actor,critic,rm,ilql}_pp2[_vpp2]  a step of the trainers whose heads sit on the last pipeline stage
-             (PPO's actor with a value head, PPO's separate critic, the reward model, ILQL) at PP=2 and
-             PP=2 x VPP=2 equals the single-process step (4-layer model); gradients of every stage are
-             gathered over the pipeline group, so rank 0 compares all of them
+  {actor,critic,rm,ilql}_{pp2,pp2_vpp2,dp2}  a step of the trainers whose heads sit on the last
+             pipeline stage (PPO's actor with a value head, PPO's separate critic, the reward model,
+             ILQL) at PP=2, PP=2 x VPP=2 and DP=2 (each rank half the rows, micro-batches of one)
+             equals the single-process step (4-layer model); gradients of every stage are gathered
+             over the pipeline group
 Every rank computes every check on its own parameters; the results of all ranks are gathered and
 merged (worst difference over the ranks, an error on any rank fails the check, ``ranks_agree``),
 and rank 0 writes {check: {metric: value}} to OUT.json; the pytest side asserts on the numbers.
@@ -629,7 +630,7 @@ def main(out_path):
     check("ilql_tp1", lambda: ilql_tp(1))
     check("ilql_tp2", lambda: ilql_tp(2))
 
-    def head_step(kind, parallel, mbs=BATCH // 2):
+    def head_step(kind, parallel, mbs=BATCH // 2, dp_split=False):
         """One step of a trainer whose head sits on the last pipeline stage, on a 4-layer model:
         ``actor`` (PPO clipped loss + value loss on a value head), ``critic`` (PPO's separate critic:
         the value loss), ``rm`` (reward model, Bradley-Terry on 4 pairs), ``ilql``. Returns the step's
@@ -675,6 +676,10 @@ def main(out_path):
                                    tok, MODEL4.seq_length)
             data = {k: getattr(ds, k) for k in ("tokens", "labels", "loss_mask", "rewards", "next_nonterminal")}
             fwd = partial(ilql_forward, cfg=ILQLConfig())
+        if dp_split:   # each data-parallel rank takes its half of the rows, in micro-batches of one
+            r, n = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+            rows = len(next(iter(data.values()))) // n
+            data, mbs = {k: v[r * rows:(r + 1) * rows] for k, v in data.items()}, 1
         stats = engine.forward_backward(data, mbs, fwd)
         local = {n: tp_full(p.main_grad, p) for n, p in named_params(engine, MODEL4) if hasattr(p, "main_grad")}
         parts = [None] * ps.get_pipeline_model_parallel_world_size()
@@ -682,9 +687,9 @@ def main(out_path):
         grads = {n: t for part in parts for n, t in part.items()}
         return stats, grads
 
-    def head_check(kind, parallel):
-        stats, grads = head_step(kind, parallel)
-        if parallel == ParallelConfig():
+    def head_check(kind, parallel, dp_split=False):
+        stats, grads = head_step(kind, parallel, dp_split=dp_split)
+        if parallel == ParallelConfig() and not dp_split:
             head_ref[kind].update(stats=stats, grads=grads)
             return {k: v for k, v in stats.items()}
         ref_stats, ref_grads = head_ref[kind]["stats"], head_ref[kind]["grads"]
@@ -701,6 +706,7 @@ def main(out_path):
         check(f"{kind}_pp1_4layers", lambda: head_check(kind, ParallelConfig()))
         check(f"{kind}_pp2", lambda: head_check(kind, pp2))
         check(f"{kind}_pp2_vpp2", lambda: head_check(kind, pp2_vpp2))
+        check(f"{kind}_dp2", lambda: head_check(kind, ParallelConfig(), dp_split=True))
     check("gen_tp1", lambda: gen(1))
     check("gen_tp2", lambda: gen(2))
     check("gen_pp2", gen_pp2)

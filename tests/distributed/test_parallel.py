@@ -168,8 +168,8 @@ def test_ilql_step_tp2_equals_tp1(results):
 
 
 @pytest.mark.parametrize("kind", ["actor", "critic", "rm", "ilql"])
-@pytest.mark.parametrize("layout", ["pp2", "pp2_vpp2"])
-def test_head_trainers_at_pp2_and_vpp2_equal_the_single_process_step(results, kind, layout):
+@pytest.mark.parametrize("layout", ["pp2", "pp2_vpp2", "dp2"])
+def test_head_trainers_at_pp2_vpp2_and_dp2_equal_the_single_process_step(results, kind, layout):
     """PPO's actor with a value head, PPO's separate critic, the reward model and ILQL: their heads sit
     on the last pipeline stage; the step's stats and every stage's gradients (gathered over the
     pipeline group) equal the single-process step on the same 4-layer weights."""
