@@ -78,6 +78,20 @@ def _materialize_optimizer_state(optimizer) -> None:
             opt._init_optimizer_states_with_dummy_values()
 
 
+def _fork_results_queue() -> None:
+    """megatron's file writer collects its writer processes' results through a queue served by a
+    multiprocessing Manager it starts with the *spawn* method, which re-runs the ``__main__`` module:
+    a user's script without an ``if __name__ == "__main__":`` guard (or a notebook cell) started
+    itself again at the first checkpoint and died with an EOFError. The same queue, served by a
+    forked manager, needs no re-import."""
+    import multiprocessing as mp
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", None) is None:
+        filesystem_async._results_queue = mp.get_context("fork").Manager().Queue()
+
+
 def _restore_adam_step(optimizer) -> None:
     """Without Apex / Transformer Engine, megatron's DistributedOptimizer keeps the checkpoint's Adam
     step in its param groups, but torch's Adam reads each parameter state's "step", which a load into
@@ -198,6 +212,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, chunks: List[torch.nn.Mo
             "use_distributed_optimizer": bool(getattr(getattr(optimizer, "config", None),
                                                       "use_distributed_optimizer", False)),
             "models": ["model", *(extra or {})], "loop_state": state["loop_state"], "config": config_yaml}
+    _fork_results_queue()
     _guard_io(root, step, tmp, lambda: dist_checkpointing.save(state, str(tmp)))
     _guard_io(root, step, tmp, lambda: _rank() == 0 and _publish(root, tmp, final, meta))
     if _rank() == 0:

@@ -63,3 +63,26 @@ def test_python_api_sft_on_prompt_completion_samples(tmp_path):
     assert trainer.generate(["b", "c"], greedy=True) == ["ca", "a"]
     with pytest.raises(Exception, match="SFT sample 1: character 'z'"):
         nemo_rlhf.train(samples=["bca", "bz"], config=config, run_dir=str(tmp_path / "bad"))
+
+
+def test_a_script_without_a_main_guard_runs_once(tmp_path):
+    """The first checkpoint used to start a process with the spawn method, which re-ran the user's
+    script from the top (no ``if __name__ == "__main__":`` here) and died with an EOFError."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, _clean_env
+
+    script = tmp_path / "train_me.py"
+    script.write_text(
+        "import nemo_rlhf\n"
+        "print('SCRIPT START', flush=True)\n"
+        "config = nemo_rlhf.default_sft_config('trainer.max_steps=4', 'trainer.checkpoint_every_n_steps=2',\n"
+        f"    'trainer.eval_every_n_steps=0', 'trainer.progress_bar=false', 'hydra.run.dir={tmp_path / 'run'}')\n"
+        "trainer = nemo_rlhf.train(samples=[['b', 'ca'], ['c', 'a']] * 20, config=config)\n"
+        "print('SCRIPT END', trainer.summary['steps'], flush=True)\n")
+    proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=_clean_env(None), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("SCRIPT START") == 1 and "SCRIPT END 4" in proc.stdout
+    assert (tmp_path / "run" / "checkpoints" / "step_0000004").is_dir()
