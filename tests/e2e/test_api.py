@@ -78,8 +78,8 @@ def test_a_script_without_a_main_guard_runs_once(tmp_path):
         "import nemo_rlhf\n"
         "print('SCRIPT START', flush=True)\n"
         "config = nemo_rlhf.default_sft_config('trainer.max_steps=4', 'trainer.checkpoint_every_n_steps=2',\n"
-        f"    'trainer.eval_every_n_steps=0', 'trainer.progress_bar=false', 'hydra.run.dir={tmp_path / 'run'}')\n"
-        "trainer = nemo_rlhf.train(samples=[['b', 'ca'], ['c', 'a']] * 20, config=config)\n"
+        "    'trainer.eval_every_n_steps=0', 'trainer.progress_bar=false')\n"
+        f"trainer = nemo_rlhf.train(samples=[['b', 'ca'], ['c', 'a']] * 20, config=config, run_dir='{tmp_path / 'run'}')\n"
         "print('SCRIPT END', trainer.summary['steps'], flush=True)\n")
     proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=_clean_env(None), capture_output=True,
                           text=True, timeout=600)
