@@ -19,7 +19,16 @@ def build_task(tc):
     if tc.name == "randomwalks":
         from nemo_rlhf.tasks.randomwalks import RandomWalks
 
-        return RandomWalks(tc.num_nodes, tc.edge_prob, tc.max_length, tc.num_walks, tc.seed)
+        try:
+            task = RandomWalks(tc.num_nodes, tc.edge_prob, tc.max_length, tc.num_walks, tc.seed)
+        except ValueError as e:
+            raise ConfigError(f"task: {e}") from None
+        if not task.eval_starts:
+            raise ConfigError(f"task: no start node reaches the goal 'a' in fewer than task.max_length={tc.max_length} "
+                              f"nodes on this graph (num_nodes={tc.num_nodes}, edge_prob={tc.edge_prob}, seed={tc.seed}),"
+                              f" so there is nothing to evaluate: raise task.edge_prob or task.max_length, or change "
+                              f"task.seed")
+        return task
     if tc.name == "arithmetic":
         from nemo_rlhf.tasks.arithmetic import Arithmetic
 

@@ -74,6 +74,8 @@ def test_arithmetic_config_errors_name_the_problem():
         TaskConfig(name="arithmetic", operators="+-", max_length=3)
     with pytest.raises(ValueError, match="unknown task 'sudoku'"):
         TaskConfig(name="sudoku")
+    with pytest.raises(ConfigError, match="no start node reaches the goal 'a' in fewer than task.max_length=2"):
+        build_task(TaskConfig(max_length=2))     # randomwalks: nothing to evaluate (was an unpack error in generation)
     task = build_task(TaskConfig(name="arithmetic", max_length=4))
     with pytest.raises(ConfigError, match="task.name=arithmetic builds no data for algorithm.name=dpo"):
         offline_data_task(task, "dpo")
