@@ -213,6 +213,8 @@ def finish(module, rd: RunDirectory, ctx: RunContext, rcfg: RunConfig, t_start: 
                                 "pp": rcfg.parallel.pipeline_model_parallel_size, "dp": ctx.dp_size},
                      "checkpoint": str(rd.checkpoint_dir / f"step_{module.step:07d}"), **extra}
     rd.write_summary(module.initial_eval or {}, final, summary_extra)
+    if rcfg.logger.plot and ctx.env.rank == 0:
+        _plot(rd.path)
     return {"initial": module.initial_eval or {}, "final": final, **summary_extra}
 
 
@@ -220,6 +222,16 @@ SUMMARY_METRICS = ("optimality", "valid_rate", "optimality_greedy", "valid_rate_
                    "valid_rate_beta0", "behaviour_optimality", "accuracy", "accuracy_greedy", "accuracy_equal_length",
                    "reward_margin")
 """The metrics of the before/after table, in this order, where the run has them."""
+
+
+def _plot(run_dir: Path) -> None:
+    """curves.png next to metrics.jsonl; a plotting problem is logged, never fails the run."""
+    try:
+        from nemo_rlhf.plot import plot_run
+
+        log.info("curves: %s", plot_run(run_dir))
+    except Exception as e:   # matplotlib missing or a metrics file without numbers: the run itself is done
+        log.warning("could not plot %s (%s: %s); the metrics are in metrics.jsonl", run_dir, type(e).__name__, e)
 
 
 def print_summary(summary: Dict[str, Any], run_dir: Path, rank: int) -> None:

@@ -175,6 +175,8 @@ class LoggerConfig:
     """TensorBoard event files under <run dir>/tensorboard."""
     csv: bool = True
     """metrics.csv under <run dir>/csv (metrics.jsonl is always written)."""
+    plot: bool = True
+    """curves.png in the run directory at the end of the run (python -m nemo_rlhf.plot RUN_DIR any time)."""
 
 
 @dataclass

@@ -37,6 +37,7 @@ def test_grpo_raises_held_out_arithmetic_accuracy(tmp_path):
     rows = _train_rows(run)
     assert sum(r["reward_mean"] for r in rows[-10:]) > sum(r["reward_mean"] for r in rows[:10]) + 1.0
     assert (s["advantage_estimator"], s["critic"]) == ("grpo", "none")
+    assert (run / "curves.png").stat().st_size > 10_000                     # the run's plot
     for key in ("reward_mean", "reward_std", "kl", "entropy", "response_length", "zero_std_groups",
                 "actor/clipfrac_low", "actor/clipfrac_high", "tokens_per_s"):
         assert key in s["last_train"], key                              # the last iteration's metrics
