@@ -178,6 +178,8 @@ def lightning_trainer(rcfg: RunConfig, env, run_dir: Path):
         loggers.append(TensorBoardLogger(str(run_dir), name="tensorboard", version=""))
     if rcfg.logger.csv:
         loggers.append(CSVLogger(str(run_dir), name="csv", version=""))
+    if rcfg.logger.wandb:
+        loggers.append(_wandb_logger(rcfg, run_dir))
     backend = rcfg.parallel.backend if rcfg.parallel.backend != "auto" else (
         "nccl" if torch.cuda.is_available() else "gloo")
     trainer = pl.Trainer(
@@ -190,6 +192,18 @@ def lightning_trainer(rcfg: RunConfig, env, run_dir: Path):
         default_root_dir=str(run_dir),
     )
     return trainer, loggers
+
+
+def _wandb_logger(rcfg: RunConfig, run_dir: Path):
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        raise ConfigError("logger.wandb=true needs the wandb package: pip install -e '.[wandb]'") from None
+    from pytorch_lightning.loggers import WandbLogger
+
+    lc = rcfg.logger
+    return WandbLogger(project=lc.wandb_project, name=f"{run_dir.parent.name}/{run_dir.name}", save_dir=str(run_dir),
+                       offline=lc.wandb_mode == "offline", config={"algorithm": rcfg.algorithm.name})
 
 
 def fit(module, ctx: RunContext, rcfg: RunConfig, rd: RunDirectory) -> None:

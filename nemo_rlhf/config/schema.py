@@ -177,6 +177,14 @@ class LoggerConfig:
     """metrics.csv under <run dir>/csv (metrics.jsonl is always written)."""
     plot: bool = True
     """curves.png in the run directory at the end of the run (python -m nemo_rlhf.plot RUN_DIR any time)."""
+    wandb: bool = False
+    """Weights & Biases as well (pip install -e '.[wandb]'), under <run dir>/wandb."""
+    wandb_project: str = "nemo_rlhf"
+    wandb_mode: str = "offline"
+    """offline (no account or network needed; `wandb sync <run dir>/wandb/offline-run-*` uploads later) | online"""
+
+    def __post_init__(self):
+        _require(self.wandb_mode in ("offline", "online"), f"logger.wandb_mode must be offline|online, got {self.wandb_mode!r}")
 
 
 @dataclass

@@ -91,6 +91,7 @@ class RunDirectory:
         os.replace(tmp, self.path / "summary.json")
         for logger in self.loggers:
             logger.save()
+            logger.finalize("success")   # (wandb closes its run; TensorBoard / CSV flush)
 
 
 class RunDirLock:

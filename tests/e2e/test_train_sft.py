@@ -154,3 +154,16 @@ def test_pp2_run_evaluates_like_the_single_process_run(tmp_path):
             assert b[stage][key] == a[stage][key], (stage, key)
         for key in ("optimality", "valid_rate"):
             assert abs(b[stage][key] - a[stage][key]) < 0.02, (stage, key)
+
+
+def test_weights_and_biases_offline_logger(tmp_path):
+    """logger=wandb-style logging with no account and no network: an offline W&B run under the run
+    directory holding the train records (`wandb sync` uploads it later)."""
+    run = tmp_path / "wb"
+    _ok(train([f"hydra.run.dir={run}", "trainer.max_steps=5", "trainer.log_every_n_steps=1",
+               "trainer.eval_every_n_steps=0", "trainer.progress_bar=false", "logger.wandb=true"],
+              env={"WANDB_SILENT": "true"}))
+    runs = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and b"train/loss" in runs[0].read_bytes()
+    proc = train([f"hydra.run.dir={tmp_path / 'bad'}", "logger.wandb_mode=cloud"])
+    assert proc.returncode == 2 and "logger.wandb_mode must be offline|online" in proc.stderr
