@@ -152,3 +152,35 @@ def test_ppo_on_ragged_prompts_from_a_jsonl_file(tmp_path):
     assert proc.returncode != 0 and "row 6: prompt of 9 tokens, more than model.seq_length" in proc.stderr, \
         proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.distributed
+def test_ragged_prompt_rollouts_at_tp2_equal_one_process_and_learn_at_dp2(tmp_path):
+    """Left-padded prompts of 1-3 nodes through multi-rank rollouts: at TP=2 the same samples, rewards
+    and losses as one process; at DP=2 (each rank its own prompts and sampling stream) the reward rises."""
+    from tests.conftest import torchrun
+    from nemo_rlhf.tasks.randomwalks import RandomWalks
+
+    task = RandomWalks(21, 0.1, 10, 5000, 1000)
+    prompts = [task.walk_text(w[:1 + i % 3]) for i, w in enumerate(task.walks[:300]) if len(w) > 1 + i % 3]
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    sft = tmp_path / "sft"
+    _ok(train([f"hydra.run.dir={sft}", "trainer.max_steps=150", "trainer.eval_every_n_steps=0",
+               "trainer.progress_bar=false"]))
+    common = ["trainer.progress_bar=false", f"data.train_file={data}", "ppo.num_rollouts=64",
+              "trainer.eval_every_n_steps=0", "trainer.checkpoint_every_n_steps=0", "task.eval_samples_per_start=1",
+              f"model.path={sft / 'checkpoints' / 'step_0000150'}"]
+    rows = lambda d: [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines() if '"train"' in l]
+    single, tp2, dp2 = tmp_path / "single", tmp_path / "tp2", tmp_path / "dp2"
+    _ok(train([f"hydra.run.dir={single}", *common, "trainer.max_steps=2"], config="ppo_tiny"))
+    _ok(torchrun(["-m", "nemo_rlhf.train", "--config-name", "ppo_tiny", f"hydra.run.dir={tp2}", *common,
+                  "trainer.max_steps=2", "parallel=tp2"]))
+    for ra, rb in zip(rows(single), rows(tp2)):
+        assert ra["reward_mean"] == rb["reward_mean"] and ra["response_length"] == rb["response_length"]
+        assert abs(ra["actor/loss"] - rb["actor/loss"]) < 1e-4 and abs(ra["kl"] - rb["kl"]) < 1e-4
+    _ok(torchrun(["-m", "nemo_rlhf.train", "--config-name", "ppo_tiny", f"hydra.run.dir={dp2}", *common,
+                  "trainer.max_steps=8"]))
+    r = rows(dp2)
+    assert json.loads((dp2 / "summary.json").read_text())["layout"]["dp"] == 2
+    assert sum(x["reward_mean"] for x in r[-2:]) / 2 > r[0]["reward_mean"] + 0.1, [x["reward_mean"] for x in r]
