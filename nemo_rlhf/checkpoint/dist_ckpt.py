@@ -33,6 +33,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from nemo_rlhf.checkpoint.megatron_state import (dp_reshardable, fork_results_queue, is_distributed,
+                                                  materialize_optimizer_state, restore_adam_step)
 from nemo_rlhf.errors import CheckpointError, RunDirectoryError  # noqa: F401  (CheckpointError re-exported)
 from nemo_rlhf.logging import get_logger
 from nemo_rlhf.models.gpt import unwrap
@@ -51,64 +53,6 @@ def _rank() -> int:
 def _barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
-
-
-def _is_distributed(optimizer) -> bool:
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    return any(isinstance(o, DistributedOptimizer) for o in getattr(optimizer, "chained_optimizers", [optimizer]))
-
-
-def _dp_reshardable(meta: Dict[str, Any], layout: Dict[str, Any], optimizer) -> bool:
-    """Distributed-optimizer state (saved "dp_reshardable") loads when only the data-parallel size
-    changed and the distributed optimizer is still on."""
-    keep = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size")
-    return _is_distributed(optimizer) and all((meta["layout"].get(k) or None) == (layout.get(k) or None) for k in keep)
-
-
-def _materialize_optimizer_state(optimizer) -> None:
-    """megatron's DistributedOptimizer.state_dict() reads the inner optimizer's per-parameter state
-    (its "step" when neither Apex nor Transformer Engine is installed, as on CPU); an optimizer that
-    has not stepped yet has none, so loading a checkpoint into it failed (AssertionError). Give it
-    megatron's own dummy state (one zero-gradient step), which the load then replaces."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if isinstance(opt, DistributedOptimizer) and not opt.optimizer.state:
-            opt._init_optimizer_states_with_dummy_values()
-
-
-def _fork_results_queue() -> None:
-    """megatron's file writer collects its writer processes' results through a queue served by a
-    multiprocessing Manager it starts with the *spawn* method, which re-runs the ``__main__`` module:
-    a user's script without an ``if __name__ == "__main__":`` guard (or a notebook cell) started
-    itself again at the first checkpoint and died with an EOFError. The same queue, served by a
-    forked manager, needs no re-import."""
-    import multiprocessing as mp
-
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    if getattr(filesystem_async, "_results_queue", None) is None:
-        filesystem_async._results_queue = mp.get_context("fork").Manager().Queue()
-
-
-def _restore_adam_step(optimizer) -> None:
-    """Without Apex / Transformer Engine, megatron's DistributedOptimizer keeps the checkpoint's Adam
-    step in its param groups, but torch's Adam reads each parameter state's "step", which a load into
-    a fresh optimizer left at the dummy state's value: the next update's bias correction then used
-    the wrong step (a resumed run drifted from the uninterrupted one). Copy the group's step there."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if not isinstance(opt, DistributedOptimizer):
-            continue
-        for group in opt.optimizer.param_groups:
-            if "step" not in group:
-                continue
-            for p in group["params"]:
-                state = opt.optimizer.state.get(p)
-                if state and "step" in state:
-                    state["step"] = torch.tensor(float(group["step"]), dtype=state["step"].dtype)
 
 
 def current_layout() -> Dict[str, Any]:
@@ -212,7 +156,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, chunks: List[torch.nn.Mo
             "use_distributed_optimizer": bool(getattr(getattr(optimizer, "config", None),
                                                       "use_distributed_optimizer", False)),
             "models": ["model", *(extra or {})], "loop_state": state["loop_state"], "config": config_yaml}
-    _fork_results_queue()
+    fork_results_queue()
     _guard_io(root, step, tmp, lambda: dist_checkpointing.save(state, str(tmp)))
     _guard_io(root, step, tmp, lambda: _rank() == 0 and _publish(root, tmp, final, meta))
     if _rank() == 0:
@@ -348,14 +292,14 @@ def load_checkpoint(path: str | os.PathLike, chunks: List[torch.nn.Module], opti
             f"load it with the same value (now {layout['virtual_pipeline_model_parallel_size']})")
     state = _model_sharded_state_dict(chunks)
     load_opt = optimizer is not None and meta.get("has_optimizer")
-    if load_opt and meta.get("use_distributed_optimizer") and not _dp_reshardable(meta, layout, optimizer):
+    if load_opt and meta.get("use_distributed_optimizer") and not dp_reshardable(meta, layout, optimizer):
         log.warning("checkpoint %s has distributed-optimizer state for layout %s; the layout is now %s (and %s "
                     "distributed optimizer): loading weights only (optimizer state starts fresh); the state "
                     "reshards across data-parallel sizes with the same TP / PP and the distributed optimizer on",
-                    path, meta["layout"], layout, "a" if _is_distributed(optimizer) else "no")
+                    path, meta["layout"], layout, "a" if is_distributed(optimizer) else "no")
         load_opt = False
     if load_opt:
-        _materialize_optimizer_state(optimizer)
+        materialize_optimizer_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(
             {k: v for k, v in state.items()}, is_loading=True, metadata=_DIST_OPT_META)
     extra = extra or {}
@@ -366,7 +310,7 @@ def load_checkpoint(path: str | os.PathLike, chunks: List[torch.nn.Module], opti
         x_state = _model_sharded_state_dict(x_chunks, name)
         state.update(x_state)
         if load_opt and x_opt is not None:
-            _materialize_optimizer_state(x_opt)
+            materialize_optimizer_state(x_opt)
             state[f"{name}_optimizer"] = x_opt.sharded_state_dict(dict(x_state), is_loading=True,
                                                                  metadata=_DIST_OPT_META)
     rng = load_rng and same_layout
@@ -385,7 +329,7 @@ def load_checkpoint(path: str | os.PathLike, chunks: List[torch.nn.Module], opti
         if load_opt and m_opt is not None and opt_key in loaded:
             with torch.no_grad():  # the fp32 distributed optimizer copies into leaf params
                 m_opt.load_state_dict(loaded[opt_key])
-            _restore_adam_step(m_opt)
+            restore_adam_step(m_opt)
         sched_key = "scheduler" if name == "model" else f"{name}_scheduler"
         if m_sched is not None and sched_key in loaded:
             m_sched.load_state_dict(loaded[sched_key])
