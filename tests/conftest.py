@@ -62,3 +62,15 @@ def pytest_sessionfinish(session, exitstatus):
     if os.environ.get("NEMO_RLHF_NO_SKIPS") == "1" and reporter is not None and reporter.stats.get("skipped") \
             and session.exitstatus == 0:
         session.exitstatus = 1
+
+
+def pytest_sessionstart(session):
+    """The stack under test, first in the output, also with -q (CI runs two stacks: README, Tests)."""
+    from importlib.metadata import version
+
+    import torch
+
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"nemo_rlhf stack: Python {sys.version.split()[0]}, torch {torch.__version__}, "
+                            f"megatron-core {version('megatron-core')}")

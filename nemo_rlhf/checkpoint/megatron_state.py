@@ -37,14 +37,16 @@ def fork_results_queue() -> None:
     """megatron's file writer collects its writer processes' results through a queue served by a
     multiprocessing Manager it starts with the *spawn* method, which re-runs the ``__main__`` module:
     a user's script without an ``if __name__ == "__main__":`` guard (or a notebook cell) started
-    itself again at the first checkpoint and died with an EOFError. The same queue, served by a
-    forked manager, needs no re-import."""
+    itself again at the first checkpoint and died with an EOFError. A plain queue of the fork
+    context does the same job for our synchronous saves (megatron forks its writer processes
+    itself) without starting any process (a forked manager could hang at start in a process that
+    runs gloo threads)."""
     import multiprocessing as mp
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if getattr(filesystem_async, "_results_queue", None) is None:
-        filesystem_async._results_queue = mp.get_context("fork").Manager().Queue()
+        filesystem_async._results_queue = mp.get_context("fork").Queue()
 
 
 def restore_adam_step(optimizer) -> None:

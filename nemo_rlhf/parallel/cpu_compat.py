@@ -11,6 +11,13 @@ dist_checkpointing and KV-cached inference match the single-process result to ~1
 ``apply()`` is a no-op when CUDA is available, so GPU runs use megatron-core unmodified. It is
 idempotent and must run before models or optimizers are built (``nemo_rlhf.parallel.initialize``
 calls it).
+
+Per megatron-core version (CI runs the suites on both stacks, ``make test``):
+  0.16.1 (Python 3.11, the floor)  patches A-H below, each needed.
+  0.19.2 (Python 3.12, what pip gives GPU users in NGC containers)  the same patches A-H, unchanged:
+         the same ~175 current_device() buffers, device="cuda" literals, RNG tracker, param.type()
+         checks, WrappedTorchNorm's sequence-parallel refusal and CUDA events / streams.
+Another version gets a warning naming these (:func:`check_megatron_version`).
 """
 from __future__ import annotations
 
@@ -25,6 +32,31 @@ _APPLIED = False
 # torch factory functions megatron calls with device="cuda" / device=<int>.
 _FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "empty_like", "zeros_like", "ones_like",
               "full_like", "arange", "as_tensor", "randn", "rand", "randint")
+
+
+TESTED_MEGATRON_CORE = ("0.16", "0.19")
+"""megatron-core minor versions the test suite runs on (0.16.1 with Python 3.11, 0.19.2 with 3.12)."""
+_WARNED = False
+
+
+def check_megatron_version() -> None:
+    """Warn once when the installed megatron-core is not a tested minor version."""
+    global _WARNED
+    from importlib.metadata import PackageNotFoundError, version
+
+    if _WARNED:
+        return
+    try:
+        installed = version("megatron-core")
+    except PackageNotFoundError:
+        return
+    if ".".join(installed.split(".")[:2]) not in TESTED_MEGATRON_CORE:
+        import warnings
+
+        warnings.warn(f"megatron-core {installed} is not a version nemo_rlhf is tested with "
+                      f"({', '.join(v + '.x' for v in TESTED_MEGATRON_CORE)}); the CPU compatibility layer and "
+                      f"the checkpoint code patch / read its internals", stacklevel=2)
+    _WARNED = True
 
 
 def is_applied() -> bool:

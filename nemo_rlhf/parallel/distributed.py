@@ -104,6 +104,7 @@ def validate_layout(parallel: ParallelConfig, world_size: int) -> int:
 def init_distributed(backend: str = "auto", timeout_minutes: int = 30) -> LaunchEnv:
     """Initialise torch.distributed (idempotent). Applies the CPU compatibility layer first when
     CUDA is absent. A single process gets a 1-rank group, since megatron needs one."""
+    cpu_compat.check_megatron_version()
     cpu_compat.apply()
     env = detect_launch_env()
     if dist.is_initialized():

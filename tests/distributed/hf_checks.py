@@ -76,7 +76,7 @@ def build_imported(path, parallel):
     from nemo_rlhf.config.schema import ModelConfig
     from nemo_rlhf.interop import import_hf, model_config_from_hf
     from nemo_rlhf.models.gpt import build_gpt_chunks
-    from nemo_rlhf.parallel import initialize_model_parallel
+    from tests.distributed.parallel_checks import initialize_model_parallel
 
     initialize_model_parallel(parallel, seed=3)
     model = model_config_from_hf(path, ModelConfig(seq_length=SEQ, transformer_impl="local"))

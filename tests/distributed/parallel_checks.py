@@ -50,7 +50,8 @@ from nemo_rlhf.data.sft import SFTDataset
 from nemo_rlhf.data.tokenizers import CharTokenizer
 from nemo_rlhf.modules.engine import MegatronEngine, lm_forward_step
 from nemo_rlhf.modules.sft import sft_loss_func
-from nemo_rlhf.parallel import init_distributed, initialize_model_parallel
+from nemo_rlhf.parallel import init_distributed
+from nemo_rlhf.parallel import initialize_model_parallel as _initialize_model_parallel
 from nemo_rlhf.recipes.dpo import DPOConfig
 from nemo_rlhf.recipes.ilql import ILQLConfig
 from nemo_rlhf.recipes.kto import KTOConfig
@@ -73,6 +74,24 @@ GRPO = PPOConfig(advantage_estimator="grpo", critic="none", num_generations=4, c
                  kl_loss_coef=0.1, loss_aggregation="seq_mean_token_mean")
 DPO = DPOConfig(beta=0.1)
 KTO = KTOConfig(beta=0.1)
+
+
+def initialize_model_parallel(parallel, seed):
+    """megatron's parallel state for the next check, after destroying the previous check's groups:
+    megatron's destroy_model_parallel only forgets them, and the ~20 gloo groups each of the ~55
+    checks created kept their sockets and threads (the launch took 7 minutes, mostly in the kernel,
+    and over 15 with megatron-core 0.19). The checks build fresh models after each call."""
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        seen = set()
+        for name, value in list(vars(ps).items()):
+            if name.startswith("_") and isinstance(value, dist.ProcessGroup) and value is not dist.group.WORLD \
+                    and id(value) not in seen:
+                seen.add(id(value))
+                dist.destroy_process_group(value)
+        ps.destroy_model_parallel()
+    return _initialize_model_parallel(parallel, seed=seed)
 
 
 def data():
