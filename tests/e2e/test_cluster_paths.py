@@ -1,26 +1,16 @@
 """The paths the 20B / 70B recipes take, tiny on CPU: the distributed optimizer at DP=2 with save,
 resume at DP=2 and a resharded resume at DP=1, and full activation recompute, each compared with the
 plain single-process run. (bf16 is a GPU path: on CPU the run stops at start with a message.)"""
-import json
 import shutil
 
 import pytest
 
 from tests.conftest import torchrun, train
+from tests.helpers.runs import losses as _losses, ok as _ok
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 STEPS = ["trainer.max_steps=20", "trainer.log_every_n_steps=1", "trainer.eval_every_n_steps=0",
          "trainer.checkpoint_every_n_steps=10", "trainer.progress_bar=false", "task.eval_samples_per_start=4"]
-
-
-def _ok(proc):
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc
-
-
-def _losses(run_dir):
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
 
 
 def _cut(run, to):

@@ -1,26 +1,12 @@
 """End-to-end: GRPO on the arithmetic task (held-out accuracy from a weak SFT start), DAPO's dynamic
-sampling, and rejection fine-tuning (rft_tiny) on randomwalks."""
-import json
-
+sampling, and the offline recipes' refusal of a task without walks (RFT is in test_train_grpo.py,
+from the randomwalks SFT policy the GRPO / RLOO / PPO comparison shares)."""
 import pytest
 
 from tests.conftest import train
+from tests.helpers.runs import ok as _ok, summary as _summary, train_rows as _train_rows
 
 pytestmark = pytest.mark.slow
-
-
-def _ok(proc):
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc
-
-
-def _summary(run):
-    return json.loads((run / "summary.json").read_text())
-
-
-def _train_rows(run):
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if r["kind"] == "train"]
 
 
 def test_grpo_raises_held_out_arithmetic_accuracy(tmp_path):

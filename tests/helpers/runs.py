@@ -1,0 +1,21 @@
+"""Reading a finished run in end-to-end tests: its exit, summary.json and metrics.jsonl."""
+import json
+
+
+def ok(proc):
+    """``proc`` (a finished nemo_rlhf.train subprocess) succeeded; else its output's tail."""
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+def summary(run):
+    return json.loads((run / "summary.json").read_text())
+
+
+def train_rows(run):
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["kind"] == "train"]
+
+
+def losses(run):
+    return [(r["step"], r["loss"]) for r in train_rows(run)]
