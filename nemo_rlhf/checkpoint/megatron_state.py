@@ -37,16 +37,18 @@ def fork_results_queue() -> None:
     """megatron's file writer collects its writer processes' results through a queue served by a
     multiprocessing Manager it starts with the *spawn* method, which re-runs the ``__main__`` module:
     a user's script without an ``if __name__ == "__main__":`` guard (or a notebook cell) started
-    itself again at the first checkpoint and died with an EOFError. A plain queue of the fork
-    context does the same job for our synchronous saves (megatron forks its writer processes
-    itself) without starting any process (a forked manager could hang at start in a process that
-    runs gloo threads)."""
-    import multiprocessing as mp
+    itself again at the first checkpoint and died with an EOFError. Our saves are synchronous: the
+    writer puts its results into that queue and reads them back with ``get_nowait()`` in this same
+    process (its writer processes report through a queue of their own), so a thread-safe in-process
+    queue does the job without starting any process. (A multiprocessing queue would not: its put
+    goes through a feeder thread, and the immediate get_nowait() raced it, failing a save now and
+    then with "results_queue should not be empty".)"""
+    import queue
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if getattr(filesystem_async, "_results_queue", None) is None:
-        filesystem_async._results_queue = mp.get_context("fork").Queue()
+        filesystem_async._results_queue = queue.Queue()
 
 
 def restore_adam_step(optimizer) -> None:
