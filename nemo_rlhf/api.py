@@ -89,11 +89,11 @@ class Trainer:
         recipe = RECIPES[self.config.algorithm.name]
         if hasattr(recipe.module, "generation_processor"):   # ILQL: logits shifted by its heads
             processor, default_top_k = recipe.module.generation_processor(
-                self._engine.module, recipe.config_block(self.config), beta)
+                self._engine.stages[-1], recipe.config_block(self.config), beta)
             top_k = default_top_k if top_k is None else top_k
         top_k = top_k or 0
         ids, lengths = left_pad([tok.encode(p) for p in prompts], tok.pad_id)
-        out = generate(self._engine.module, ids, SamplingParams(
+        out = generate(self._engine.stages, ids, SamplingParams(
             max_new_tokens=max_new_tokens or self.config.task.max_length, temperature=temperature, top_k=top_k,
             top_p=top_p, greedy=greedy, eos_id=tok.eos_id, pad_id=tok.pad_id, stop_strings=tuple(stop_strings)),
             generator=torch.Generator().manual_seed(seed), vocab_size=tok.vocab_size, prompt_lengths=lengths,

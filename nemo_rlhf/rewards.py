@@ -104,11 +104,12 @@ class RewardModelScorer:
         from nemo_rlhf.weights import load_weights
 
         self.path, self.tokenizer, self.batch_size = str(path), tokenizer, batch_size
-        self.model = build_gpt_chunks(model_cfg, parallel_cfg, tokenizer.vocab_size)[0].eval()
-        attach_value_head(self.model, model_cfg.hidden_size)
-        load_weights(path, [self.model], skip_prefixes=())   # the head must be in the checkpoint
-        for p in self.model.parameters():
-            p.requires_grad_(False)
+        self.model = [c.eval() for c in build_gpt_chunks(model_cfg, parallel_cfg, tokenizer.vocab_size)]
+        for chunk in self.model:   # (this rank's chunks; the head lands on the last stage's)
+            attach_value_head(chunk, model_cfg.hidden_size)
+            for p in chunk.parameters():
+                p.requires_grad_(False)
+        load_weights(path, self.model, skip_prefixes=())   # the head must be in the checkpoint
         self.__qualname__ = f"RewardModelScorer({self.path})"
 
     def __call__(self, samples, prompts=None, completions=None, **_):

@@ -224,7 +224,8 @@ def finish(module, rd: RunDirectory, ctx: RunContext, rcfg: RunConfig, t_start: 
     summary_extra = {"algorithm": rcfg.algorithm.name, "steps": module.step,
                      "wall_time_s": time.perf_counter() - t_start, "world_size": ctx.env.world_size,
                      "layout": {"tp": rcfg.parallel.tensor_model_parallel_size,
-                                "pp": rcfg.parallel.pipeline_model_parallel_size, "dp": ctx.dp_size},
+                                "pp": rcfg.parallel.pipeline_model_parallel_size, "dp": ctx.dp_size,
+                                "vpp": rcfg.parallel.virtual_pipeline_model_parallel_size or 1},
                      "checkpoint": str(rd.checkpoint_dir / f"step_{module.step:07d}"), **extra}
     rd.write_summary(module.initial_eval or {}, final, summary_extra)
     if rcfg.logger.plot and ctx.env.rank == 0:

@@ -21,7 +21,7 @@ from nemo_rlhf.generation.decoding import (  # noqa: F401  (SamplingParams, Gene
 )
 from nemo_rlhf.generation import fast_decode
 from nemo_rlhf.generation.seq2seq import generate_seq2seq
-from nemo_rlhf.generation.pipeline import check_pipeline_layout, is_last_stage, pipeline_size, share_step, stage_forward
+from nemo_rlhf.generation.pipeline import Chunks, as_chunks, is_last_stage, pipeline_size, share_step, stage_forward
 from nemo_rlhf.models.t5 import is_t5
 
 
@@ -48,7 +48,7 @@ def padded_attention(pad: torch.Tensor, total: int):
     return mask, positions
 
 
-def generate(model: torch.nn.Module, prompts: torch.Tensor, params: SamplingParams,
+def generate(model: Chunks, prompts: torch.Tensor, params: SamplingParams,
              generator: Optional[torch.Generator] = None, vocab_size: Optional[int] = None,
              prompt_lengths: Optional[torch.Tensor] = None, decode=None,
              padding_side: str = "left", logits_processor=None) -> GenerationOutput:
@@ -56,14 +56,17 @@ def generate(model: torch.nn.Module, prompts: torch.Tensor, params: SamplingPara
     ``padding_side`` when ``prompt_lengths`` is given (right-padded prompts are re-aligned to the
     left-padded layout, which the returned ``tokens`` use).
 
-    ``model`` is an unwrapped megatron GPTModel, or this rank's pipeline stage of one (the stages
-    pass hidden states on, generation/pipeline.py; no virtual stages);
+    ``model`` is an unwrapped megatron GPTModel, or this rank's pipeline stage of one, or with virtual
+    pipeline stages this rank's chunks in order (the stages pass hidden states on,
+    generation/pipeline.py);
     ``vocab_size`` masks the padded tail of the vocabulary (never sampled); ``decode`` (ids ->
     str) is needed for ``params.stop_strings``; ``logits_processor(logits [B, V], hidden [S, B, H])
     -> logits`` runs right after each forward, with that forward's final hidden states (e.g. ILQL's
     Q/V shift, which runs its heads on them)."""
     from megatron.core import parallel_state as ps
 
+    chunks = as_chunks(model)
+    model = chunks[0]
     if is_t5(model):  # encoder-decoder policies decode from the decoder (generation/seq2seq.py)
         return generate_seq2seq(model, prompts, params, generator, vocab_size, prompt_lengths, decode,
                                 padding_side, logits_processor)
@@ -74,10 +77,10 @@ def generate(model: torch.nn.Module, prompts: torch.Tensor, params: SamplingPara
         shift = prompts.shape[1] - prompt_lengths.to(prompts.device)
         idx = (torch.arange(prompts.shape[1], device=prompts.device)[None, :] - shift[:, None]) % prompts.shape[1]
         prompts = prompts.gather(1, idx)
-    check_pipeline_layout()
     last_stage, pipelined = is_last_stage(), pipeline_size() > 1
     was_training = model.training
-    model.eval()
+    for chunk in chunks:
+        chunk.eval()
     device = prompts.device
     b, p = prompts.shape
     n = params.max_new_tokens
@@ -128,7 +131,7 @@ def generate(model: torch.nn.Module, prompts: torch.Tensor, params: SamplingPara
             if fast is not None:
                 out, hidden = fast.forward(ids, pos, mask)
             else:
-                out, hidden = stage_forward(model, ids, pos, mask, inference_context=ctx)
+                out, hidden = stage_forward(chunks, ids, pos, mask, inference_context=ctx)
                 ctx.sequence_len_offset += ids.shape[1]
             return (None if out is None else out[:, -1].float()), hidden
         length = cur if not sequence_parallel else ((cur + tp - 1) // tp) * tp
@@ -138,7 +141,7 @@ def generate(model: torch.nn.Module, prompts: torch.Tensor, params: SamplingPara
         mask = None
         if pad is not None:
             mask, pos = padded_attention(pad, length)
-        out, hidden = stage_forward(model, ids, pos, mask)
+        out, hidden = stage_forward(chunks, ids, pos, mask)
         return (None if out is None else out[:, cur - 1].float()), hidden
 
     try:
@@ -152,5 +155,6 @@ def generate(model: torch.nn.Module, prompts: torch.Tensor, params: SamplingPara
             if bool(done.all()):
                 break
     finally:
-        model.train(was_training)
+        for chunk in chunks:
+            chunk.train(was_training)
     return GenerationOutput(tokens=tokens, logprobs=logprobs, mask=mask, prompt_length=p)

@@ -118,16 +118,25 @@ class ILQLHeads(torch.nn.Module):
         return qs, target_qs, v
 
 
-def attach_ilql_heads(model: torch.nn.Module, two_qs: bool = True) -> Optional[ILQLHeads]:
+def attach_ilql_heads(model: torch.nn.Module, two_qs: bool = True, seed: Optional[int] = None) -> Optional[ILQLHeads]:
     """Register ``model.ilql_heads`` on a GPTModel/T5Model (idempotent); returns the heads. With
-    pipeline stages only the last stage's chunk gets them (None elsewhere), as the value head."""
+    pipeline stages only the last stage's chunk gets them (None elsewhere), as the value head.
+
+    ``seed``: draw the heads' initial weights from a generator seeded with it (the default one's
+    state is left as it was), so that they do not depend on how much of the random stream the
+    trunk's layers on this stage used: with CPU initialisation (megatron's full weights drawn, then
+    split over TP) every layout -- PP, VPP, TP -- starts from the same heads. Without it they come
+    from the current stream."""
     if getattr(model, "ilql_heads", None) is not None:
         return model.ilql_heads
     if not model.post_process:
         return None
     if model.config.sequence_parallel:
         raise NotImplementedError("ILQL heads do not support sequence_parallel yet")
-    heads = ILQLHeads(model.config, model.config.hidden_size, model.vocab_size, two_qs=two_qs)
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        heads = ILQLHeads(model.config, model.config.hidden_size, model.vocab_size, two_qs=two_qs)
     if torch.cuda.is_available():
         heads.cuda(torch.cuda.current_device())
     model.ilql_heads = heads

@@ -65,9 +65,9 @@ class SeparateCritic:
         return value_head_output(critic, states)
 
     def values_across_stages(self, policy_values, tokens, pad) -> torch.Tensor:
-        critic = self.engine.module
-        critic.eval()
-        return lm_across_stages(critic, tokens, None, pad, value_head_output)[1]
+        for chunk in self.engine.stages:
+            chunk.eval()
+        return lm_across_stages(self.engine.stages, tokens, None, pad, value_head_output)[1]
 
     def train_step(self, batch, micro_batch_size: int, ppo) -> Dict[str, float]:
         stats = self.engine.train_step(batch, micro_batch_size, partial(critic_forward, ppo=ppo))

@@ -76,6 +76,12 @@ class MegatronEngine:
         """The unwrapped first chunk (the whole GPTModel when PP=1)."""
         return unwrap(self.chunks[0])
 
+    @property
+    def stages(self) -> List[torch.nn.Module]:
+        """This rank's unwrapped chunks in pipeline order (one, or one per virtual stage): what
+        generation and the forward-only passes across stages take; heads sit on ``stages[-1]``."""
+        return [unwrap(c) for c in self.chunks]
+
     def train_step(self, batch: Dict[str, torch.Tensor], micro_batch_size: int,
                    forward_step: ForwardStep) -> Dict[str, float]:
         """Forward/backward over ``batch`` (the DP-local part of one global batch) and one
@@ -245,19 +251,21 @@ def _gpt_layout(tokens: torch.Tensor, pad: torch.Tensor | None):
     return padded_attention(pad.to(tokens.device), tokens.shape[1])
 
 
-def lm_across_stages(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor | None,
+def lm_across_stages(model, tokens: torch.Tensor, labels: torch.Tensor | None,
                      pad: torch.Tensor | None = None, head: Callable | None = None):
     """(per-token NLL [B, S] of ``labels`` or None without labels, ``head(model, states)`` [B, S] or
     None without a head) on every rank, outside megatron's schedule: with PP > 1 the stages run in
     turn (hidden states sent on) and the last stage's results are broadcast to the others. GPT only;
-    the experience pass of the online-RL loop at PP > 1 (policy log-probs, values, reward scores)."""
-    from nemo_rlhf.generation.pipeline import from_last_stage, stage_forward
+    the experience pass of the online-RL loop at PP > 1 (policy log-probs, values, reward scores).
+    ``model``: a GPTModel / pipeline stage, or this rank's chunks (``MegatronEngine.stages``)."""
+    from nemo_rlhf.generation.pipeline import as_chunks, from_last_stage, stage_forward
 
     if pad is not None and not bool((pad > 0).any()):
         pad = None
     attention_mask, position_ids = _gpt_layout(tokens, pad)
-    gpt = unwrap(model)
-    out, hidden = stage_forward(gpt, tokens, position_ids, attention_mask, labels=labels)
+    chunks = [unwrap(c) for c in as_chunks(model)]
+    gpt = chunks[-1]     # the heads sit on the last chunk
+    out, hidden = stage_forward(chunks, tokens, position_ids, attention_mask, labels=labels)
     last = hidden is not None
     results = []
     if labels is not None:

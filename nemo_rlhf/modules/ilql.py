@@ -63,7 +63,8 @@ class ILQLModule(TrainingSystem):
         self.cfg, self.ilql, self.dataset, self.run_dir = cfg, cfg.ilql, dataset, run_dir
         self.evaluate_fn, self.dp_rank, self.dp_size, self.config_yaml = evaluate_fn, dp_rank, dp_size, config_yaml
         self.engine = MegatronEngine(cfg.model, cfg.parallel, cfg.optim, vocab_size, cfg.trainer.max_steps,
-                                     setup=lambda gpt: attach_ilql_heads(gpt, two_qs=cfg.ilql.two_qs))
+                                     setup=lambda gpt: attach_ilql_heads(gpt, two_qs=cfg.ilql.two_qs,
+                                                                       seed=cfg.trainer.seed))
         self.chunks = torch.nn.ModuleList(self.engine.chunks)
 
     def train_dataloader(self):

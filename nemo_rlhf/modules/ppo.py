@@ -118,9 +118,9 @@ class PPOModule(TrainingSystem):
                                     setup=(lambda gpt: attach_value_head(gpt, cfg.model.hidden_size))
                                     if critic.on_actor else None)
         self.critic = critic(cfg, vocab, self.actor)
-        self.reference = build_chunks(cfg.model, cfg.parallel, vocab)[0].eval()
-        for p in self.reference.parameters():
-            p.requires_grad_(False)
+        self.reference = [c.eval() for c in build_chunks(cfg.model, cfg.parallel, vocab)]   # this rank's chunks
+        for chunk in self.reference:
+            chunk.requires_grad_(False)
         self.models = torch.nn.ModuleList(self.actor.chunks + self.critic.chunks)
         self.pipelined = cfg.parallel.pipeline_model_parallel_size > 1
         self.kl_ctl = make_kl_controller(self.ppo.init_kl_coef, self.ppo.target_kl, self.ppo.kl_horizon)
@@ -134,7 +134,7 @@ class PPOModule(TrainingSystem):
         load_weights(path, self.actor.chunks)
         self.actor.optimizer.reload_model_params()
         self.critic.load(path)
-        load_weights(path, [self.reference])
+        load_weights(path, self.reference)
 
     def train_dataloader(self):
         return dp_loader(self.prompts, self, global_batch_size=self.ppo.num_rollouts // self.ppo.num_generations)
@@ -207,7 +207,7 @@ class PPOModule(TrainingSystem):
         return trim_left_padding(self.prompts.ids[idx].to(device), self.prompts.lengths[idx])
 
     def generate_rollouts(self, prompts: torch.Tensor, pad: Optional[torch.Tensor] = None, round_: int = 0):
-        return sample_rollouts(self.actor.module, prompts, pad, self.cfg, self.tokenizer,
+        return sample_rollouts(self.actor.stages, prompts, pad, self.cfg, self.tokenizer,
                                seed=self.cfg.trainer.seed * 1_000_003 + self.step * 1009 + self.dp_rank
                                + 7_777_771 * round_)
 
@@ -230,19 +230,19 @@ class PPOModule(TrainingSystem):
         if ppo.scale_reward == "running":
             self.reward_moments = update_moments(self.reward_moments, dp_moments(scores, self._dp_group()))
             scores = scores / moments_std(self.reward_moments)
-        policy = self.actor.module
-        policy.eval()
+        for chunk in self.actor.stages:
+            chunk.eval()
         if self.pipelined:   # the stages run in turn, every rank gets the last stage's NLL and values
-            nll, head_values = lm_across_stages(policy, inputs, labels, pad,
+            nll, head_values = lm_across_stages(self.actor.stages, inputs, labels, pad,
                                                 value_head_output if self.critic.on_actor else None)
             logprobs = -nll
             values = self.critic.values_across_stages(head_values, inputs, pad)
             ref_logprobs = -lm_across_stages(self.reference, inputs, labels, pad)[0]
         else:
-            nll, states = lm_forward_with_states(policy, inputs, labels, mask, pad)
+            nll, states = lm_forward_with_states(self.actor.module, inputs, labels, mask, pad)
             logprobs = -nll.float()
             values = self.critic.values(states, inputs, mask, pad)
-            ref_logprobs = -lm_forward(self.reference, inputs, labels, mask, pad).float()
+            ref_logprobs = -lm_forward(self.reference[0], inputs, labels, mask, pad).float()
         logprobs, ref_logprobs = logprobs * mask, ref_logprobs * mask
         values = None if values is None else values * mask
         rewards, _ = kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, self.kl_ctl.value)
@@ -343,7 +343,7 @@ class PPOModule(TrainingSystem):
 
     def engines_for_checkpoint(self):
         extra = self.critic.checkpoint_engines()
-        extra["reference"] = ([self.reference], None, None)
+        extra["reference"] = (self.reference, None, None)
         return extra
 
     def save(self):

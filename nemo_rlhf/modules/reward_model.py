@@ -84,14 +84,16 @@ class RewardModelModule(TrainingSystem):
     @torch.no_grad()
     def evaluate(self) -> Dict[str, Any]:
         t0 = time.perf_counter()
-        model = self.engine.module
-        model.eval()
+        model = self.engine.stages
+        for chunk in model:
+            chunk.eval()
         accuracy, margin, n = self._pairwise(model, self.heldout)
         metrics = {"accuracy": accuracy, "reward_margin": margin, "heldout_pairs": n}
         if self.heldout_equal_length is not None:   # valid vs invalid-edge walks of the same length
             metrics["accuracy_equal_length"], metrics["reward_margin_equal_length"], _ = \
                 self._pairwise(model, self.heldout_equal_length)
-        model.train()
+        for chunk in model:
+            chunk.train()
         return record_eval(self, metrics, t0)
 
     @staticmethod

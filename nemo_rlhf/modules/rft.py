@@ -54,7 +54,7 @@ class RFTModule(TrainingSystem):
         g = rft.num_generations
         groups = torch.arange(prompts.shape[0], device=prompts.device).repeat_interleave(g)
         prompts, pad = prompts.repeat_interleave(g, 0), pad.repeat_interleave(g)
-        tokens, mask = sample_rollouts(self.engine.module, prompts, pad, self.cfg, self.tokenizer,
+        tokens, mask = sample_rollouts(self.engine.stages, prompts, pad, self.cfg, self.tokenizer,
                                        seed=t.seed * 1_000_003 + self.step * 1009 + self.dp_rank)
         scores = score_rollouts(self.reward_fn, self.tokenizer, tokens, prompts.shape[1], pad)
         percentile = rising_percentile(self.step, rft.start_percentile, rft.end_percentile, rft.improve_steps)

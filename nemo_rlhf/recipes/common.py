@@ -35,12 +35,9 @@ class RunContext:
     """Where the last stage wrote summary.json (run_dir, or its restart-<time> subdir with resume=never)."""
 
     def evaluate_fn(self, engine, step: int) -> Dict[str, Any]:
-        """Task metrics of the policy in ``engine`` (at PP > 1 sampled across the pipeline stages;
-        with virtual stages, which the sampler does not run, {})."""
+        """Task metrics of the policy in ``engine`` (at PP > 1 sampled across the pipeline stages)."""
         rcfg, gen = self.rcfg, self.rcfg.generation
-        if rcfg.parallel.virtual_pipeline_model_parallel_size:
-            return {}
-        return self.task.evaluate(engine.module, self.tokenizer, rcfg.task.eval_samples_per_start,
+        return self.task.evaluate(engine.stages, self.tokenizer, rcfg.task.eval_samples_per_start,
                                   seed=rcfg.trainer.seed + step, temperature=gen.temperature,
                                   top_k=gen.top_k, top_p=gen.top_p, max_new_tokens=gen.max_new_tokens)
 

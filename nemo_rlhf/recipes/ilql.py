@@ -75,15 +75,13 @@ def build(ctx: RunContext, rcfg: RunConfig, block: ILQLConfig, dataset, rd, conf
     task, tok = ctx.task, ctx.tokenizer
 
     def evaluate_fn(engine, step):
-        if rcfg.parallel.virtual_pipeline_model_parallel_size:
-            return {}   # the sampler runs one chunk per pipeline stage
-        gpt, gen = engine.module, rcfg.generation
+        gpt, gen = engine.stages, rcfg.generation   # (the heads sit on the last chunk)
         common = dict(seed=rcfg.trainer.seed + step, temperature=gen.temperature, top_k=block.gen_top_k,
                       max_new_tokens=gen.max_new_tokens)
         metrics = task.evaluate(gpt, tok, rcfg.task.eval_samples_per_start,
-                                logits_processor=ilql_logits_processor(gpt, block.beta), **common)
+                                logits_processor=ilql_logits_processor(gpt[-1], block.beta), **common)
         metrics.update(task.evaluate(gpt, tok, rcfg.task.eval_samples_per_start, suffix="_beta0",
-                                     logits_processor=ilql_logits_processor(gpt, 0.0), **common))
+                                     logits_processor=ilql_logits_processor(gpt[-1], 0.0), **common))
         metrics["beta"] = block.beta
         return metrics
 

@@ -147,17 +147,6 @@ class PPOData:
     summary: dict
 
 
-def layout_problem(rcfg: RunConfig) -> Optional[str]:
-    """At PP > 1 generation, the experience pass (log-probs, values, reward-model scores) and the
-    updates go across the stages (value heads sit on the last one); the sampler runs one model chunk
-    per stage, so no virtual stages."""
-    p = rcfg.parallel
-    if p.pipeline_model_parallel_size > 1 and p.virtual_pipeline_model_parallel_size:
-        return ("rollouts need parallel.virtual_pipeline_model_parallel_size=null (the sampler runs one model "
-                "chunk per pipeline stage)")
-    return None
-
-
 def prepare(ctx: RunContext, rcfg: RunConfig, block: PPOConfig, reward_fn=None, prompts=None,
             eval_prompts=None) -> PPOData:
     """Prompts (strings of any token lengths) and the reward function, checked before any training."""
@@ -195,7 +184,7 @@ def evaluate_with_prompts(ctx: RunContext, prompt_ids, reward_fn, engine, step):
     metrics = ctx.evaluate_fn(engine, step)
     tok, g = ctx.tokenizer, ctx.rcfg.generation
     ids, lengths = left_pad(prompt_ids, tok.pad_id)
-    out = generate(engine.module, ids, SamplingParams(
+    out = generate(engine.stages, ids, SamplingParams(
         max_new_tokens=g.max_new_tokens or ctx.rcfg.task.max_length, temperature=g.temperature, top_k=g.top_k,
         top_p=g.top_p, eos_id=tok.eos_id, pad_id=tok.pad_id),
         generator=torch.Generator().manual_seed(ctx.rcfg.trainer.seed + step), vocab_size=tok.vocab_size,

@@ -58,11 +58,9 @@ Config = RFTConfig
 
 
 def layout_problem(rcfg: RunConfig) -> Optional[str]:
-    """Sampling runs across pipeline stages without virtual stages; reward models need PP=1."""
+    """Sampling runs across pipeline stages (virtual ones too); reward models need PP=1."""
     if rcfg.parallel.pipeline_model_parallel_size == 1:
         return None
-    if rcfg.parallel.virtual_pipeline_model_parallel_size:
-        return "sampling needs parallel.virtual_pipeline_model_parallel_size=null (no virtual stages)"
     if rcfg.rft.reward_model is not None:
         return "rft.reward_model needs parallel.pipeline_model_parallel_size=1 (use a reward_fn)"
     return None

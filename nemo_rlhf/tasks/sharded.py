@@ -27,7 +27,9 @@ def sharded_sums(model, prompts: Sequence[Sequence[int]], params, seed: int, sco
     group = data_parallel_group()
     rank = torch.distributed.get_rank(group) if group is not None else 0
     size = torch.distributed.get_world_size(group) if group is not None else 1
-    device = next(model.parameters()).device
+    from nemo_rlhf.generation.pipeline import as_chunks
+
+    device = next(as_chunks(model)[0].parameters()).device
     sums = torch.zeros(num_metrics + 1, dtype=torch.float64)
     for c in range(rank, (len(prompts) + CHUNK - 1) // CHUNK, size):
         rows = range(c * CHUNK, min((c + 1) * CHUNK, len(prompts)))

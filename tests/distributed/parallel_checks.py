@@ -16,6 +16,8 @@ computed on each rank from the same weights and the same batch of randomwalks da
   dp2_distopt  DP=2 with the distributed optimizer: the same
   ckpt_tp2_to_tp1 / ckpt_tp1_to_tp2  dist checkpoint saved at one TP, loaded at the other
   gen_tp2    greedy KV-cached generation at TP=2 equals TP=1
+  gen_pp2 / gen_pp2_vpp2  greedy generation across 2 pipeline stages (x 2 virtual chunks, 4 layers)
+             equals PP=1 on every rank
   hf_tp2 / hf_pp2  Hugging Face models imported / exported at TP=2 and PP=2 (hf_checks.py)
   t5_tp2     T5 (model.arch=t5): logits, SFT loss, grads and greedy KV-cached decoding at TP=2 equal
              TP=1 (and the cached decoding equals re-running the decoder)
@@ -221,7 +223,7 @@ def greedy(engine, tok, n=9, use_kv_cache=True):
     from nemo_rlhf.generation.sampling import SamplingParams, generate
 
     prompts = torch.tensor([[tok.ids[c]] for c in "bcdefghijk"])
-    return generate(engine.module, prompts, SamplingParams(max_new_tokens=n, greedy=True, eos_id=tok.eos_id,
+    return generate(engine.stages, prompts, SamplingParams(max_new_tokens=n, greedy=True, eos_id=tok.eos_id,
                                                            use_kv_cache=use_kv_cache),
                     vocab_size=tok.vocab_size)
 
@@ -235,7 +237,7 @@ def greedy_ragged(engine, tok, use_kv_cache=True):
     from nemo_rlhf.generation.sampling import SamplingParams, generate, left_pad
 
     ids, lengths = left_pad([[tok.ids[c] for c in text] for text in ("b", "cde", "fg", "hijk")], tok.pad_id)
-    return generate(engine.module, ids, SamplingParams(max_new_tokens=7, greedy=True, eos_id=tok.eos_id,
+    return generate(engine.stages, ids, SamplingParams(max_new_tokens=7, greedy=True, eos_id=tok.eos_id,
                                                        pad_id=tok.pad_id, use_kv_cache=use_kv_cache),
                     vocab_size=tok.vocab_size, prompt_lengths=lengths)
 
@@ -462,6 +464,34 @@ def main(out_path):
         every = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(every, mine)
         return {"ranks": every}
+
+    def gen_pp2_vpp2():
+        """Greedy decoding across 2 stages x 2 virtual chunks (4 layers: the hidden states go round
+        the ring twice, rank 1's chunk 0 sends to rank 0's chunk 1) equals PP=1 on the same 4-layer
+        weights; every rank's sequences."""
+        global MODEL
+        two_layers = MODEL
+        MODEL = MODEL4
+        try:
+            ref4 = reference(vocab, batch)
+
+            def decode(parallel):
+                initialize_model_parallel(parallel, seed=7)
+                engine = engine_for(parallel, vocab)
+                load_reference_weights(engine, ref4["params"])
+                cached, ragged = greedy(engine, tok), greedy_ragged(engine, tok)
+                return {"tokens": cached.tokens.tolist(), "logprobs": cached.logprobs.tolist(),
+                        "nocache_tokens": greedy_nocache(engine, tok).tokens.tolist(),
+                        "ragged_tokens": ragged.tokens.tolist(), "ragged_logprobs": ragged.logprobs.tolist(),
+                        "chunks": len(engine.stages)}
+
+            base = decode(ParallelConfig())
+            mine = decode(ParallelConfig(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2))
+        finally:
+            MODEL = two_layers
+        every = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(every, mine)
+        return {"base": base, "ranks": every}
 
     check("tp2", tp2)
     check("tp2_logits", tp2_logits)
@@ -729,6 +759,7 @@ def main(out_path):
     check("gen_tp1", lambda: gen(1))
     check("gen_tp2", lambda: gen(2))
     check("gen_pp2", gen_pp2)
+    check("gen_pp2_vpp2", gen_pp2_vpp2)
     from tests.distributed.hf_checks import hf_checks   # HF import/export at TP=2 and PP=2
 
     for name, fn in hf_checks(str(out_path) + ".hf"):

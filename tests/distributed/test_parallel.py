@@ -143,6 +143,22 @@ def test_generation_across_two_pipeline_stages_equals_pp1_on_every_rank(results)
     assert any(t != 0 for row in base["ragged_tokens"] for t in row[4:])     # something was generated
 
 
+def test_generation_across_interleaved_virtual_stages_equals_pp1_on_every_rank(results):
+    """PP=2 x VPP=2 (each rank runs two chunks, the ring twice per token): the 4-layer PP=1 greedy
+    sequences token for token on both ranks, ragged prompts included; log-probs within 1e-5."""
+    r = _ok(results, "gen_pp2_vpp2")
+    base = r["base"]
+    assert len(r["ranks"]) == 2
+    for rank in r["ranks"]:
+        assert rank["chunks"] == 2
+        assert rank["tokens"] == base["tokens"] == rank["nocache_tokens"] == base["nocache_tokens"]
+        assert rank["ragged_tokens"] == base["ragged_tokens"]
+        for key in ("logprobs", "ragged_logprobs"):
+            diff = max(abs(a - b) for ra, rb in zip(rank[key], base[key]) for a, b in zip(ra, rb))
+            assert diff < 1e-5, (key, diff)
+    assert any(t != 0 for row in base["ragged_tokens"] for t in row[4:])
+
+
 @pytest.mark.parametrize("name", ["ppo_tp2", "ppo_tp2_sp"])
 def test_ppo_actor_step_tp2_equals_tp1(results, name):
     """Clipped policy loss + clipped value loss on a value head, same rollout batch."""

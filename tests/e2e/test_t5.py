@@ -35,7 +35,7 @@ def sft_run(tmp_path_factory):
 
 def test_t5_sft_learns_valid_walks(sft_run):
     s = json.loads((sft_run / "summary.json").read_text())
-    assert s["steps"] == SFT_STEPS and s["layout"] == {"tp": 1, "pp": 1, "dp": 1}
+    assert s["steps"] == SFT_STEPS and s["layout"] == {"tp": 1, "pp": 1, "dp": 1, "vpp": 1}
     assert "arch: t5" in (sft_run / "config.yaml").read_text()
     init, final = s["initial"], s["final"]
     assert init["valid_rate"] < 0.2                             # random init: junk walks

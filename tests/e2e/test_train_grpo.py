@@ -1,9 +1,11 @@
 """End-to-end critic-free online RL: grpo_tiny and rloo_tiny (shortened), from one SFT warm-up."""
 import json
+import shutil
 
 import pytest
 
 from tests.conftest import torchrun, train
+from tests.helpers.runs import without_timings
 
 pytestmark = pytest.mark.slow
 
@@ -121,29 +123,45 @@ def test_grpo_at_pp2_equals_the_single_process_run(tmp_path):
 
 
 @pytest.mark.distributed
-def test_ppo_with_value_critics_at_pp2_equals_the_single_process_run(tmp_path):
-    """PPO with a separate critic and with a value head at PP=2: values on the last stage, broadcast
-    for GAE, critic and actor updates through the pipeline schedule; the same rewards, losses, KL and
-    values as one process, and it resumes at PP=2."""
+def test_ppo_with_value_critics_at_pp2_and_pp2_vpp2_equals_the_single_process_run_and_resumes(tmp_path):
+    """PPO with a separate critic and with a value head at PP=2 and at PP=2 x VPP=2 (4 layers, one per
+    chunk: rollouts, the experience pass and the updates go round the ring twice): values on the last
+    stage, broadcast for GAE, critic and actor updates through the (interleaved) pipeline schedule; the
+    same rewards, losses, KL and values as one process and the same final evaluation. The PP=2 run,
+    cut after its step-1 checkpoint, resumes with exactly the rows of the uninterrupted run."""
     sft = tmp_path / "sft"
     _ok(train([f"hydra.run.dir={sft}", "trainer.max_steps=100", "trainer.eval_every_n_steps=0",
-               "trainer.progress_bar=false"]))
+               "trainer.progress_bar=false", "model.num_layers=4"]))
     common = ["trainer.max_steps=2", "trainer.eval_every_n_steps=0", "trainer.progress_bar=false",
-              "trainer.log_every_n_steps=1", "trainer.checkpoint_every_n_steps=0", "task.eval_samples_per_start=4",
+              "trainer.log_every_n_steps=1", "trainer.checkpoint_every_n_steps=1", "task.eval_samples_per_start=4",
               "ppo.num_rollouts=32", "ppo.ppo_epochs=2", "ppo.num_minibatches=2", "trainer.micro_batch_size=8",
-              f"model.path={sft / 'checkpoints' / 'step_0000100'}"]
+              "model.num_layers=4", f"model.path={sft / 'checkpoints' / 'step_0000100'}"]
     for critic in ("separate", "value_head"):
-        single, multi = tmp_path / f"single_{critic}", tmp_path / f"pp2_{critic}"
+        single = tmp_path / f"single_{critic}"
         _ok(train([f"hydra.run.dir={single}", *common, f"ppo.critic={critic}"], config="ppo_tiny"))
-        _ok(torchrun(["-m", "nemo_rlhf.train", "--config-name", "ppo_tiny", f"hydra.run.dir={multi}", *common,
-                      f"ppo.critic={critic}", "parallel=pp2"]))
-        a, b = _train_rows(single), _train_rows(multi)
-        assert [r["step"] for r in b] == [1, 2]
-        for ra, rb in zip(a, b):
-            assert ra["reward_mean"] == rb["reward_mean"], critic                # the same rollouts
-            keys = ["actor/loss", "kl", "values_mean", "returns_mean", "entropy"]
-            keys += ["critic/loss"] if critic == "separate" else ["actor/value_loss"]
-            for key in keys:
-                assert abs(ra[key] - rb[key]) < 1e-5, (critic, ra["step"], key, ra[key], rb[key])
-        sa, sb = _summary(single), _summary(multi)
-        assert sb["layout"]["pp"] == 2 and sa["final"]["optimality_greedy"] == sb["final"]["optimality_greedy"]
+        a, sa = _train_rows(single), _summary(single)
+        for layout, vpp in (("pp2", 1), ("pp2_vpp2", 2)):
+            multi = tmp_path / f"{layout}_{critic}"
+            launch = lambda run, *extra: _ok(torchrun(["-m", "nemo_rlhf.train", "--config-name", "ppo_tiny",
+                                                       f"hydra.run.dir={run}", *common, f"ppo.critic={critic}",
+                                                       f"parallel={layout}", *extra]))
+            launch(multi)
+            b = _train_rows(multi)
+            assert [r["step"] for r in b] == [1, 2]
+            for ra, rb in zip(a, b):
+                assert ra["reward_mean"] == rb["reward_mean"], (critic, layout)   # the same rollouts
+                keys = ["actor/loss", "kl", "values_mean", "returns_mean", "entropy"]
+                keys += ["critic/loss"] if critic == "separate" else ["actor/value_loss"]
+                for key in keys:
+                    assert abs(ra[key] - rb[key]) < 1e-5, (critic, layout, ra["step"], key, ra[key], rb[key])
+            sb = _summary(multi)
+            assert (sb["layout"]["pp"], sb["layout"]["vpp"]) == (2, vpp)
+            assert sa["final"]["optimality_greedy"] == sb["final"]["optimality_greedy"]
+            assert abs(sa["final"]["optimality"] - sb["final"]["optimality"]) < 0.02
+            if layout == "pp2":   # cut after step 1's checkpoint, resume at PP=2
+                cut = tmp_path / f"cut_{critic}"
+                shutil.copytree(multi, cut)
+                shutil.rmtree(cut / "checkpoints" / "step_0000002")
+                proc = launch(cut, "resume=auto")
+                assert "at step 1" in proc.stderr + proc.stdout
+                assert without_timings(_train_rows(cut)) == without_timings(b), critic   # every number, none repeated or missing

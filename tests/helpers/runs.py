@@ -17,5 +17,11 @@ def train_rows(run):
     return [r for r in rows if r["kind"] == "train"]
 
 
+def without_timings(rows):
+    """Train records without their wall-clock fields (``*_s``, ``time/*``, ``*per_s``): what a
+    resumed run must reproduce exactly."""
+    return [{k: v for k, v in r.items() if not (k.endswith("_s") or k.startswith("time/"))} for r in rows]
+
+
 def losses(run):
     return [(r["step"], r["loss"]) for r in train_rows(run)]

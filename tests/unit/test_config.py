@@ -94,9 +94,7 @@ def test_cli_reports_bad_layout_and_unknown_key(tmp_path):
 
 
 @pytest.mark.parametrize("name, overrides, message", [
-    ("ppo_tiny", ["parallel=pp2_vpp2", "model.num_layers=4"], "algorithm.name=ppo: rollouts need parallel.virtual_pipeline_model_parallel_size=null"),
-    ("rft_tiny", ["parallel=pp2_vpp2", "model.num_layers=4"], "algorithm.name=rft: sampling needs parallel.virtual_pipeline_model_parallel_size=null"),
-    ("grpo_tiny", ["parallel=pp2_vpp2", "model.num_layers=4"], "rollouts need parallel.virtual_pipeline_model_parallel_size=null"),
+    ("rft_tiny", ["parallel=pp2", "rft.reward_model=/x"], "algorithm.name=rft: rft.reward_model needs parallel.pipeline_model_parallel_size=1"),
     ("ilql_tiny", ["parallel=tp2_sp"], "algorithm.name=ilql needs parallel.sequence_parallel=false"),
     ("rm_tiny", ["model=t5_tiny"], "model.arch=t5 supports algorithm.name sft|ppo|ilql|dpo|kto, got 'rm'"),
     ("dpo_tiny", ["dpo.loss_type=cpo2"], "dpo.loss_type must be sigmoid|ipo|hinge|robust|simpo|orpo"),
@@ -105,6 +103,14 @@ def test_cli_reports_bad_layout_and_unknown_key(tmp_path):
 def test_recipe_rows_and_blocks_check_their_own_keys(name, overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load(overrides, name=name)
+
+
+@pytest.mark.parametrize("name", ["ppo_tiny", "grpo_tiny", "rft_tiny", "ilql_tiny", "rm_tiny"])
+def test_sampling_and_head_recipes_accept_virtual_pipeline_stages(name):
+    """Rollouts, evaluation and the heads run across interleaved stages (checked against PP=1 by the
+    2-rank launch: gen_pp2_vpp2, {actor,critic,rm,ilql}_pp2_vpp2)."""
+    cfg = load(["parallel=pp2_vpp2", "model.num_layers=4"], name=name)
+    assert cfg.parallel.virtual_pipeline_model_parallel_size == 2
 
 
 def test_each_run_carries_only_its_recipes_block():
