@@ -116,7 +116,7 @@ class RewardModelScorer:
         import torch
 
         from nemo_rlhf.models.heads import value_head_output
-        from nemo_rlhf.modules.engine import lm_across_stages
+        from nemo_rlhf.modules.forward_only import lm_across_stages
 
         out = []
         with torch.no_grad():

@@ -61,7 +61,8 @@ class ModelConfig:
     """Vocabulary is padded to a multiple of this (independent of TP, so checkpoints reshard);
     must be divisible by parallel.tensor_model_parallel_size."""
     precision: str = "fp32"
-    """fp32 | bf16 | fp16. bf16/fp16 are GPU paths."""
+    """fp32 | bf16 | fp16. bf16: parameters and activations in bf16, fp32 main weights and grads in
+    megatron's mixed-precision optimizer (CPU too); fp16 is a GPU path."""
     transformer_impl: str = "auto"
     """auto (Transformer Engine when it imports and CUDA is present, else local) | local |
     transformer_engine"""

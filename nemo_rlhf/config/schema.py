@@ -263,6 +263,10 @@ class DataConfig:
     truncate (cut the completion, then the prompt's start; counted and reported) | drop (counted)."""
     max_examples: Optional[int] = None
     """Use only the first N examples."""
+    packing: bool = False
+    """SFT (and SFT warm-up) rows hold several examples each, first-fit by length, each with its own
+    positions and attention (the loss and gradients of the unpacked batch, fewer positions to
+    compute; trainer.global_batch_size then counts packed rows). GPT with local layers."""
 
     def __post_init__(self):
         _require(self.format in ("auto", "json", "parquet"),

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -16,17 +16,61 @@ class SFTDataset(torch.utils.data.Dataset):
     tokens    [N, S]  prompt + completion + EOS, then pad
     labels    [N, S]  tokens shifted left by one (labels[:, t] = tokens[:, t + 1])
     loss_mask [N, S]  1 where labels[:, t] is a completion token, else 0
+    segment_ids [N, S]  packed rows only (:meth:`packed`): 1, 2, ... the example each position
+              belongs to, 0 on padding; attention stays inside an example and positions restart
     """
 
     tokens: torch.Tensor
     labels: torch.Tensor
     loss_mask: torch.Tensor
+    segment_ids: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
     def __getitem__(self, i: int) -> LMBatch:
-        return {"tokens": self.tokens[i], "labels": self.labels[i], "loss_mask": self.loss_mask[i]}
+        item = {"tokens": self.tokens[i], "labels": self.labels[i], "loss_mask": self.loss_mask[i]}
+        if self.segment_ids is not None:
+            item["segment_ids"] = self.segment_ids[i]
+        return item
+
+    @classmethod
+    def packed(cls, pairs: Sequence[Tuple[List[int], List[int]]], seq_length: int, pad_id: int,
+               eos_id: int, add_eos: bool = True) -> "SFTDataset":
+        """Several examples per row: each example contributes its (input, label) positions -- the
+        pairs :meth:`from_pairs` would give it, never a label across two examples -- and rows are
+        filled first-fit in order of decreasing length, so the loss is the unpacked one over fewer,
+        fuller rows. ``segment_ids`` keep each example's attention and positions to itself."""
+        examples = cls.from_pairs(pairs, seq_length, pad_id, eos_id, add_eos)
+        lengths = (examples.tokens != pad_id).long().sum(1)
+        # real positions of an example: up to its last label (the EOS), padding ids included if any
+        last = torch.where(examples.loss_mask.sum(1) > 0,
+                           seq_length - 1 - examples.loss_mask.flip(1).argmax(1), lengths - 1)
+        sizes = (last + 1).tolist()
+        rows: List[List[int]] = []
+        room: List[int] = []
+        for i in sorted(range(len(sizes)), key=lambda k: (-sizes[k], k)):
+            row = next((r for r, free in enumerate(room) if free >= sizes[i]), None)
+            if row is None:
+                rows.append([]), room.append(seq_length)
+                row = len(rows) - 1
+            rows[row].append(i)
+            room[row] -= sizes[i]
+        n = len(rows)
+        tokens = torch.full((n, seq_length), pad_id, dtype=torch.long)
+        labels = torch.full((n, seq_length), pad_id, dtype=torch.long)
+        mask = torch.zeros((n, seq_length))
+        segments = torch.zeros((n, seq_length), dtype=torch.long)
+        for r, members in enumerate(rows):
+            at = 0
+            for k, i in enumerate(members, start=1):
+                size = sizes[i]
+                tokens[r, at:at + size] = examples.tokens[i, :size]
+                labels[r, at:at + size] = examples.labels[i, :size]
+                mask[r, at:at + size] = examples.loss_mask[i, :size]
+                segments[r, at:at + size] = k
+                at += size
+        return cls(tokens=tokens, labels=labels, loss_mask=mask, segment_ids=segments)
 
     @classmethod
     def from_pairs(cls, pairs: Sequence[Tuple[List[int], List[int]]], seq_length: int, pad_id: int,

@@ -53,8 +53,8 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     dtype = _DTYPES[model.precision]
-    if dtype != torch.float32 and not torch.cuda.is_available():
-        raise ConfigError(f"model.precision={model.precision} is a GPU path; use model.precision=fp32 on CPU")
+    if dtype == torch.float16 and not torch.cuda.is_available():
+        raise ConfigError("model.precision=fp16 is a GPU path (CPU kernels lack fp16): use bf16 or fp32 on CPU")
     pp = parallel.pipeline_model_parallel_size
     vpp = (parallel.virtual_pipeline_model_parallel_size or 1) > 1
     activation_func, gated = _activation(model.activation)
@@ -137,15 +137,20 @@ def layer_spec(model: ModelConfig):
     return spec
 
 
+def resolved_transformer_impl(model: ModelConfig) -> str:
+    """transformer_engine | local: what model.transformer_impl (auto: TE when usable) builds."""
+    if model.transformer_impl == "auto":
+        return "transformer_engine" if transformer_engine_available() else "local"
+    return model.transformer_impl
+
+
 def _layer_spec(model: ModelConfig):
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
     )
 
-    impl = model.transformer_impl
-    if impl == "auto":
-        impl = "transformer_engine" if transformer_engine_available() else "local"
+    impl = resolved_transformer_impl(model)
     if impl == "transformer_engine":
         if not transformer_engine_available():
             raise ConfigError("model.transformer_impl=transformer_engine needs transformer_engine and CUDA; "
@@ -188,6 +193,10 @@ def build_gpt_chunks(model: ModelConfig, parallel: ParallelConfig, vocab_size: i
             seq_len_interpolation_factor=model.rope_scaling_factor if model.rope_scaling == "linear" else None,
             vp_stage=vp,
         )
+        if config.params_dtype != torch.float32:
+            # what megatron's Float16Module does to the module it wraps: layers not built with
+            # params_dtype (learned position embeddings: a torch.nn.Embedding) follow the others
+            chunk.to(config.params_dtype)
         if torch.cuda.is_available():
             chunk.cuda(torch.cuda.current_device())
         chunks.append(chunk)

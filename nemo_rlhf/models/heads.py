@@ -52,7 +52,7 @@ class ValueHead(torch.nn.Module):
         torch.nn.init.zeros_(self.linear.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.linear(hidden.float()).squeeze(-1)
+        return self.linear(hidden.to(self.linear.weight.dtype)).float().squeeze(-1)
 
 
 def attach_value_head(model: torch.nn.Module, hidden_size: int) -> Optional[ValueHead]:
@@ -63,7 +63,7 @@ def attach_value_head(model: torch.nn.Module, hidden_size: int) -> Optional[Valu
         return model.value_head
     if not model.post_process:
         return None
-    head = ValueHead(hidden_size)
+    head = ValueHead(hidden_size).to(model.config.params_dtype)   # (bf16 runs: as the trunk; outputs fp32)
     if torch.cuda.is_available():
         head.cuda(torch.cuda.current_device())
     model.value_head = head
@@ -111,10 +111,10 @@ class ILQLHeads(torch.nn.Module):
 
     def forward(self, hidden: torch.Tensor):
         """hidden [S, B, H] -> (qs, target_qs, v): lists of [B, S, V] and [B, S]."""
-        qs = [q(hidden)[0].transpose(0, 1) for q in self.q_heads]
+        qs = [q(hidden)[0].float().transpose(0, 1) for q in self.q_heads]
         with torch.no_grad():
-            target_qs = [q(hidden)[0].transpose(0, 1) for q in self.target_q_heads]
-        v = self.v_head(hidden.float()).squeeze(-1).transpose(0, 1)
+            target_qs = [q(hidden)[0].float().transpose(0, 1) for q in self.target_q_heads]
+        v = self.v_head(hidden.to(self.v_head.weight.dtype)).float().squeeze(-1).transpose(0, 1)
         return qs, target_qs, v
 
 
@@ -137,6 +137,7 @@ def attach_ilql_heads(model: torch.nn.Module, two_qs: bool = True, seed: Optiona
         if seed is not None:
             torch.manual_seed(seed)
         heads = ILQLHeads(model.config, model.config.hidden_size, model.vocab_size, two_qs=two_qs)
+    heads.to(model.config.params_dtype)   # bf16 runs: all parameters in one dtype, as megatron's optimizer expects
     if torch.cuda.is_available():
         heads.cuda(torch.cuda.current_device())
     model.ilql_heads = heads

@@ -165,6 +165,8 @@ def build_t5_chunks(model: ModelConfig, parallel: ParallelConfig, vocab_size: in
             raise ConfigError(f"the T5 {name} was built without its final layernorm "
                               f"(layer spec {type(encoder_spec).__name__}); refusing to train a model that "
                               f"silently drops it")
+    if decoder_config.params_dtype != torch.float32:
+        t5.to(decoder_config.params_dtype)   # as megatron's Float16Module: every layer in one dtype
     if torch.cuda.is_available():
         t5.cuda(torch.cuda.current_device())
     return [t5]

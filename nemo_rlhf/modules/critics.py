@@ -11,7 +11,8 @@ from nemo_rlhf.algorithms.ppo import value_loss
 from nemo_rlhf.config.schema import RunConfig
 from nemo_rlhf.models.gpt import unwrap
 from nemo_rlhf.models.heads import attach_value_head, has_head, value_head_output
-from nemo_rlhf.modules.engine import MegatronEngine, lm_across_stages, lm_forward_with_states
+from nemo_rlhf.modules.engine import MegatronEngine, lm_forward_with_states
+from nemo_rlhf.modules.forward_only import lm_across_stages
 
 
 def stats_report(total: torch.Tensor, count: torch.Tensor, stats: Dict[str, torch.Tensor], mask: torch.Tensor):
@@ -64,10 +65,10 @@ class SeparateCritic:
         _, states = lm_forward_with_states(critic, tokens, None, loss_mask, pad)
         return value_head_output(critic, states)
 
-    def values_across_stages(self, policy_values, tokens, pad) -> torch.Tensor:
+    def values_across_stages(self, policy_values, tokens, pad, micro_batch_size=None) -> torch.Tensor:
         for chunk in self.engine.stages:
             chunk.eval()
-        return lm_across_stages(self.engine.stages, tokens, None, pad, value_head_output)[1]
+        return lm_across_stages(self.engine.stages, tokens, None, pad, value_head_output, micro_batch_size)[1]
 
     def train_step(self, batch, micro_batch_size: int, ppo) -> Dict[str, float]:
         stats = self.engine.train_step(batch, micro_batch_size, partial(critic_forward, ppo=ppo))
@@ -93,7 +94,7 @@ class ValueHeadCritic:
     def values(self, policy_states, tokens, loss_mask, pad) -> torch.Tensor:
         return value_head_output(self.actor.module, policy_states)
 
-    def values_across_stages(self, policy_values, tokens, pad) -> torch.Tensor:
+    def values_across_stages(self, policy_values, tokens, pad, micro_batch_size=None) -> torch.Tensor:
         return policy_values   # the head ran on the policy's last stage
 
     def train_step(self, batch, micro_batch_size: int, ppo) -> Dict[str, float]:
@@ -118,7 +119,7 @@ class NoCritic:
     def values(self, policy_states, tokens, loss_mask, pad) -> Optional[torch.Tensor]:
         return None
 
-    def values_across_stages(self, policy_values, tokens, pad) -> Optional[torch.Tensor]:
+    def values_across_stages(self, policy_values, tokens, pad, micro_batch_size=None) -> Optional[torch.Tensor]:
         return None
 
     def train_step(self, batch, micro_batch_size: int, ppo) -> Dict[str, float]:
@@ -132,8 +133,9 @@ CRITICS: Dict[str, type] = {"separate": SeparateCritic, "value_head": ValueHeadC
 """The ppo.critic values -> the critic's class. A class gives ``on_actor`` (a value head on the
 actor and a value term in its loss), ``chunks``, ``load(path)``, ``values(policy_states, tokens,
 loss_mask, pad)`` ([B, T], or None for a critic-free kind), ``values_across_stages(policy_values,
-tokens, pad)`` (the same at PP > 1, on every rank; ``policy_values``: the actor's value head's output
-when it has one), ``train_step(batch, micro_batch_size,
-ppo)`` (its stats, "critic/"-prefixed) and ``checkpoint_engines()``."""
+tokens, pad, micro_batch_size)`` (the same at PP > 1, on every rank, through the pipeline schedule
+in micro-batches of that many rows; ``policy_values``: the actor's value head's output when it has
+one), ``train_step(batch, micro_batch_size, ppo)`` (its stats, "critic/"-prefixed) and
+``checkpoint_engines()``."""
 
 

@@ -13,9 +13,9 @@ import torch.distributed as dist
 
 from nemo_rlhf.config.schema import ModelConfig, OptimConfig, ParallelConfig
 from nemo_rlhf.errors import ConfigError
-from nemo_rlhf.generation.sampling import padded_attention
 from nemo_rlhf.models.gpt import build_gpt_chunks, gpt_forward, unwrap, wrap_ddp
 from nemo_rlhf.models.heads import DecoderStates
+from nemo_rlhf.modules.forward_only import gpt_layout
 from nemo_rlhf.models.t5 import CausalLayout, build_t5_chunks, is_t5, t5_causal_forward
 
 # model.arch -> builder(model, parallel, vocab_size) -> chunks owned by this rank
@@ -219,8 +219,8 @@ def ps_broadcast_keys(keys: List[str]) -> List[str]:
 
 
 def lm_forward_with_states(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor | None,
-                           completion_mask: torch.Tensor, pad: torch.Tensor | None = None
-                           ) -> Tuple[torch.Tensor | None, DecoderStates]:
+                           completion_mask: torch.Tensor, pad: torch.Tensor | None = None,
+                           segments: torch.Tensor | None = None) -> Tuple[torch.Tensor | None, DecoderStates]:
     """The causal-LM call of every trainer: ``(nll, states)`` with the per-token NLL [B, S] of
     ``labels`` (None without labels) and the final hidden states that the heads read
     (models/heads.py: ``value_head_output(unwrap(model), states)``). GPT runs on ``tokens`` as is;
@@ -231,57 +231,26 @@ def lm_forward_with_states(model: torch.nn.Module, tokens: torch.Tensor, labels:
     ``pad`` [B]: rows start with that many left-padding tokens (ragged prompts, as generation
     takes them). They are treated exactly as generation treats them: GPT masks them out of
     attention and counts positions from each row's first real token; T5 gets each prompt without
-    its padding (rows shifted left for the call, results shifted back)."""
+    its padding (rows shifted left for the call, results shifted back). ``segments`` [B, S]: packed
+    rows (GPT only), see :func:`nemo_rlhf.modules.forward_only.gpt_layout`."""
     if pad is not None and not bool((pad > 0).any()):
         pad = None
     if is_t5(model):
+        if segments is not None:
+            raise ValueError("packed rows (segment_ids) are a GPT path: T5 batches are not packed")
         if pad is None:
             return t5_causal_forward(model, tokens, labels, completion_mask)
         return _t5_left_padded_forward(model, tokens, labels, completion_mask, pad)
-    attention_mask, position_ids = _gpt_layout(tokens, pad)
+    attention_mask, position_ids = gpt_layout(tokens, pad, segments)
     nll, hidden = gpt_forward(unwrap(model), tokens, position_ids, attention_mask, labels=labels)
     return (nll if labels is not None else None), DecoderStates(hidden)
 
 
-def _gpt_layout(tokens: torch.Tensor, pad: torch.Tensor | None):
-    """(attention mask, position ids) of GPT rows that start with ``pad`` left-padding tokens
-    (None: no padding, causal mask only, positions 0..S-1)."""
-    if pad is None:
-        return None, torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-    return padded_attention(pad.to(tokens.device), tokens.shape[1])
-
-
-def lm_across_stages(model, tokens: torch.Tensor, labels: torch.Tensor | None,
-                     pad: torch.Tensor | None = None, head: Callable | None = None):
-    """(per-token NLL [B, S] of ``labels`` or None without labels, ``head(model, states)`` [B, S] or
-    None without a head) on every rank, outside megatron's schedule: with PP > 1 the stages run in
-    turn (hidden states sent on) and the last stage's results are broadcast to the others. GPT only;
-    the experience pass of the online-RL loop at PP > 1 (policy log-probs, values, reward scores).
-    ``model``: a GPTModel / pipeline stage, or this rank's chunks (``MegatronEngine.stages``)."""
-    from nemo_rlhf.generation.pipeline import as_chunks, from_last_stage, stage_forward
-
-    if pad is not None and not bool((pad > 0).any()):
-        pad = None
-    attention_mask, position_ids = _gpt_layout(tokens, pad)
-    chunks = [unwrap(c) for c in as_chunks(model)]
-    gpt = chunks[-1]     # the heads sit on the last chunk
-    out, hidden = stage_forward(chunks, tokens, position_ids, attention_mask, labels=labels)
-    last = hidden is not None
-    results = []
-    if labels is not None:
-        results.append(out.float() if last else None)
-    if head is not None:
-        results.append(head(gpt, DecoderStates(hidden)).float() if last else None)
-    shape = (len(results), *tokens.shape)
-    shared = from_last_stage(torch.stack(results) if last else None, shape, device=tokens.device)
-    shared = iter(shared)
-    return (next(shared) if labels is not None else None), (next(shared) if head is not None else None)
-
-
 def lm_forward(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor,
-               completion_mask: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:
+               completion_mask: torch.Tensor, pad: torch.Tensor | None = None,
+               segments: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token NLL [B, S] of ``labels`` (arguments as :func:`lm_forward_with_states`)."""
-    return lm_forward_with_states(model, tokens, labels, completion_mask, pad)[0]
+    return lm_forward_with_states(model, tokens, labels, completion_mask, pad, segments)[0]
 
 
 def shift_rows(x: torch.Tensor, shift: torch.Tensor, fill=0) -> torch.Tensor:
@@ -310,5 +279,6 @@ def _t5_left_padded_forward(model, tokens, labels, completion_mask, pad):
 def lm_forward_step(batch: Dict[str, torch.Tensor], model: torch.nn.Module, loss_fn: Callable):
     """Megatron forward step for a causal LM whose loss needs the per-token NLL:
     returns the model output (per-token NLL on the last stage) and a loss closure."""
-    output = lm_forward(model, batch["tokens"], batch["labels"], batch["loss_mask"])
+    output = lm_forward(model, batch["tokens"], batch["labels"], batch["loss_mask"],
+                        segments=batch.get("segment_ids"))    # packed rows (data/sft.py)
     return output, partial(loss_fn, batch)

@@ -28,8 +28,8 @@ from nemo_rlhf.logging import get_logger
 from nemo_rlhf.models.gpt import unwrap
 from nemo_rlhf.models.heads import attach_value_head, has_head, value_head_output
 from nemo_rlhf.modules.critics import CRITICS, stats_report  # noqa: F401  (CRITICS: the ppo.critic table)
-from nemo_rlhf.modules.engine import (MegatronEngine, build_chunks, lm_forward, lm_forward_with_states,
-                                      lm_across_stages)
+from nemo_rlhf.modules.engine import MegatronEngine, build_chunks, lm_forward, lm_forward_with_states
+from nemo_rlhf.modules.forward_only import lm_across_stages
 from nemo_rlhf.modules.loop import dp_loader, end_of_step, record_eval, save_engine, TrainingSystem
 from nemo_rlhf.modules.rollouts import (PromptDataset, concat_rollouts, sample_rollouts, score_rollouts,
                                         trim_left_padding)
@@ -233,11 +233,12 @@ class PPOModule(TrainingSystem):
         for chunk in self.actor.stages:
             chunk.eval()
         if self.pipelined:   # the stages run in turn, every rank gets the last stage's NLL and values
+            mbs = self.cfg.trainer.micro_batch_size   # (micro-batches through the pipeline schedule)
             nll, head_values = lm_across_stages(self.actor.stages, inputs, labels, pad,
-                                                value_head_output if self.critic.on_actor else None)
+                                                value_head_output if self.critic.on_actor else None, mbs)
             logprobs = -nll
-            values = self.critic.values_across_stages(head_values, inputs, pad)
-            ref_logprobs = -lm_across_stages(self.reference, inputs, labels, pad)[0]
+            values = self.critic.values_across_stages(head_values, inputs, pad, mbs)
+            ref_logprobs = -lm_across_stages(self.reference, inputs, labels, pad, micro_batch_size=mbs)[0]
         else:
             nll, states = lm_forward_with_states(self.actor.module, inputs, labels, mask, pad)
             logprobs = -nll.float()

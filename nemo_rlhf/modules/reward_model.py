@@ -14,7 +14,8 @@ from nemo_rlhf.data.preference import PreferenceDataset
 from nemo_rlhf.logging import get_logger
 from nemo_rlhf.models.gpt import gpt_forward, unwrap
 from nemo_rlhf.models.heads import DecoderStates, attach_value_head, has_head, value_head_output
-from nemo_rlhf.modules.engine import MegatronEngine, lm_across_stages
+from nemo_rlhf.modules.engine import MegatronEngine
+from nemo_rlhf.modules.forward_only import lm_across_stages
 from nemo_rlhf.modules.loop import dp_loader, end_of_step, record_eval, save_engine, TrainingSystem
 from nemo_rlhf.modules.run_dir import RunDirectory
 

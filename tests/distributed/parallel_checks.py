@@ -25,6 +25,8 @@ computed on each rank from the same weights and the same batch of randomwalks da
              from TP=2, transformers reloads it with our logits
   dpo_* / kto_*  a DPO / KTO step at TP=2, PP=2 and DP=2 (micro-batches of 1) equals TP=1 (KTO's
              reference point z0 comes from the whole global batch, whatever the split)
+  fwd_pp2 / fwd_pp2_vpp2  the forward-only pass of the experience / scoring (NLL and value head) through
+             megatron's forward-only schedule in micro-batches of 3 of 8 ragged rows equals PP=1
   {actor,critic,rm,ilql}_{pp2,pp2_vpp2,dp2}  a step of the trainers whose heads sit on the last
              pipeline stage (PPO's actor with a value head, PPO's separate critic, the reward model,
              ILQL) at PP=2, PP=2 x VPP=2 and DP=2 (each rank half the rows, micro-batches of one)
@@ -756,6 +758,28 @@ def main(out_path):
         check(f"{kind}_pp2", lambda: head_check(kind, pp2))
         check(f"{kind}_pp2_vpp2", lambda: head_check(kind, pp2_vpp2))
         check(f"{kind}_dp2", lambda: head_check(kind, ParallelConfig(), dp_split=True))
+    def fwd_only(parallel, micro_batch_size):
+        """Per-token NLL and value-head outputs of 8 left-padded rows (pads of 0-3) through
+        lm_across_stages: megatron's forward-only schedule in micro-batches of ``micro_batch_size``
+        (with VPP rounded up to a multiple of PP with filler rows), on the actor check's weights."""
+        from nemo_rlhf.models.heads import attach_value_head, value_head_output
+        from nemo_rlhf.modules.forward_only import lm_across_stages
+
+        initialize_model_parallel(parallel, seed=7)
+        engine = MegatronEngine(MODEL4, parallel, OPTIM, vocab, max_steps=10,
+                                setup=lambda g: attach_value_head(g, MODEL4.hidden_size))
+        load_reference_weights(engine, head_ref["actor"]["params"], MODEL4)
+        tokens, labels = batch["tokens"][:8], batch["labels"][:8]
+        pad = torch.tensor([0, 1, 2, 3, 0, 2, 1, 3])
+        with torch.no_grad():
+            nll, values = lm_across_stages(engine.stages, tokens, labels, pad, value_head_output, micro_batch_size)
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, {"nll": nll.tolist(), "values": values.tolist()})
+        return {"ranks": every}
+
+    check("fwd_pp1", lambda: fwd_only(ParallelConfig(), None))
+    check("fwd_pp2", lambda: fwd_only(pp2, 3))
+    check("fwd_pp2_vpp2", lambda: fwd_only(pp2_vpp2, 3))
     check("gen_tp1", lambda: gen(1))
     check("gen_tp2", lambda: gen(2))
     check("gen_pp2", gen_pp2)

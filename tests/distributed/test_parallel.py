@@ -159,6 +159,22 @@ def test_generation_across_interleaved_virtual_stages_equals_pp1_on_every_rank(r
     assert any(t != 0 for row in base["ragged_tokens"] for t in row[4:])
 
 
+@pytest.mark.parametrize("layout", ["fwd_pp2", "fwd_pp2_vpp2"])
+def test_forward_only_pass_through_the_pipeline_schedule_equals_pp1_on_every_rank(results, layout):
+    """The experience pass / reward scoring at PP=2 (and x VPP=2): 8 left-padded rows in micro-batches
+    of 3 (3 micro-batches, the last one filled up; with VPP a 4th of filler rows) through megatron's forward-only
+    schedule; every rank holds the single-process NLL and value-head outputs."""
+    base = _ok(results, "fwd_pp1")["ranks"][0]
+    r = _ok(results, layout)
+    assert len(r["ranks"]) == 2
+    values = [v for row in base["values"] for v in row]
+    assert max(abs(v) for v in values) > 1e-3 and len(base["nll"]) == 8     # a real head, every row
+    for rank in r["ranks"]:
+        for key in ("nll", "values"):
+            diff = max(abs(a - b) for ra, rb in zip(rank[key], base[key]) for a, b in zip(ra, rb))
+            assert diff < 1e-5, (layout, key, diff)
+
+
 @pytest.mark.parametrize("name", ["ppo_tp2", "ppo_tp2_sp"])
 def test_ppo_actor_step_tp2_equals_tp1(results, name):
     """Clipped policy loss + clipped value loss on a value head, same rollout batch."""

@@ -63,7 +63,10 @@ def test_t5_dpo_first_step_ln2_and_optimality_rises(sft_run, tmp_path):
     assert final["valid_rate"] >= 0.75                            # measured 0.919 -> 0.875
 
 
-def test_t5_ppo_runs_a_few_steps(sft_run, tmp_path):
+def test_t5_ppo_smoke_three_iterations_from_the_sft_policy(sft_run, tmp_path):
+    """Smoke test: PPO with a T5 policy and critic runs three iterations (finite losses, rewards in
+    range, KL 0 at the first rollout). A frozen model would pass; that the PPO step itself is right is
+    shown on GPT by the learning tests and the layout parity checks, which share the loop."""
     run = tmp_path / "ppo"
     _ok(train([f"hydra.run.dir={run}", "trainer.progress_bar=false", "model=t5_tiny",
                f"model.path={_sft_checkpoint(sft_run)}", "trainer.max_steps=3", "trainer.eval_every_n_steps=0",
@@ -79,7 +82,9 @@ def test_t5_ppo_runs_a_few_steps(sft_run, tmp_path):
     assert s["initial"]["valid_rate"] >= 0.7                    # started from the T5 SFT policy
 
 
-def test_t5_ilql_runs_a_few_steps(sft_run, tmp_path):
+def test_t5_ilql_smoke_three_steps(sft_run, tmp_path):
+    """Smoke test: ILQL's heads on a T5 policy train three steps with finite losses and evaluate
+    with and without the Q/V shift. A frozen model would pass."""
     run = tmp_path / "ilql"
     _ok(train([f"hydra.run.dir={run}", "trainer.progress_bar=false", "model=t5_tiny",
                f"model.path={_sft_checkpoint(sft_run)}", "trainer.max_steps=3", "trainer.eval_every_n_steps=0",
@@ -91,7 +96,9 @@ def test_t5_ilql_runs_a_few_steps(sft_run, tmp_path):
     assert "optimality_beta0" in s["final"]
 
 
-def test_t5_kto_from_the_sft_policy(sft_run, tmp_path):
+def test_t5_kto_smoke_first_step_is_the_analytic_value(sft_run, tmp_path):
+    """Smoke test: KTO on a T5 policy runs three steps; its first step, with the policy equal to the
+    reference, has the analytic loss 0.5 and zero KL / rewards. A frozen model would pass."""
     run = tmp_path / "kto"
     _ok(train([f"hydra.run.dir={run}", "trainer.progress_bar=false", "model=t5_tiny",
                f"model.path={_sft_checkpoint(sft_run)}", "trainer.max_steps=3", "trainer.log_every_n_steps=1",
