@@ -276,3 +276,40 @@ def test_hf_t5_imported_at_tp2_matches_transformers(results, name):
     assert r["logits_max_abs_diff"] < 1e-4
     assert r["export_moved"] > 1e-3                       # the exported weights are not the imported ones
     assert r["export_reload_max_abs_diff"] < 1e-4
+
+
+NEMO_ARCHIVES = ["local_mp_rank.nemo", "te_mp_rank.nemo", "dist_model_weights.nemo", "pp_tp_rank_pp_rank.nemo",
+                 "dist_model_weights(extracted)", "nemo2_module_prefix"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt"])
+def test_nemo_checkpoints_written_from_megatron_tp2_and_pp2_shards_load_at_tp1_and_tp2(results, arch):
+    """NeMo's checkpoint layouts as NeMo's own code writes them (tests/distributed/hf_checks.py cites
+    NVIDIA/NeMo's save_restore_connector.py, nlp_overrides.py NLPSaveRestoreConnector.save_to,
+    megatron_gpt_model.py, the checkpoint converters, nemo/lightning for NeMo 2, and Transformer
+    Engine's get_extra_state), filled with the tensors of real megatron-core models: one TP=1 model
+    (every tensor random, the vocabulary padded to NeMo's 256 rows at TP=2) resharded by megatron's
+    dist_checkpointing to TP=2 and to PP=2, and each rank's ``state_dict()`` / ``sharded_state_dict()``
+    saved as NeMo saves it, ``_extra_state`` entries included:
+      local_mp_rank.nemo       mp_rank_0{0,1}/model_weights.ckpt, local-spec names (transformer_engine: false)
+      te_mp_rank.nemo          the same shards under Transformer Engine names, TE 1.x BytesIO extra states
+      dist_model_weights.nemo  model_weights/: megatron dist checkpoint of sharded_state_dict(prefix='model.')
+                               (also loaded from the extracted folder)
+      pp_tp_rank_pp_rank.nemo  tp_rank_00_pp_rank_00{0,1}/model_weights.ckpt of the PP=2 stages
+      nemo2_module_prefix      NeMo 2 weights/ (+ context/) with 'module.'-prefixed keys, saved at TP=2
+    model_config.yaml carries NeMo's fields (apply_query_key_layer_scaling: True as in NeMo's configs).
+    Each loads through model.path's loader at TP=1 and at TP=2 with the TP=1 model's logits; read whole,
+    every .nemo gives the same tensors as the TP=2 mp_rank shards merged."""
+    r = _ok(results, f"nemo_{arch}_tp2_pp2")
+    assert r["source_tp2_logits_max_abs_diff"] < 1e-5          # the TP=2 shards are the TP=1 model's
+    assert r["full_tensors"] > 10
+    for name in ("te_mp_rank.nemo", "dist_model_weights.nemo", "pp_tp_rank_pp_rank.nemo"):
+        assert r[f"{name}_read_whole_vs_local_max_abs_diff"] == 0.0, name
+    for name in NEMO_ARCHIVES:
+        if not name.startswith("nemo2"):                        # NeMo 2: the run config gives the architecture
+            assert r[f"{name}_arch_matches"], name
+        for layout in ("tp1", "tp2"):
+            assert r[f"{name}@{layout}_before_load_max_abs_diff"] > 1e-2, (name, layout)
+            assert r[f"{name}@{layout}_logits_max_abs_diff"] < 1e-5, (name, layout)
+    # refused, naming why: more vocabulary rows than NeMo's padding explains; a zarr model_weights/ folder
+    assert r["vocab16.nemo_refused"] and r["zarr_refused"]
