@@ -95,7 +95,7 @@ def test_llama_directory_trains_with_dpo_and_exports_to_transformers(llama_dir, 
           f"(logits up to {res['max_logit']:.2f})")
     assert res["model_type"] == "llama" and res["kv_heads"] == 2
     assert res["hf_ids"] == res["our_ids"]                       # AutoTokenizer == the run's tokenizer
-    assert res["max_logit"] > 0.1 and res["max_diff"] < 1e-4     # the trained policy's logits
+    assert res["max_logit"] > 0.1 and res["max_diff"] < 1e-6     # the trained policy's logits; measured 1.2e-7
     # the trained weights, not the initial ones: the export differs from the source model
     src = transformers.AutoModelForCausalLM.from_pretrained(str(llama_dir))
     new = transformers.AutoModelForCausalLM.from_pretrained(str(out))

@@ -201,4 +201,4 @@ def test_hf_t5_directory_brings_its_sentencepiece_tokenizer_and_exports_it(tmp_p
     assert res["ours"] == "SentencePieceTokenizer" and res["our_ids"] == res["hf_ids"] == [4, 5, 6]
     assert res["eos"] == [1, 1] and res["pad"] == [0, 0]
     assert "spiece.model" in res["files"] and "model.safetensors" in res["files"]
-    assert res["max_diff"] < 1e-4                     # the trained policy, reloaded by transformers
+    assert res["max_diff"] < 2e-5                     # the trained policy, reloaded by transformers; measured 5.7e-6

@@ -21,7 +21,7 @@ from tests.distributed.hf_checks import (VOCAB, build_imported, hf_configs, inpu
 import transformers  # noqa: E402  (a test dependency: an import error fails, never skips)
 
 ARCHS = list(hf_configs())
-FP32 = 1e-4   # max |logit difference|; measured ~1e-6 with logits of magnitude ~3
+FP32 = 5e-6   # max |logit difference|; measured 1.2e-6 (pythia) to 2.5e-6 (llama), logits of magnitude ~3
 
 
 @pytest.fixture(scope="module")

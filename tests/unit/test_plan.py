@@ -15,7 +15,7 @@ from nemo_rlhf.planning.memory import (
 ROOT = Path(__file__).resolve().parents[2]
 # Measured vs estimated on the tiny model: weights exact; gradient buffer, optimizer states and
 # activations within this relative tolerance (grad buffers are padded; norms keep per-row stats).
-TOLERANCE = 0.05
+TOLERANCE = {"policy gradients": 0.001, "policy optimizer states": 0.001, "activations (training)": 0.025}
 
 
 def test_param_count_by_hand():
@@ -156,7 +156,7 @@ def test_estimate_matches_memory_measured_on_the_tiny_model(mp, overrides):
     for name in ("policy gradients", "policy optimizer states", "activations (training)"):
         assert measured[name] > 0
         print(f"{name}: measured {measured[name]} B, estimated {want[name]:.0f} B")
-        assert abs(measured[name] - want[name]) <= TOLERANCE * measured[name], (name, measured[name], want[name])
+        assert abs(measured[name] - want[name]) <= TOLERANCE[name] * measured[name], (name, measured[name], want[name])
 
 
 def _run(capsys, *argv):
@@ -187,6 +187,8 @@ def test_70b_online_rl_runs_across_pipeline_stages_within_65_gib(capsys):
         assert est.fits and est.total_bytes / GIB <= 65, est.total_bytes / GIB
     flat = with_overrides(ppo, parallel={"pipeline_model_parallel_size": 1}, trainer={"num_nodes": 32})
     assert not plan(flat, PlanOptions(), 32000)[0].fits
+    assert round(plan(with_overrides(flat, ppo={"critic": "value_head"}), PlanOptions(), 32000)[0].total_bytes
+                 / GIB, 1) == 73.8                                          # README: PP=1, 32 nodes, value head
     code, out = _run(capsys, "--config-name", "ppo_70b")
     assert code == 0 and "TP=8 PP=4" in out and "critic optimizer states" in out, out
     code, out = _run(capsys, "--config-name", "grpo_70b")
@@ -232,6 +234,9 @@ def test_every_recipe_composes_and_is_planned():
         assert est.total_bytes > est.overhead_bytes, name
         if big:
             assert est.fits, f"{name}: {est.total_bytes / GIB:.1f} GiB per 80 GB GPU"
+            assert round(est.total_bytes / GIB, 1) == {      # the GiB per GPU README.md quotes
+                "ppo_20b": 63.3, "ppo_70b": 60.1, "grpo_20b": 63.3, "grpo_70b": 50.0, "dpo_20b": 42.3,
+                "ilql_20b": 46.2, "dpo_70b": 55.2}[name], (name, est.total_bytes / GIB)
             assert cfg.model.precision == "bf16" and cfg.parallel.use_distributed_optimizer, name
             assert cfg.model.recompute_granularity is not None, name
 

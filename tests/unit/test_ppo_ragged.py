@@ -77,7 +77,7 @@ def test_training_forward_logprobs_equal_the_samplers_on_ragged_prompts(arch, re
         logprobs, values = -nll * mask, value_head_output(model, states) * mask
     got, want = logprobs[:, p - 1:], out.logprobs * out.mask
     assert float(out.mask.sum()) > 8
-    assert (got - want).abs().max() < 1e-5, (got, want)
+    assert (got - want).abs().max() < 1e-6, (got, want)             # measured 4.8e-7 (GPT and T5)
     # the padding is what makes the difference: ignoring it gives other log-probs
     with torch.no_grad():
         leaky = -lm_forward(model, inputs, labels, mask) * mask

@@ -65,7 +65,7 @@ def test_imported_hf_t5_logits_equal_transformers(mp, variant):
         want = hf(input_ids=enc, attention_mask=enc_valid.long(), decoder_input_ids=dec).logits
     got = _megatron_logits(t5, enc, dec, enc_valid)
     assert want.abs().max() > 0.1
-    assert (got - want).abs().max() < 1e-4, float((got - want).abs().max())
+    assert (got - want).abs().max() < 2e-6, float((got - want).abs().max())   # measured 1.1e-6 / 4e-7
 
 
 def test_import_from_a_saved_directory_and_named_errors(mp, tmp_path):
@@ -119,7 +119,7 @@ def test_export_reloads_in_transformers_with_the_same_logits(mp, tmp_path, varia
     assert (back.lm_head.weight is back.shared.weight) == (variant == "v1.0")
     with torch.no_grad():
         theirs = back(input_ids=enc, attention_mask=enc_valid.long(), decoder_input_ids=dec).logits
-    assert (ours - theirs).abs().max() < 1e-4, float((ours - theirs).abs().max())
+    assert (ours - theirs).abs().max() < 2e-6, float((ours - theirs).abs().max())
     # and HF T5 cannot express ours: a named error, nothing written
     with pytest.raises(ConfigError, match="model.position_embedding_type='relative'"):
         export_hf(tmp_path / "bad", [t5], dataclasses.replace(model, position_embedding_type="rope"), V)
