@@ -3,18 +3,21 @@
 Hydra composes ``conf/<config-name>.yaml`` with the overrides; :func:`nemo_rlhf.runner.run` does the
 rest (validate -> parallel state -> recipe -> fit -> summary.json in ``hydra.run.dir``). Launch
 multi-process runs with torchrun or Slurm (``launchers/``). A user error (bad key, file, checkpoint,
-reward function) ends with one line naming it and exit status 2.
+reward function) ends with one line naming it and exit status 2. With ``sweep.objective=<metric>``
+the run returns that metric of its final evaluation to Hydra: what a sweeper that proposes values
+(``hydra/sweeper=optuna``, ``conf/ppo_tiny_sweep.yaml``) maximises or minimises.
 """
 from __future__ import annotations
 
 import logging
 import sys
 import types
+from typing import Optional
 
 import hydra
 from omegaconf import DictConfig
 
-from nemo_rlhf import api
+from nemo_rlhf import api, sweep
 from nemo_rlhf.config import CONF_DIR
 from nemo_rlhf.errors import UserError
 from nemo_rlhf.logging import get_logger
@@ -27,13 +30,15 @@ register_configs()
 
 
 @hydra.main(config_path=CONF_DIR, config_name="sft_tiny", version_base="1.3")
-def _hydra_main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> Optional[float]:
+    """One run into Hydra's output dir; returns the final ``sweep.objective`` metric (None if unset)."""
     from hydra.core.hydra_config import HydraConfig
 
     from nemo_rlhf.parallel import destroy
 
     try:
-        run(cfg, HydraConfig.get().runtime.output_dir)
+        objective = sweep.objective_key(cfg, HydraConfig.get())
+        return sweep.objective_value(run(cfg, HydraConfig.get().runtime.output_dir), objective)
     except UserError as e:
         log.error("%s: %s", type(e).__name__, e)
         sys.exit(2)

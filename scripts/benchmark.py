@@ -16,8 +16,10 @@ same conditions; absolute figures move with the machine's load):
     dpo                               scripts/benchmark_dpo.py: DPO tokens/s vs TRL ``DPOTrainer``
                                       (target: ours >= 1.5x)
 
-Online RL against TRL's GRPOTrainer is not in the suite yet; scripts/benchmark_online_rl.py compares
-our own algorithms (PPO, GRPO, RLOO, RFT) with each other.
+    grpo                              scripts/benchmark_grpo.py: one GRPO iteration (generation, reward,
+                                      log-probs, update) vs TRL ``GRPOTrainer`` on the same HF model
+
+scripts/benchmark_online_rl.py compares our own algorithms (PPO, GRPO, RLOO, RFT) with each other.
 """
 from __future__ import annotations
 
@@ -76,7 +78,17 @@ def dpo() -> dict:
             "baseline_name": "TRL DPOTrainer", "ratio": 1.0 / out["trl_over_ours"], "target": 1.5}
 
 
-ROWS = {"generation_b16": lambda: generation(16), "generation_b64": lambda: generation(64), "sft": sft, "dpo": dpo}
+def grpo() -> dict:
+    out = _run([HERE / "benchmark_grpo.py"])
+    if "error" in out:
+        return out
+    return {"metric": "samples/s", "ours": 64 / out["ours_iteration_s"], "baseline": 64 / out["trl_iteration_s"],
+            "baseline_name": "TRL GRPOTrainer (one iteration: 8 prompts x 8 samples)",
+            "ratio": out["ours_over_trl_speed"]}
+
+
+ROWS = {"generation_b16": lambda: generation(16), "generation_b64": lambda: generation(64), "sft": sft, "dpo": dpo,
+        "grpo": grpo}
 
 
 def main():

@@ -278,6 +278,16 @@ class DataConfig:
 
 
 @dataclass
+class SweepConfig:
+    """What a run gives back to a Hydra sweeper that proposes values from the results (the Optuna
+    sweeper: ``conf/ppo_tiny_sweep.yaml``); grid sweeps (``-m key=a,b``) and single runs need none."""
+
+    objective: Optional[str] = None
+    """The metric of the final evaluation (summary.json's ``final``, e.g. optimality) that the run
+    returns to the sweeper; null: the run returns nothing."""
+
+
+@dataclass
 class RunConfig:
     """What every run shares (``python -m nemo_rlhf.train --config-name ...``). The algorithm's own
     block (``ppo``, ``dpo``, ...) is a field that ``nemo_rlhf.recipes`` adds, one per recipe, and
@@ -292,6 +302,7 @@ class RunConfig:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     resume: Optional[str] = "auto"
     """auto (default; null means the same): continue from the latest complete checkpoint in this
     run dir (fresh if there is none), refusing one saved for another model shape or algorithm |

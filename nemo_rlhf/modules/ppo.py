@@ -123,6 +123,11 @@ class PPOModule(TrainingSystem):
             chunk.requires_grad_(False)
         self.models = torch.nn.ModuleList(self.actor.chunks + self.critic.chunks)
         self.pipelined = cfg.parallel.pipeline_model_parallel_size > 1
+        self.measures_kl = self.ppo.init_kl_coef > 0 or self.ppo.kl_loss_coef > 0
+        """With both KL coefficients 0 nothing reads the reference log-probs: their forward is skipped
+        (kl is then logged as 0, not measured), as TRL does with beta=0."""
+        if not self.measures_kl:
+            log.info("ppo.init_kl_coef = ppo.kl_loss_coef = 0: the reference forward is skipped (kl not measured)")
         self.kl_ctl = make_kl_controller(self.ppo.init_kl_coef, self.ppo.target_kl, self.ppo.kl_horizon)
         self.reward_moments: Moments = INITIAL_MOMENTS   # running moments of the scores (scale_reward=running)
 
@@ -238,12 +243,14 @@ class PPOModule(TrainingSystem):
                                                 value_head_output if self.critic.on_actor else None, mbs)
             logprobs = -nll
             values = self.critic.values_across_stages(head_values, inputs, pad, mbs)
-            ref_logprobs = -lm_across_stages(self.reference, inputs, labels, pad, micro_batch_size=mbs)[0]
+            ref_logprobs = (-lm_across_stages(self.reference, inputs, labels, pad, micro_batch_size=mbs)[0]
+                            if self.measures_kl else logprobs.clone())
         else:
             nll, states = lm_forward_with_states(self.actor.module, inputs, labels, mask, pad)
             logprobs = -nll.float()
             values = self.critic.values(states, inputs, mask, pad)
-            ref_logprobs = -lm_forward(self.reference[0], inputs, labels, mask, pad).float()
+            ref_logprobs = (-lm_forward(self.reference[0], inputs, labels, mask, pad).float()
+                            if self.measures_kl else logprobs.clone())
         logprobs, ref_logprobs = logprobs * mask, ref_logprobs * mask
         values = None if values is None else values * mask
         rewards, _ = kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, self.kl_ctl.value)

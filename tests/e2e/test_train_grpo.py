@@ -96,6 +96,24 @@ def test_critic_free_configs_refuse_a_critic_or_a_single_sample(tmp_path):
     assert proc.returncode == 2 and "advantage_estimator=rloo is critic-free: set ppo.critic=none" in proc.stderr
 
 
+def test_without_kl_terms_the_reference_forward_is_skipped(tmp_path):
+    """ppo.init_kl_coef = ppo.kl_loss_coef = 0 (TRL's beta=0): nothing reads the reference log-probs,
+    so their forward is skipped and kl is logged as 0 although the policy moved after step 1 (with a
+    KL coefficient the same run measures kl > 0 at step 2)."""
+    runs = {}
+    for coef in (0.0, 0.02):
+        run = tmp_path / f"kl{coef}"
+        proc = _ok(train([f"hydra.run.dir={run}", "trainer.max_steps=2", "trainer.eval_every_n_steps=0",
+                          "trainer.progress_bar=false", "trainer.log_every_n_steps=1", "ppo.init_kl_coef=0.0",
+                          f"ppo.kl_loss_coef={coef}", "ppo.sft_warmup.steps=50", "task.eval_samples_per_start=1"],
+                         config="grpo_tiny"))
+        runs[coef] = (_train_rows(run), "the reference forward is skipped" in proc.stderr + proc.stdout)
+    (skipped_rows, skipped_said), (kl_rows, kl_said) = runs[0.0], runs[0.02]
+    assert skipped_said and not kl_said
+    assert [r["kl"] for r in skipped_rows] == [0.0, 0.0]
+    assert kl_rows[1]["kl"] > 1e-4
+
+
 @pytest.mark.distributed
 def test_grpo_at_pp2_equals_the_single_process_run(tmp_path):
     """Rollouts sampled across two pipeline stages, the experience pass (policy and reference NLL)
