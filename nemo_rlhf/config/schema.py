@@ -136,6 +136,9 @@ class OptimConfig:
         _require(self.scheduler in ("constant", "cosine"),
                  f"optim.scheduler must be constant|cosine, got {self.scheduler!r}")
         _require(self.clip_grad >= 0, f"optim.clip_grad must be >= 0, got {self.clip_grad}")
+        _require(self.scheduler != "cosine" or self.min_lr <= self.lr,
+                 f"optim.min_lr={self.min_lr} is above optim.lr={self.lr}: the cosine schedule decays from lr "
+                 f"to min_lr (lower min_lr)")
 
 
 @dataclass

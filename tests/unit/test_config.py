@@ -99,6 +99,7 @@ def test_cli_reports_bad_layout_and_unknown_key(tmp_path):
     ("rm_tiny", ["model=t5_tiny"], "model.arch=t5 supports algorithm.name sft|ppo|ilql|dpo|kto, got 'rm'"),
     ("dpo_tiny", ["dpo.loss_type=cpo2"], "dpo.loss_type must be sigmoid|ipo|hinge|robust|simpo|orpo"),
     ("ppo_tiny", ["ppo.sft_warmup.steps=-1"], "sft_warmup.steps must be >= 0"),
+    ("sft_tiny", ["optim.scheduler=cosine", "optim.lr=1e-6", "optim.min_lr=1e-5"], "optim.min_lr=1e-05 is above optim.lr=1e-06"),
 ])
 def test_recipe_rows_and_blocks_check_their_own_keys(name, overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
