@@ -43,7 +43,9 @@ def test_python_api_ilql_from_samples_and_rewards(tmp_path):
     trainer = nemo_rlhf.train(samples=samples, rewards=rewards, config=config, run_dir=str(tmp_path / "ilql"))
     assert trainer.config.algorithm.name == "ilql" and trainer.summary["num_samples"] == 1000
     final = trainer.summary["final"]
-    assert final["optimality"] > final["optimality_beta0"]
+    # the Q/V shift steers sampling: measured 0.865 against 0.324 without it (beta 0), behaviour 0.343
+    assert final["optimality"] > final["optimality_beta0"] + 0.2
+    assert final["optimality"] > final["behaviour_optimality"] + 0.15
     outs = trainer.generate(["b", "c"], greedy=True)
     assert all(o.endswith("a") or len(o) == 9 for o in outs)      # valid greedy walks end at the goal
     with pytest.raises(ValueError, match="not both"):

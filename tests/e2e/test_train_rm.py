@@ -30,7 +30,7 @@ def test_rm_tiny_accuracy_and_ppo_with_the_trained_reward_model(tmp_path):
                "trainer.max_steps=12", "ppo.sft_warmup.steps=600", "trainer.eval_every_n_steps=0"], config="ppo_tiny"))
     p = json.loads((ppo / "summary.json").read_text())
     rows = [json.loads(l) for l in (ppo / "metrics.jsonl").read_text().splitlines() if '"train"' in l]
-    assert rows[-1]["reward_mean"] > rows[0]["reward_mean"]                  # the RM's score goes up
+    assert rows[-1]["reward_mean"] > rows[0]["reward_mean"] + 3.0            # the RM's score goes up: measured -3.0 -> 6.8
     assert p["final"]["optimality"] > p["initial"]["optimality"] + 0.1       # and so does optimality
 
 
