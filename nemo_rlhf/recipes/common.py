@@ -88,10 +88,17 @@ def file_examples(ctx: RunContext, rcfg: RunConfig, schema: str, max_new_tokens:
 
 
 def walk_pairs(ctx: RunContext, num_pairs: int) -> List[Tuple[List[int], List[int], List[int]]]:
-    """(prompt, chosen + EOS, rejected + EOS) token ids: two walks from one start, the more optimal chosen."""
+    """(prompt, chosen + EOS, rejected + EOS) token ids: the task's own pairs where it builds them
+    (sentiment: a passage, its first sentence, another's), else two walks from one start, the more
+    optimal chosen."""
     from nemo_rlhf.data.preference import randomwalk_pairs
     from nemo_rlhf.tasks import offline_data_task
 
+    if hasattr(ctx.task, "preference_pairs"):
+        try:
+            return ctx.task.preference_pairs(ctx.tokenizer, num_pairs, ctx.rcfg.trainer.seed)
+        except ValueError as e:
+            raise ConfigError(f"task: {e}") from None
     eos = ctx.tokenizer.eos_id
     task = offline_data_task(ctx.task, ctx.rcfg.algorithm.name)
     return [(p, c + [eos], r + [eos])

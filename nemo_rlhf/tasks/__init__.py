@@ -4,14 +4,16 @@ Every task has ``name``, ``vocab`` (its symbols, one token each), ``max_length``
 tokens generation needs, EOS included), ``sft_samples()`` ([prompt, completion] strings),
 ``prompts()`` (RL prompts), ``reward_fn(samples, prompts=, completions=)`` and
 ``evaluate(model, tokenizer, samples_per_start, seed, temperature=, top_k=, top_p=,
-max_new_tokens=)``. Only randomwalks builds preference pairs and rewarded samples (``walks``) for
+max_new_tokens=)``; a task with its own tokenizer (sentiment: BPE trained on its text) has
+``tokenizer()``, which the runner uses instead of one token per ``vocab`` symbol, and a task that
+builds preference pairs for DPO has ``preference_pairs(tokenizer, num_pairs, seed)``. Only randomwalks builds preference pairs and rewarded samples (``walks``) for
 the offline recipes (DPO, KTO, RM, ILQL); the others read data.train_file there.
 """
 from __future__ import annotations
 
 from nemo_rlhf.errors import ConfigError
 
-TASKS = ("randomwalks", "arithmetic")
+TASKS = ("randomwalks", "arithmetic", "sentiment")
 
 
 def build_task(tc):
@@ -34,6 +36,15 @@ def build_task(tc):
 
         try:
             return Arithmetic(tc.max_operand, tc.operators, tc.num_sft, tc.num_prompts, tc.num_eval, tc.seed)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    if tc.name == "sentiment":
+        from nemo_rlhf.tasks.sentiment import Sentiment
+
+        try:
+            return Sentiment(tc.corpus, tc.vocab_size, tc.prompt_words, tc.max_length, tc.max_passage_tokens,
+                             tc.heldout_fraction, tc.num_eval, tc.num_eval_passages, tc.num_eval_pairs,
+                             tc.summary_verses, tc.context_verses, tc.seed)
         except ValueError as e:
             raise ConfigError(str(e)) from None
     raise ConfigError(f"task.name: unknown task {tc.name!r} (known: {', '.join(TASKS)})")
