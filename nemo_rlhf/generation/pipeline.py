@@ -1,14 +1,15 @@
-"""Decoding and forward-only passes across pipeline stages (PP > 1, with or without virtual stages).
+"""Decoding across pipeline stages (PP > 1, with or without virtual stages).
 
 One forward of the sampler runs the stages in order: the first embeds the tokens, each stage runs
 its layers (with its own KV cache) and sends its hidden states [S, B, H] to the next, and the last
 one computes the logits. With virtual stages (interleaving) a rank holds several model chunks and
 the order goes round the ring V times: chunk 0 of ranks 0..P-1, then chunk 1 of ranks 0..P-1, ...;
-the last rank's chunk v sends to the first rank's chunk v + 1 (megatron's ring neighbours). The last stage chooses the next token; the step's token, log-prob, mask
-and finished flags are then broadcast to every stage of the pipeline, so every rank holds the same
-sequences (the reward function and the experience pass read them on all ranks). A forward-only
-pass outside megatron's schedule (the experience pass of the online-RL loop) goes the same way and
-the last stage's result is broadcast with :func:`from_last_stage`.
+the last rank's chunk v sends to the first rank's chunk v + 1 (megatron's ring neighbours). The
+last stage chooses the next token; the step's token, log-prob, mask and finished flags are then
+broadcast to every stage of the pipeline, so every rank holds the same sequences (the reward
+function and the experience pass read them on all ranks). Forward-only passes over whole batches
+(the experience pass, reward scoring) go through megatron's forward-only schedule instead
+(modules/forward_only.py) and share their results with :func:`from_last_stage`.
 """
 from __future__ import annotations
 
