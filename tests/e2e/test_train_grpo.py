@@ -5,23 +5,9 @@ import shutil
 import pytest
 
 from tests.conftest import torchrun, train
-from tests.helpers.runs import without_timings
+from tests.helpers.runs import ok as _ok, summary as _summary, train_rows as _train_rows, without_timings
 
 pytestmark = pytest.mark.slow
-
-
-def _ok(proc):
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc
-
-
-def _summary(run):
-    return json.loads((run / "summary.json").read_text())
-
-
-def _train_rows(run):
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if r["kind"] == "train"]
 
 
 def _trained_positions(run):
