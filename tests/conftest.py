@@ -1,4 +1,5 @@
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -28,9 +29,19 @@ def torchrun(args, nproc=2, timeout=600, env=None):
     """Launch ``args`` (a script path or ['-m', module, ...]) under torchrun on CPU/gloo."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
            f"--master-port={free_port()}", *args]
-    # 2 ranks on 2 cores: one thread each, or they oversubscribe the cores
-    return subprocess.run(cmd, cwd=ROOT, env=_clean_env(dict(env or {}, OMP_NUM_THREADS="1")),
-                          capture_output=True, text=True, timeout=timeout)
+    # 2 ranks on 2 cores: one thread each, or they oversubscribe the cores. Its own session, so a
+    # launch past its timeout is killed with its workers (killing torchrun alone leaves them
+    # running, and waiting on each other, through the rest of the suite).
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_clean_env(dict(env or {}, OMP_NUM_THREADS="1")),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"torchrun {' '.join(map(str, args))} still running after {timeout} s; killed. "
+                    f"The end of its stderr:\n{err[-6000:]}", pytrace=False)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def train(overrides, config="sft_tiny", timeout=600, env=None):

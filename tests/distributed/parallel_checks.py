@@ -39,10 +39,12 @@ and rank 0 writes {check: {metric: value}} to OUT.json; the pytest side asserts 
 from __future__ import annotations
 
 import dataclasses
+import faulthandler
 import json
 import os
 import sys
 import tempfile
+import time
 import traceback
 from functools import partial
 
@@ -67,6 +69,7 @@ MODEL4 = dataclasses.replace(MODEL, num_layers=4)   # 4 layers: PP=2 x VPP=2 giv
 # SGD: the parameter update is lr * grad, so "params after one step" compares the whole step
 # (DDP reduce, finalize, optimizer) without Adam's g / sqrt(v) amplifying 1e-8 noise in tiny grads.
 OPTIM = OptimConfig(name="sgd", lr=0.5, clip_grad=0.0)
+CHECK_DEADLINE_S = 300   # per check, on both ranks: the slowest takes ~10 s on a loaded 2-core machine
 BATCH = 8
 # step stats that are counts, not results: they differ with the layout (at TP=1 on two ranks both
 # data-parallel replicas see the whole batch, so the counts double)
@@ -256,10 +259,17 @@ def main(out_path):
     def check(name, fn):
         if only and not any(name.startswith(p) for p in only):
             return
+        start = time.perf_counter()
+        # A check takes seconds; one stuck (a collective one rank never reaches) prints every
+        # thread's stack and ends the launch instead of waiting out the test's timeout.
+        faulthandler.dump_traceback_later(CHECK_DEADLINE_S, exit=True)
         try:
             results[name] = fn()
         except Exception as e:  # report, keep going with the other checks
             results[name] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
+        finally:
+            faulthandler.cancel_dump_traceback_later()
+        print(f"[rank {rank}] {name}: {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
 
     ref = reference(vocab, batch)
     results["reference"] = {"loss": ref["loss"], "engine_loss_diff": abs(ref["engine_loss"] - ref["loss"]),
