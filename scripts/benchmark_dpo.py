@@ -3,6 +3,7 @@
     pip install -e '.[bench]'          # trl + transformers, only for this script
     python scripts/benchmark_dpo.py                                   # defaults below, CPU
     python scripts/benchmark_dpo.py --layers 4 --hidden 256 --batch 32 --steps 12
+    python scripts/benchmark_dpo.py --no-packed          # skip the packed run of ours
 
 One process, the same threads, the same model and batches for both:
   * a megatron-core GPT with GPT-2's layout (learned positions, LayerNorm, tanh-GELU MLP, tied
@@ -14,7 +15,11 @@ One process, the same threads, the same model and batches for both:
     reference = a frozen copy of the initial policy in memory (forwarded every step) for both;
   * throughput = real (non-pad) tokens of chosen + rejected sequences per second of training
     step, median over the steps after ``--warmup`` (both run each batch at the width of its
-    longest sequence: TRL pads to it, our engine cuts the model.seq_length padding after it).
+    longest sequence: TRL pads to it, our engine cuts the model.seq_length padding after it);
+  * ours runs twice from the same initial weights: as above, and with data.packing's layout (each
+    micro-batch's chosen and rejected sequences packed into fewer rows for the policy and the
+    reference forwards, nemo_rlhf/modules/packing.py). TRL's own ``padding_free`` needs flash
+    attention, which the CPU does not have, so TRL runs padded.
 
 Also prints both loss sequences: step 1 is ln 2 for both (policy == reference), and the
 sequences should stay close (same math; the Adam implementations differ in rounding).
@@ -44,6 +49,7 @@ def parse_args():
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-packed", action="store_true", help="skip the run of ours with packed micro-batches")
     p.add_argument("--full-width", action="store_true",
                    help="ours without dynamic padding (every batch at model.seq_length), for the before/after figure")
     return p.parse_args()
@@ -75,20 +81,23 @@ def setup(args):
     return task, tok, pairs, dataset, model, optim, DPOConfig(beta=args.beta, reference="model"), ParallelConfig()
 
 
-def run_ours(args, tok, dataset, model_cfg, optim, dpo_cfg, parallel, hf_dir):
-    """Build the engine, export its initial weights for TRL, then time ``args.steps`` DPO steps."""
+def run_ours(args, tok, dataset, model_cfg, optim, dpo_cfg, parallel, hf_dir, pack=False):
+    """Build the engine, export its initial weights for TRL, then time ``args.steps`` DPO steps
+    (``pack``: with packed micro-batches; the engine starts from the same seed, so the same weights)."""
     from nemo_rlhf.interop import export_hf
     from nemo_rlhf.modules.dpo import dpo_forward
     from nemo_rlhf.modules.engine import MegatronEngine
 
+    torch.manual_seed(args.seed)
     engine = MegatronEngine(model_cfg, parallel, optim, tok.vocab_size, args.steps)
     engine.trim_padding = not args.full_width
-    export_hf(hf_dir, engine.chunks, model_cfg, tok.vocab_size, tokenizer=tok)
+    if hf_dir is not None:
+        export_hf(hf_dir, engine.chunks, model_cfg, tok.vocab_size, tokenizer=tok)
     reference = MegatronEngine(model_cfg, parallel, optim, tok.vocab_size, args.steps).module.eval()
     reference.load_state_dict(engine.module.state_dict())
     for p in reference.parameters():
         p.requires_grad_(False)
-    step_fn = partial(dpo_forward, cfg=dpo_cfg, reference=reference)
+    step_fn = partial(dpo_forward, cfg=dpo_cfg, reference=reference, pack=pack)
     times, losses, first = [], [], None
     for k in range(args.steps):
         sl = slice(k * args.batch, (k + 1) * args.batch)
@@ -153,6 +162,9 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = f"{tmp}/hf"
         ours_t, ours_l, ours_first = run_ours(args, tok, dataset, model_cfg, optim, dpo_cfg, parallel, hf_dir)
+        packed_t, packed_l = None, None
+        if not args.no_packed:
+            packed_t, packed_l, _ = run_ours(args, tok, dataset, model_cfg, optim, dpo_cfg, parallel, None, pack=True)
         try:
             trl_t, trl_l, trl_first = run_trl(args, tok, pairs, hf_dir, f"{tmp}/trl")
         except ImportError as e:
@@ -168,6 +180,10 @@ def main():
           f"{statistics.mean(real_tokens):.0f} real tokens/step (policy + reference forwards on each)")
     print(f"  {'':28s}{'tokens/s':>10s}{'step (ms)':>11s}{'ratio':>8s}")
     print(f"  {'nemo_rlhf (megatron-core)':28s}{ours:10.0f}{1e3 * statistics.median(ours_t[args.warmup:]):11.1f}{1.0:8.2f}")
+    if packed_t is not None:
+        packed = rate(packed_t)
+        print(f"  {'nemo_rlhf, packed':28s}{packed:10.0f}{1e3 * statistics.median(packed_t[args.warmup:]):11.1f}"
+              f"{packed / ours:8.2f}")
     print(f"  {'TRL DPOTrainer':28s}{trl:10.0f}{1e3 * statistics.median(trl_t[args.warmup:]):11.1f}{trl / ours:8.2f}")
     n = min(len(ours_l), len(trl_l))
     diffs = [abs(a - b) for a, b in zip(ours_l[:n], trl_l[:n])]
@@ -175,8 +191,12 @@ def main():
           f"max |diff| over {n} steps {max(diffs):.2e}")
     print("  step 1 (same weights, same batch): " + ", ".join(
         f"{k} ours {ours_first[k]:.4f} TRL {trl_first[k]:.4f}" for k in ours_first))
+    if packed_l is not None:
+        print(f"  packed vs unpacked loss: max |diff| over {len(packed_l)} steps "
+              f"{max(abs(a - b) for a, b in zip(packed_l, ours_l)):.2e}")
     print(json.dumps({"ours_tokens_per_s": ours, "trl_tokens_per_s": trl, "trl_over_ours": trl / ours,
-                      "ours_loss": ours_l, "trl_loss": trl_l}))
+                      "ours_packed_tokens_per_s": None if packed_t is None else rate(packed_t),
+                      "ours_loss": ours_l, "trl_loss": trl_l, "ours_packed_loss": packed_l}))
 
 
 if __name__ == "__main__":

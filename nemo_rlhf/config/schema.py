@@ -294,9 +294,11 @@ class DataConfig:
     max_examples: Optional[int] = None
     """Use only the first N examples."""
     packing: bool = False
-    """SFT (and SFT warm-up) rows hold several examples each, first-fit by length, each with its own
-    positions and attention (the loss and gradients of the unpacked batch, fewer positions to
-    compute; trainer.global_batch_size then counts packed rows). GPT with local layers."""
+    """Sequence packing, GPT with local layers. SFT (and SFT warm-up): rows hold several examples
+    each, first-fit by length, each with its own positions and attention (the loss and gradients of
+    the unpacked batch, fewer positions to compute; trainer.global_batch_size then counts packed
+    rows). DPO family and KTO: each micro-batch's chosen and rejected sequences are packed the same
+    way for the policy and reference forwards (batch sizes still count pairs; PP=1 only)."""
 
     def __post_init__(self):
         _require(self.format in ("auto", "json", "parquet"),

@@ -41,13 +41,15 @@ def length_normalized(cfg) -> bool:
     return PREFERENCE_LOSSES[cfg.loss_type].length_normalized or getattr(cfg, "length_normalize", False)
 
 
-def sequence_logps(model, tokens, labels, loss_mask, length_normalize: bool = False) -> torch.Tensor:
+def sequence_logps(model, tokens, labels, loss_mask, length_normalize: bool = False, pack: bool = False
+                   ) -> torch.Tensor:
     """[b, k, S] sequences -> summed (or mean) completion log-probs [b, k] (vocab-parallel safe:
-    the model's own cross-entropy gives -log p of each label)."""
+    the model's own cross-entropy gives -log p of each label). ``pack``: the b * k sequences are
+    packed into fewer rows for the forward (data.packing; modules/packing.py)."""
     b, k, s = tokens.shape
     flat = tokens.reshape(b * k, s)
     mask = loss_mask.reshape(b * k, s)
-    nll = lm_forward(model, flat, labels.reshape(b * k, s), mask)
+    nll = lm_forward(model, flat, labels.reshape(b * k, s), mask, pack=pack)
     logps = -(nll.float() * mask).sum(-1)
     if length_normalize:
         logps = logps / mask.sum(-1).clamp(min=1)
@@ -55,18 +57,20 @@ def sequence_logps(model, tokens, labels, loss_mask, length_normalize: bool = Fa
 
 
 # -- DPO and its variants ----------------------------------------------------------------------------
-def dpo_forward(batch: Batch, model, cfg, reference=None):
-    """Megatron forward step on [b, 2, S] pairs (chosen, rejected)."""
+def dpo_forward(batch: Batch, model, cfg, reference=None, pack: bool = False):
+    """Megatron forward step on [b, 2, S] pairs (chosen, rejected): both in one forward (packed
+    into fewer rows with ``pack``)."""
     b, two, s = batch["tokens"].shape
     flat = batch["tokens"].reshape(b * two, s)
-    nll = lm_forward(model, flat, batch["labels"].reshape(b * two, s), batch["loss_mask"].reshape(b * two, s))
+    nll = lm_forward(model, flat, batch["labels"].reshape(b * two, s), batch["loss_mask"].reshape(b * two, s),
+                     pack=pack)
     ref = None
     if needs_reference(cfg):
         ref = batch["ref_logps"]
         if reference is not None:
             with torch.no_grad():
                 ref = sequence_logps(reference, batch["tokens"], batch["labels"], batch["loss_mask"],
-                                     length_normalized(cfg))
+                                     length_normalized(cfg), pack=pack)
     return nll, partial(dpo_loss_func, batch, cfg, ref)
 
 
@@ -90,9 +94,10 @@ def dpo_loss_func(batch: Batch, cfg, ref_logps: Optional[torch.Tensor], nll):
 
 
 def dpo_forward_backward(engine: MegatronEngine, batch: Batch, micro_batch_size: int, cfg,
-                         reference=None) -> Dict[str, float]:
+                         reference=None, pack: bool = False) -> Dict[str, float]:
     """One DPO step's forward-backward over the DP-local part of the global batch."""
-    return engine.forward_backward(batch, micro_batch_size, partial(dpo_forward, cfg=cfg, reference=reference))
+    return engine.forward_backward(batch, micro_batch_size,
+                                   partial(dpo_forward, cfg=cfg, reference=reference, pack=pack))
 
 
 # -- KTO -----------------------------------------------------------------------------------------
@@ -107,21 +112,21 @@ def kto_split(batch: Batch) -> Tuple[Batch, Batch]:
     return halves[0], halves[1]
 
 
-def _logps_and_reference(batch: Batch, model, reference):
+def _logps_and_reference(batch: Batch, model, reference, pack: bool = False):
     """Policy NLL [b, S] of ``batch``'s [b, S] sequences and their reference log-probs [b]."""
-    nll = lm_forward(model, batch["tokens"], batch["labels"], batch["loss_mask"])
+    nll = lm_forward(model, batch["tokens"], batch["labels"], batch["loss_mask"], pack=pack)
     ref = batch["ref_logps"]
     if reference is not None:
         with torch.no_grad():
             ref = sequence_logps(reference, batch["tokens"][:, None], batch["labels"][:, None],
-                                 batch["loss_mask"][:, None])[:, 0]
+                                 batch["loss_mask"][:, None], pack=pack)[:, 0]
     return nll, ref
 
 
-def kto_kl_forward(batch: Batch, model, reference=None):
+def kto_kl_forward(batch: Batch, model, reference=None, pack: bool = False):
     """Forward step of the no-grad pass over the mismatched completions [b, S]: reports the sum and
     count of their log pi - log pi_ref (the engine adds them over micro-batches and DP ranks)."""
-    nll, ref = _logps_and_reference(batch, model, reference)
+    nll, ref = _logps_and_reference(batch, model, reference, pack)
 
     def report(nll):
         logps = -(nll.float() * batch["loss_mask"]).sum(-1)
@@ -131,9 +136,9 @@ def kto_kl_forward(batch: Batch, model, reference=None):
     return nll, report
 
 
-def kto_forward(batch: Batch, model, cfg, z0: torch.Tensor, reference=None):
+def kto_forward(batch: Batch, model, cfg, z0: torch.Tensor, reference=None, pack: bool = False):
     """Megatron forward step on the completions [b, S], with the global batch's reference point z0."""
-    nll, ref = _logps_and_reference(batch, model, reference)
+    nll, ref = _logps_and_reference(batch, model, reference, pack)
     return nll, partial(kto_loss_func, batch, cfg, ref, z0)
 
 
@@ -156,30 +161,30 @@ def kto_loss_func(batch: Batch, cfg, ref_logps: torch.Tensor, z0: torch.Tensor, 
 
 
 def kto_global_reference_point(engine: MegatronEngine, mismatched: Batch, micro_batch_size: int,
-                               reference=None) -> torch.Tensor:
+                               reference=None, pack: bool = False) -> torch.Tensor:
     """z0 of the whole global batch: one no-grad pass over all micro-batches of the mismatched
     completions; the engine's stat reduction adds their (sum, count) over micro-batches and DP
     ranks (and broadcasts it from the last pipeline stage), then z0 = max(0, sum / count)."""
-    stats = engine.forward_backward(mismatched, micro_batch_size, partial(kto_kl_forward, reference=reference),
+    stats = engine.forward_backward(mismatched, micro_batch_size, partial(kto_kl_forward, reference=reference, pack=pack),
                                     forward_only=True)
     return kto_reference_point(torch.tensor(stats["kl"], dtype=torch.float32))
 
 
 def kto_forward_backward(engine: MegatronEngine, batch: Batch, micro_batch_size: int, cfg,
-                         reference=None) -> Dict[str, float]:
+                         reference=None, pack: bool = False) -> Dict[str, float]:
     """One KTO step's forward-backward over the DP-local part of the global batch: the reference
     point z0 from all its mismatched completions first (no grad), then the loss of the completions
     with that z0, so the loss and grads do not depend on the micro-batch or data-parallel split."""
     completions, mismatched = kto_split(batch)
-    z0 = kto_global_reference_point(engine, mismatched, micro_batch_size, reference)
+    z0 = kto_global_reference_point(engine, mismatched, micro_batch_size, reference, pack)
     return engine.forward_backward(completions, micro_batch_size,
-                                   partial(kto_forward, cfg=cfg, z0=z0, reference=reference))
+                                   partial(kto_forward, cfg=cfg, z0=z0, reference=reference, pack=pack))
 
 
-ForwardBackward = Callable[[MegatronEngine, Batch, int, Any, Any], Dict[str, float]]
+ForwardBackward = Callable[..., Dict[str, float]]
 FORWARD_BACKWARD: Dict[str, ForwardBackward] = {"dpo": dpo_forward_backward, "kto": kto_forward_backward}
 """One step's forward-backward by algorithm name: (engine, DP-local batch, micro-batch size,
-algorithm config block, reference model or None) -> the global batch's stats."""
+algorithm config block, reference model or None, pack=False) -> the global batch's stats."""
 
 
 class DPOModule(TrainingSystem):
@@ -198,6 +203,8 @@ class DPOModule(TrainingSystem):
         self.evaluate_fn, self.dp_rank, self.dp_size, self.config_yaml = evaluate_fn, dp_rank, dp_size, config_yaml
         self.engine = MegatronEngine(cfg.model, cfg.parallel, cfg.optim, vocab_size, cfg.trainer.max_steps)
         self.chunks = torch.nn.ModuleList(self.engine.chunks)
+        self.pack = cfg.data.packing
+        """Pack each micro-batch's sequences into fewer rows for the forwards (validated by the recipe)."""
         self.reference = None
         if algo_cfg.reference == "model" and needs_reference(algo_cfg):
             self.reference = build_chunks(cfg.model, cfg.parallel, vocab_size)[0].eval()
@@ -221,7 +228,7 @@ class DPOModule(TrainingSystem):
         for i in range(0, len(ds), batch_size):
             sl = slice(i, i + batch_size)
             ds.ref_logps[sl] = sequence_logps(model, ds.tokens[sl], ds.labels[sl], ds.loss_mask[sl],
-                                              length_normalized(self.algo_cfg))
+                                              length_normalized(self.algo_cfg), pack=self.pack)
         model.train()
         path = self.run_dir.path / "reference_logps.pt"
         if self.dp_rank == 0:
@@ -232,7 +239,7 @@ class DPOModule(TrainingSystem):
 
     def training_step(self, batch, batch_idx):
         stats = FORWARD_BACKWARD[self.algorithm](self.engine, batch, self.cfg.trainer.micro_batch_size,
-                                                 self.algo_cfg, self.reference)
+                                                 self.algo_cfg, self.reference, pack=self.pack)
         stats.update(self.engine.optimizer_step())
         self.step += 1
         end_of_step(self, stats)

@@ -248,9 +248,22 @@ def lm_forward_with_states(model: torch.nn.Module, tokens: torch.Tensor, labels:
 
 def lm_forward(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor,
                completion_mask: torch.Tensor, pad: torch.Tensor | None = None,
-               segments: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-token NLL [B, S] of ``labels`` (arguments as :func:`lm_forward_with_states`)."""
-    return lm_forward_with_states(model, tokens, labels, completion_mask, pad, segments)[0]
+               segments: torch.Tensor | None = None, pack: bool = False) -> torch.Tensor:
+    """Per-token NLL [B, S] of ``labels`` (arguments as :func:`lm_forward_with_states`). ``pack``
+    (GPT): the rows are packed for the call (:mod:`nemo_rlhf.modules.packing`), each from its first
+    real token to the last position ``completion_mask`` reads; the NLL comes back in the rows'
+    layout, 0 outside those spans."""
+    if not pack or segments is not None or is_t5(model):
+        return lm_forward_with_states(model, tokens, labels, completion_mask, pad, segments)[0]
+    from nemo_rlhf.modules.forward_only import packed_attention
+    from nemo_rlhf.modules.packing import pack_rows, spans
+
+    gpt = unwrap(model)
+    multiple = (8 if tokens.is_cuda else 1) * (gpt.config.tensor_model_parallel_size if gpt.config.sequence_parallel else 1)
+    rows = pack_rows(tokens, labels, *spans(completion_mask, pad), multiple=multiple)
+    attention_mask, position_ids = packed_attention(rows.segments)
+    nll, _ = gpt_forward(gpt, rows.tokens, position_ids, attention_mask, labels=rows.labels)
+    return rows.unpack(nll)
 
 
 def shift_rows(x: torch.Tensor, shift: torch.Tensor, fill=0) -> torch.Tensor:

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from nemo_rlhf.config.schema import RENAMED_KEYS, RunConfig
 from nemo_rlhf.errors import ConfigError
 from nemo_rlhf.recipes import dpo, ilql, kto, ppo, rft, rm, sft
+from nemo_rlhf.recipes.common import packing_layout_problem
 
 
 @dataclass(frozen=True)
@@ -51,8 +52,8 @@ RECIPES: Dict[str, Recipe] = {r.name: r for r in (
            why_not="its Q heads read the full hidden states, not sequence-parallel shards"),
     Recipe("rft", rft, "rft", inputs=("reward_fn", "prompts"), layout_problem=rft.layout_problem, t5=False,
            why_not="its SFT updates use the decoder-only batch layout"),
-    Recipe("dpo", dpo, "dpo"),
-    Recipe("kto", kto, "kto"),
+    Recipe("dpo", dpo, "dpo", layout_problem=packing_layout_problem),
+    Recipe("kto", kto, "kto", layout_problem=packing_layout_problem),
     Recipe("rm", rm, "rm", t5=False, why_not="reward models are GPT"),
 )}
 

@@ -10,7 +10,7 @@ from nemo_rlhf.config.schema import RunConfig, SFTWarmupConfig
 from nemo_rlhf.data.sft import SFTDataset
 from nemo_rlhf.errors import ConfigError
 from nemo_rlhf.modules.sft import SFTModule
-from nemo_rlhf.recipes.common import Job, RunContext, file_examples, load_initial_weights, replace_algorithm
+from nemo_rlhf.recipes.common import Job, RunContext, file_examples, load_initial_weights, packing, replace_algorithm
 
 Config = None
 """SFT has no block of its own: trainer.* and optim.* are its settings."""
@@ -42,22 +42,6 @@ def build(ctx: RunContext, rcfg: RunConfig, block, data, rd, config_yaml: str) -
     module = SFTModule(rcfg, dataset, tok.vocab_size, rd, ctx.evaluate_fn, dp_rank=ctx.dp_rank,
                        dp_size=ctx.dp_size, config_yaml=config_yaml)
     return Job(module, load_initial=partial(load_initial_weights, module.engine), summary=extra)
-
-
-def packing(rcfg: RunConfig) -> bool:
-    """data.packing, where the model can take packed rows (GPT on megatron's local layers: an
-    explicit block-diagonal causal mask; Transformer Engine's attention would need the packed-
-    sequence parameters, cu_seqlens, which are not wired yet)."""
-    from nemo_rlhf.models.gpt import resolved_transformer_impl
-
-    if not rcfg.data.packing:
-        return False
-    if rcfg.model.arch != "gpt":
-        raise ConfigError(f"data.packing is a GPT path (model.arch={rcfg.model.arch}): set data.packing=false")
-    if resolved_transformer_impl(rcfg.model) != "local":
-        raise ConfigError("data.packing needs model.transformer_impl=local (Transformer Engine's attention takes "
-                          "packed rows as cu_seqlens, not wired yet): set one of them")
-    return True
 
 
 def warmup_config(rcfg: RunConfig, warmup: SFTWarmupConfig) -> RunConfig:

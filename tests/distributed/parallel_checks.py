@@ -635,7 +635,7 @@ def main(out_path):
                 "v_head_grad_norm": float(grads["ilql_heads.v_head.weight"].norm()),
                 "n_grads": len(grads)}
 
-    def dpo_layout(parallel, mbs, kto=False, dp_split=False):
+    def dpo_layout(parallel, mbs, kto=False, dp_split=False, pack=False):
         """One DPO step (sigmoid loss, precomputed reference) on the same 4 pairs, or one KTO step on
         them unpaired (8 examples, z0 from all of their mismatched pairs); with ``dp_split`` each DP
         rank takes its share of the examples."""
@@ -663,12 +663,12 @@ def main(out_path):
             r, n = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
             size = len(ds) // n
             pbatch = {k: v[r * size:(r + 1) * size] for k, v in pbatch.items()}
-        stats = FORWARD_BACKWARD["kto" if kto else "dpo"](engine, pbatch, mbs, KTO if kto else DPO)
+        stats = FORWARD_BACKWARD["kto" if kto else "dpo"](engine, pbatch, mbs, KTO if kto else DPO, pack=pack)
         grads = {n: tp_full(p.main_grad, p) for n, p in named_params(engine)}
         return stats, grads
 
-    def dpo_check(parallel, mbs, kto=False, dp_split=False):
-        stats, grads = dpo_layout(parallel, mbs, kto, dp_split)
+    def dpo_check(parallel, mbs, kto=False, dp_split=False, pack=False):
+        stats, grads = dpo_layout(parallel, mbs, kto, dp_split, pack)
         base = kto_ref if kto else dpo_ref
         if "stats" not in base:
             base["stats"], base["grads"] = stats, grads
@@ -682,11 +682,16 @@ def main(out_path):
     check("dpo_pp2", lambda: dpo_check(ParallelConfig(pipeline_model_parallel_size=2), 2))
     # (dpo_tp1 / kto_tp1 run at DP=2 with the whole batch on both ranks: the DP=1 result)
     check("dpo_dp2", lambda: dpo_check(ParallelConfig(), 1, dp_split=True))
+    # chosen and rejected packed into fewer rows for the forward (data.packing), at TP=2 and TP=2 + SP
+    check("dpo_tp2_packed", lambda: dpo_check(ParallelConfig(tensor_model_parallel_size=2), 4, pack=True))
+    check("dpo_tp2_sp_packed", lambda: dpo_check(
+        ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True), 4, pack=True))
     kto_ref = {}   # z0 from the whole global batch: the same whatever the micro-batch, TP, PP or DP split
     check("kto_tp1", lambda: dpo_check(ParallelConfig(), 4, kto=True))
     check("kto_tp2", lambda: dpo_check(ParallelConfig(tensor_model_parallel_size=2), 4, kto=True))
     check("kto_pp2", lambda: dpo_check(ParallelConfig(pipeline_model_parallel_size=2), 2, kto=True))
     check("kto_dp2", lambda: dpo_check(ParallelConfig(), 1, kto=True, dp_split=True))
+    check("kto_tp2_packed", lambda: dpo_check(ParallelConfig(tensor_model_parallel_size=2), 4, kto=True, pack=True))
     ilql_ref = {}
     check("ilql_tp1", lambda: ilql_tp(1))
     check("ilql_tp2", lambda: ilql_tp(2))

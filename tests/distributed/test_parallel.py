@@ -222,7 +222,7 @@ def test_head_trainers_at_pp2_vpp2_and_dp2_equal_the_single_process_step(results
     assert r["head_grad_norm"] > 1e-4                        # the loss reached the head on the last stage
 
 
-@pytest.mark.parametrize("name", ["dpo_tp2", "dpo_pp2", "dpo_dp2"])
+@pytest.mark.parametrize("name", ["dpo_tp2", "dpo_pp2", "dpo_dp2", "dpo_tp2_packed", "dpo_tp2_sp_packed"])
 def test_dpo_step_tp2_pp2_and_dp2_equal_tp1(results, name):
     base = _ok(results, "dpo_tp1")
     assert base["loss"] > 0 and 0 < base["rewards/accuracy"] <= 1
@@ -231,7 +231,7 @@ def test_dpo_step_tp2_pp2_and_dp2_equal_tp1(results, name):
     assert r["grad_max_abs_diff"] < 1e-6
 
 
-@pytest.mark.parametrize("name", ["kto_tp2", "kto_pp2", "kto_dp2"])
+@pytest.mark.parametrize("name", ["kto_tp2", "kto_pp2", "kto_dp2", "kto_tp2_packed"])
 def test_kto_step_tp2_pp2_and_dp2_equal_tp1(results, name):
     """KTO's reference point z0 is the global batch's: the same at TP=2, PP=2 (4 micro-batches) and
     DP=2 with micro-batches of 1 as at TP=1 with micro-batches of 4."""

@@ -30,14 +30,26 @@ def test_dpo_tiny_first_step_ln2_and_final_model_improves(tmp_path):
     assert (run / "reference_logps.pt").is_file()
 
 
-def test_dpo_in_memory_reference_and_ipo(tmp_path):
-    run = tmp_path / "ipo"
-    _ok(train([f"hydra.run.dir={run}", "trainer.progress_bar=false", "trainer.max_steps=3", "dpo.sft_warmup.steps=20",
-               "dpo.reference=model", "dpo.loss_type=ipo", "trainer.eval_every_n_steps=0",
-               "task.eval_samples_per_start=1", "dpo.num_pairs=256"], config="dpo_tiny"))
-    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in l]
+def test_dpo_in_memory_reference_and_ipo_packed_and_not(tmp_path):
+    """IPO against a frozen reference model, then the same run with data.packing=true (chosen and
+    rejected packed into fewer rows for the policy and reference forwards): the same losses."""
+    logged = {}
+    for packing in ("false", "true"):
+        run = tmp_path / f"ipo_{packing}"
+        # the packed run starts from the first run's SFT warm-up (data.packing would pack that too)
+        start = [] if packing == "false" else [f"model.path={tmp_path / 'ipo_false' / 'sft' / 'checkpoints' / 'step_0000020'}"]
+        _ok(train([f"hydra.run.dir={run}", "trainer.progress_bar=false", "trainer.max_steps=3", "dpo.sft_warmup.steps=20",
+                   "dpo.reference=model", "dpo.loss_type=ipo", "trainer.eval_every_n_steps=0",
+                   "task.eval_samples_per_start=1", "dpo.num_pairs=256", f"data.packing={packing}", *start],
+                  config="dpo_tiny"))
+        logged[packing] = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in l]
+    rows, packed = logged["false"], logged["true"]
     # IPO at h = 0: (0 - 1 / (2 beta))^2 = 1 for beta 0.5
     assert abs(rows[0]["loss"] - 1.0) < 1e-5
+    assert len(rows) == len(packed) >= 2 and rows[-1]["step"] == 3 and rows[-1]["loss"] < 0.9
+    for a, b in zip(rows, packed):
+        for key in ("loss", "rewards/margin", "grad_norm"):
+            assert abs(a[key] - b[key]) < 1e-4 * max(1.0, abs(a[key])), (key, a[key], b[key])
 
 
 @pytest.mark.parametrize("loss_type", ["simpo", "orpo", "cpo"])
