@@ -13,8 +13,9 @@ same conditions; absolute figures move with the machine's load):
     sft                               scripts/benchmark_sft.py: training tokens/s vs a plain
                                       transformers + torch.optim.Adam loop, and the share of the
                                       measured fp32 matmul FLOP/s (target: >= 70%)
-    dpo                               scripts/benchmark_dpo.py: DPO tokens/s vs TRL ``DPOTrainer``
-                                      (target: ours >= 1.5x)
+    dpo / dpo_packed                  scripts/benchmark_dpo.py: DPO tokens/s vs TRL ``DPOTrainer``
+                                      (target: ours >= 1.5x), ours as is and with data.packing's
+                                      packed micro-batches (one process, both rows)
 
     grpo                              scripts/benchmark_grpo.py: one GRPO iteration (generation, reward,
                                       log-probs, update) vs TRL ``GRPOTrainer`` on the same HF model
@@ -74,8 +75,11 @@ def dpo() -> dict:
     out = _run([HERE / "benchmark_dpo.py"])
     if "error" in out:
         return out
-    return {"metric": "tokens/s", "ours": out["ours_tokens_per_s"], "baseline": out["trl_tokens_per_s"],
-            "baseline_name": "TRL DPOTrainer", "ratio": 1.0 / out["trl_over_ours"], "target": 1.5}
+    trl = out["trl_tokens_per_s"]
+    row = lambda ours, name: {"metric": "tokens/s", "ours": ours, "baseline": trl, "ratio": ours / trl, "target": 1.5,
+                              "baseline_name": name}
+    return {"rows": {"dpo": row(out["ours_tokens_per_s"], "TRL DPOTrainer"),
+                     "dpo_packed": row(out["ours_packed_tokens_per_s"], "TRL DPOTrainer (padded; ours data.packing=true)")}}
 
 
 def grpo() -> dict:
@@ -99,7 +103,8 @@ def main():
     table = {}
     for name in args.rows:
         print(f"running {name} ...", flush=True)
-        table[name] = ROWS[name]()
+        result = ROWS[name]()
+        table.update(result["rows"] if "rows" in result else {name: result})
     print(f"\n{'row':<16}{'ours':>10}{'baseline':>10}{'ours/base':>11}{'target':>8}  baseline / note")
     for name, r in table.items():
         if "error" in r:
