@@ -1,5 +1,5 @@
-"""The lean KV-cached decoder (generation/fast_decode.py) gives exactly megatron's inference path:
-the same tokens and bit-identical log-probs, for GPT-2-, Llama- (GQA, RoPE, RMSNorm, SwiGLU, untied
+"""The lean KV-cached decoder (generation/fast_decode.py) gives megatron's inference path: the same
+tokens and log-probs to fp32 rounding, for GPT-2-, Llama- (GQA, RoPE, RMSNorm, SwiGLU, untied
 output) and GPT-NeoX-shaped (partial RoPE, parallel residual) models, with ragged left-padded
 prompts, greedy and sampled; layouts it does not cover fall back to megatron's path."""
 import pytest
@@ -41,7 +41,8 @@ def test_fast_decode_equals_megatrons_inference_path(mp, shape, greedy):
                      generator=torch.Generator().manual_seed(1), vocab_size=50, prompt_lengths=lengths)
             for fast in (True, False)]
     assert torch.equal(outs[0].tokens, outs[1].tokens) and torch.equal(outs[0].mask, outs[1].mask)
-    assert torch.equal(outs[0].logprobs, outs[1].logprobs)
+    # the biases go into the GEMM (F.linear): the last bits of fp32 differ, nothing more
+    assert float((outs[0].logprobs - outs[1].logprobs).abs().max()) < 2e-6
     assert outs[0].mask.sum() > 20                      # rows ran for several steps
 
 
@@ -55,7 +56,7 @@ def test_fast_decode_hands_the_final_hidden_states_to_a_logits_processor(mp):
             return logits
         generate(model, torch.tensor([[3, 4], [5, 6]]), SamplingParams(5, greedy=True, fast_decode=fast),
                  vocab_size=50, logits_processor=processor)
-    assert len(seen[True]) == 5 and all(torch.equal(a, b) for a, b in zip(seen[True], seen[False]))
+    assert len(seen[True]) == 5 and all(float((a - b).abs().max()) < 1e-5 for a, b in zip(seen[True], seen[False]))
 
 
 def test_layouts_the_fast_path_does_not_cover_fall_back(mp):
