@@ -26,8 +26,8 @@ def stats_report(total: torch.Tensor, count: torch.Tensor, stats: Dict[str, torc
     return total, count.to(torch.int), report
 
 
-def critic_forward(batch: Dict[str, torch.Tensor], model, ppo):
-    _, states = lm_forward_with_states(model, batch["tokens"], None, batch["loss_mask"], batch.get("pad"))
+def critic_forward(batch: Dict[str, torch.Tensor], model, ppo, pack: bool = False):
+    _, states = lm_forward_with_states(model, batch["tokens"], None, batch["loss_mask"], batch.get("pad"), pack=pack)
     if not has_head(unwrap(model)):   # a pipeline stage before the last: its hidden states go on
         return states.hidden, None
     values = value_head_output(unwrap(model), states)
@@ -70,8 +70,8 @@ class SeparateCritic:
             chunk.eval()
         return lm_across_stages(self.engine.stages, tokens, None, pad, value_head_output, micro_batch_size)[1]
 
-    def train_step(self, batch, micro_batch_size: int, ppo) -> Dict[str, float]:
-        stats = self.engine.train_step(batch, micro_batch_size, partial(critic_forward, ppo=ppo))
+    def train_step(self, batch, micro_batch_size: int, ppo, pack: bool = False) -> Dict[str, float]:
+        stats = self.engine.train_step(batch, micro_batch_size, partial(critic_forward, ppo=ppo, pack=pack))
         return {f"critic/{k}": v for k, v in stats.items()}
 
     def checkpoint_engines(self):
@@ -97,7 +97,7 @@ class ValueHeadCritic:
     def values_across_stages(self, policy_values, tokens, pad, micro_batch_size=None) -> torch.Tensor:
         return policy_values   # the head ran on the policy's last stage
 
-    def train_step(self, batch, micro_batch_size: int, ppo) -> Dict[str, float]:
+    def train_step(self, batch, micro_batch_size: int, ppo, pack: bool = False) -> Dict[str, float]:
         return {}
 
     def checkpoint_engines(self):
@@ -122,7 +122,7 @@ class NoCritic:
     def values_across_stages(self, policy_values, tokens, pad, micro_batch_size=None) -> Optional[torch.Tensor]:
         return None
 
-    def train_step(self, batch, micro_batch_size: int, ppo) -> Dict[str, float]:
+    def train_step(self, batch, micro_batch_size: int, ppo, pack: bool = False) -> Dict[str, float]:
         return {}
 
     def checkpoint_engines(self):

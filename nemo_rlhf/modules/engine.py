@@ -220,7 +220,8 @@ def ps_broadcast_keys(keys: List[str]) -> List[str]:
 
 def lm_forward_with_states(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor | None,
                            completion_mask: torch.Tensor, pad: torch.Tensor | None = None,
-                           segments: torch.Tensor | None = None) -> Tuple[torch.Tensor | None, DecoderStates]:
+                           segments: torch.Tensor | None = None, pack: bool = False
+                           ) -> Tuple[torch.Tensor | None, DecoderStates]:
     """The causal-LM call of every trainer: ``(nll, states)`` with the per-token NLL [B, S] of
     ``labels`` (None without labels) and the final hidden states that the heads read
     (models/heads.py: ``value_head_output(unwrap(model), states)``). GPT runs on ``tokens`` as is;
@@ -232,7 +233,12 @@ def lm_forward_with_states(model: torch.nn.Module, tokens: torch.Tensor, labels:
     takes them). They are treated exactly as generation treats them: GPT masks them out of
     attention and counts positions from each row's first real token; T5 gets each prompt without
     its padding (rows shifted left for the call, results shifted back). ``segments`` [B, S]: packed
-    rows (GPT only), see :func:`nemo_rlhf.modules.forward_only.gpt_layout`."""
+    rows (GPT only), see :func:`nemo_rlhf.modules.forward_only.gpt_layout`. ``pack`` (GPT, data.packing):
+    the rows are packed for the call (:mod:`nemo_rlhf.modules.packing`), each from its first real
+    token to the last position ``completion_mask`` reads; the NLL comes back in the rows' layout (0
+    outside those spans) and the heads' outputs too (the states' layout unpacks them)."""
+    if pack and segments is None and not is_t5(model):
+        return _packed_forward(model, tokens, labels, completion_mask, pad)
     if pad is not None and not bool((pad > 0).any()):
         pad = None
     if is_t5(model):
@@ -249,12 +255,13 @@ def lm_forward_with_states(model: torch.nn.Module, tokens: torch.Tensor, labels:
 def lm_forward(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor,
                completion_mask: torch.Tensor, pad: torch.Tensor | None = None,
                segments: torch.Tensor | None = None, pack: bool = False) -> torch.Tensor:
-    """Per-token NLL [B, S] of ``labels`` (arguments as :func:`lm_forward_with_states`). ``pack``
-    (GPT): the rows are packed for the call (:mod:`nemo_rlhf.modules.packing`), each from its first
-    real token to the last position ``completion_mask`` reads; the NLL comes back in the rows'
-    layout, 0 outside those spans."""
-    if not pack or segments is not None or is_t5(model):
-        return lm_forward_with_states(model, tokens, labels, completion_mask, pad, segments)[0]
+    """Per-token NLL [B, S] of ``labels`` (arguments as :func:`lm_forward_with_states`)."""
+    return lm_forward_with_states(model, tokens, labels, completion_mask, pad, segments, pack)[0]
+
+
+def _packed_forward(model, tokens, labels, completion_mask, pad):
+    """:func:`lm_forward_with_states` with ``pack``: the GPT runs on the packed rows; the NLL comes
+    back in the batch's layout and the states carry the packing as their layout (heads unpack)."""
     from nemo_rlhf.modules.forward_only import packed_attention
     from nemo_rlhf.modules.packing import pack_rows, spans
 
@@ -262,8 +269,8 @@ def lm_forward(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tenso
     multiple = (8 if tokens.is_cuda else 1) * (gpt.config.tensor_model_parallel_size if gpt.config.sequence_parallel else 1)
     rows = pack_rows(tokens, labels, *spans(completion_mask, pad), multiple=multiple)
     attention_mask, position_ids = packed_attention(rows.segments)
-    nll, _ = gpt_forward(gpt, rows.tokens, position_ids, attention_mask, labels=rows.labels)
-    return rows.unpack(nll)
+    nll, hidden = gpt_forward(gpt, rows.tokens, position_ids, attention_mask, labels=rows.labels)
+    return (rows.unpack(nll) if labels is not None else None), DecoderStates(hidden, rows)
 
 
 def shift_rows(x: torch.Tensor, shift: torch.Tensor, fill=0) -> torch.Tensor:

@@ -44,6 +44,11 @@ class PackedRows:
         out = flat.new_full((b * s, *rest), fill)
         return out.index_copy(0, self.source, flat.index_select(0, self.index)).view(b, s, *rest)
 
+    def to_causal(self, x: torch.Tensor) -> torch.Tensor:
+        """As a :class:`~nemo_rlhf.models.heads.DecoderStates` layout: per-position head outputs of the
+        packed rows [R, W, ...] -> the batch's [B, S, ...]."""
+        return self.unpack(x)
+
 
 def spans(loss_mask: torch.Tensor, pad: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(starts [B], ends [B]) of each row's span: from its first real token (``pad`` [B] left-padding

@@ -61,8 +61,10 @@ class Rollout:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def actor_forward(batch: Dict[str, torch.Tensor], model, ppo, with_value: bool, max_length: int = 0):
-    nll, states = lm_forward_with_states(model, batch["tokens"], batch["labels"], batch["loss_mask"], batch.get("pad"))
+def actor_forward(batch: Dict[str, torch.Tensor], model, ppo, with_value: bool, max_length: int = 0,
+                  pack: bool = False):
+    nll, states = lm_forward_with_states(model, batch["tokens"], batch["labels"], batch["loss_mask"], batch.get("pad"),
+                                         pack=pack)
     # (before the last pipeline stage, ``nll`` is the stage's hidden output and the loss is not called)
     values = value_head_output(unwrap(model), states) if with_value and has_head(unwrap(model)) else None
     return nll, partial(actor_loss, batch, ppo, values, max_length=max_length)
@@ -276,6 +278,7 @@ class PPOModule(TrainingSystem):
             raise ValueError(f"per-rank minibatch of {mb} samples is not divisible by trainer.micro_batch_size={mbs}")
         sums: Dict[str, float] = {}
         count = 0
+        pack = self.cfg.data.packing   # each micro-batch's rollouts packed into fewer rows (modules/packing.py)
         for epoch in range(ppo.ppo_epochs):
             g = torch.Generator().manual_seed(self.cfg.trainer.seed + 7919 * self.step + epoch)
             order = torch.randperm(n, generator=g).to(rollout.tokens.device)
@@ -283,10 +286,10 @@ class PPOModule(TrainingSystem):
                 idx = order[i * mb:(i + 1) * mb]
                 batch = {k: v[idx] for k, v in data.items()}
                 actor_stats = self.actor.train_step(
-                    batch, mbs, partial(actor_forward, ppo=ppo, with_value=self.critic.on_actor,
+                    batch, mbs, partial(actor_forward, ppo=ppo, with_value=self.critic.on_actor, pack=pack,
                                         max_length=self.cfg.generation.max_new_tokens or self.cfg.task.max_length))
                 stats = {f"actor/{k}": v for k, v in actor_stats.items()}
-                stats.update(self.critic.train_step(batch, mbs, ppo))
+                stats.update(self.critic.train_step(batch, mbs, ppo, pack=pack))
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v
                 count += 1

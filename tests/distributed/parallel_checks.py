@@ -517,7 +517,7 @@ def main(out_path):
     check("ckpt_tp2_to_tp1", lambda: ckpt(2, 1))
     check("ckpt_tp1_to_tp2", lambda: ckpt(1, 2))
     check("ckpt_pp2_to_pp1", ckpt_pp2_to_pp1)
-    def ppo_step(tp, sp=False):
+    def ppo_step(tp, sp=False, pack=False):
         """One PPO actor update (clipped policy loss + value loss on a value head) on a fixed
         synthetic rollout batch; returns loss, stats and full (TP-gathered) grads."""
         from nemo_rlhf.models.heads import attach_value_head
@@ -535,12 +535,12 @@ def main(out_path):
                    "advantages": torch.randn(mask.shape, generator=g) * mask,
                    "values": 0.1 * torch.randn(mask.shape, generator=g) * mask,
                    "returns": torch.randn(mask.shape, generator=g) * mask}
-        stats = engine.forward_backward(rollout, BATCH // 2, partial(actor_forward, ppo=PPO, with_value=True))
+        stats = engine.forward_backward(rollout, BATCH // 2, partial(actor_forward, ppo=PPO, with_value=True, pack=pack))
         grads = {n: tp_full(p.main_grad, p) for n, p in named_params(engine)}
         return stats, grads
 
-    def ppo_tp(tp, sp=False):
-        stats, grads = ppo_step(tp, sp)
+    def ppo_tp(tp, sp=False, pack=False):
+        stats, grads = ppo_step(tp, sp, pack)
         if tp == 1:
             ppo_ref["stats"], ppo_ref["grads"] = stats, grads
             return {k: v for k, v in stats.items()}
@@ -561,6 +561,9 @@ def main(out_path):
     check("ppo_tp1", lambda: ppo_tp(1))
     check("ppo_tp2", lambda: ppo_tp(2))
     check("ppo_tp2_sp", lambda: ppo_tp(2, sp=True))
+    # the rollouts packed into fewer rows for the update (data.packing), value head read through the packing
+    check("ppo_tp2_packed", lambda: ppo_tp(2, pack=True))
+    check("ppo_tp2_sp_packed", lambda: ppo_tp(2, sp=True, pack=True))
     def grpo_step(tp, dp_split):
         """One GRPO actor update (no critic) on a synthetic rollout of 2 prompts x 4 samples whose
         advantages are the group-normalised scores; at DP=2 each rank takes half the rows in

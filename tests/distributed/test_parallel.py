@@ -175,9 +175,10 @@ def test_forward_only_pass_through_the_pipeline_schedule_equals_pp1_on_every_ran
             assert diff < 1e-5, (layout, key, diff)
 
 
-@pytest.mark.parametrize("name", ["ppo_tp2", "ppo_tp2_sp"])
+@pytest.mark.parametrize("name", ["ppo_tp2", "ppo_tp2_sp", "ppo_tp2_packed", "ppo_tp2_sp_packed"])
 def test_ppo_actor_step_tp2_equals_tp1(results, name):
-    """Clipped policy loss + clipped value loss on a value head, same rollout batch."""
+    """Clipped policy loss + clipped value loss on a value head, same rollout batch (``_packed``: the
+    rollouts packed into fewer rows, data.packing, against the unpacked TP=1 step)."""
     base = _ok(results, "ppo_tp1")
     assert 0.0 < base["policy_clipfrac"] < 1.0              # both clipped and unclipped tokens
     assert base["value_clipfrac"] > 0.0

@@ -156,17 +156,23 @@ def test_a_ppo_pass_on_ragged_prompts_equals_one_pass_per_prompt_length(ppo_modu
     full = module.make_experience(tokens, gen_mask, scores, pad)
     assert float(full.loss_mask.sum()) > 10
 
-    def pass_stats(rollout):
+    def pass_stats(rollout, pack=False):
         batch = {k: v for k, v in rollout.as_dict().items() if k != "scores"}
         mbs = batch["tokens"].shape[0]
         out = {}
-        for name, engine, step in (("actor", module.actor, partial(actor_forward, ppo=module.ppo, with_value=False)),
-                                   ("critic", module.critic.engine, partial(critic_forward, ppo=module.ppo))):
+        for name, engine, step in (("actor", module.actor, partial(actor_forward, ppo=module.ppo, with_value=False,
+                                                                   pack=pack)),
+                                   ("critic", module.critic.engine, partial(critic_forward, ppo=module.ppo, pack=pack))):
             stats = engine.forward_backward(batch, mbs, step)
             out[name] = (stats["loss"], stats["num_tokens"], _grads(engine))
         return out
 
     full_stats = pass_stats(full)
+    # data.packing: the ragged rows packed (each from its first real token) give the same update
+    for name, (loss, n, grads) in pass_stats(full, pack=True).items():
+        assert n == full_stats[name][1] and loss == pytest.approx(full_stats[name][0], rel=1e-5, abs=1e-6), name
+        for a, b in zip(grads, full_stats[name][2]):
+            assert torch.allclose(a, b, atol=1e-6, rtol=1e-4), name
     groups = {}
     for i, k in enumerate(pad.tolist()):
         groups.setdefault(k, []).append(i)
