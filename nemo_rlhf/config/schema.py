@@ -297,8 +297,9 @@ class DataConfig:
     """Sequence packing, GPT with local layers. SFT (and SFT warm-up): rows hold several examples
     each, first-fit by length, each with its own positions and attention (the loss and gradients of
     the unpacked batch, fewer positions to compute; trainer.global_batch_size then counts packed
-    rows). DPO family and KTO: each micro-batch's chosen and rejected sequences are packed the same
-    way for the policy and reference forwards (batch sizes still count pairs; PP=1 only)."""
+    rows). DPO family, KTO, reward models and the PPO / GRPO / RLOO updates: each micro-batch's
+    sequences (chosen and rejected; rollouts from their first real token) are packed the same way
+    for the forward, policy, reference and critic alike (batch sizes still count examples; PP=1)."""
 
     def __post_init__(self):
         _require(self.format in ("auto", "json", "parquet"),

@@ -14,7 +14,7 @@ from nemo_rlhf.data.preference import PreferenceDataset
 from nemo_rlhf.logging import get_logger
 from nemo_rlhf.models.gpt import gpt_forward, unwrap
 from nemo_rlhf.models.heads import DecoderStates, attach_value_head, has_head, value_head_output
-from nemo_rlhf.modules.engine import MegatronEngine
+from nemo_rlhf.modules.engine import MegatronEngine, lm_forward_with_states
 from nemo_rlhf.modules.forward_only import lm_across_stages
 from nemo_rlhf.modules.loop import dp_loader, end_of_step, record_eval, save_engine, TrainingSystem
 from nemo_rlhf.modules.run_dir import RunDirectory
@@ -39,16 +39,21 @@ def pair_rewards(model, tokens, loss_mask) -> torch.Tensor:
     return _last_completion_values(values, loss_mask.reshape(b * two, s)).view(b, two)
 
 
-def rm_forward(batch, model, margin: float):
+def rm_forward(batch, model, margin: float, pack: bool = False):
     """Megatron forward step: rewards [b, 2] and the loss on the last pipeline stage (a stage before
-    it returns its hidden states for the schedule to send on)."""
+    it returns its hidden states for the schedule to send on). ``pack`` (data.packing, PP=1): the
+    chosen and rejected sequences packed into fewer rows for the forward."""
     b, two, s = batch["tokens"].shape
     flat = batch["tokens"].reshape(b * two, s)
     gpt = unwrap(model)
-    out, hidden = gpt_forward(gpt, flat, torch.arange(s, device=flat.device).expand_as(flat), None)
-    if not has_head(gpt):
-        return out, None
-    values = value_head_output(gpt, DecoderStates(hidden))                     # [2b, S]
+    if pack:
+        _, states = lm_forward_with_states(model, flat, None, batch["loss_mask"].reshape(b * two, s), pack=True)
+    else:
+        out, hidden = gpt_forward(gpt, flat, torch.arange(s, device=flat.device).expand_as(flat), None)
+        if not has_head(gpt):
+            return out, None
+        states = DecoderStates(hidden)
+    values = value_head_output(gpt, states)                                     # [2b, S]
     rewards = _last_completion_values(values, batch["loss_mask"].reshape(b * two, s)).view(b, two)
     return rewards, partial(rm_loss_func, margin)
 
@@ -78,7 +83,7 @@ class RewardModelModule(TrainingSystem):
 
     def training_step(self, batch, batch_idx):
         stats = self.engine.train_step(batch, self.cfg.trainer.micro_batch_size,
-                                       partial(rm_forward, margin=self.cfg.rm.margin))
+                                       partial(rm_forward, margin=self.cfg.rm.margin, pack=self.cfg.data.packing))
         self.step += 1
         end_of_step(self, stats)
 

@@ -54,7 +54,7 @@ RECIPES: Dict[str, Recipe] = {r.name: r for r in (
            why_not="its SFT updates use the decoder-only batch layout"),
     Recipe("dpo", dpo, "dpo", layout_problem=packing_layout_problem),
     Recipe("kto", kto, "kto", layout_problem=packing_layout_problem),
-    Recipe("rm", rm, "rm", t5=False, why_not="reward models are GPT"),
+    Recipe("rm", rm, "rm", t5=False, why_not="reward models are GPT", layout_problem=packing_layout_problem),
 )}
 
 

@@ -699,7 +699,7 @@ def main(out_path):
     check("ilql_tp1", lambda: ilql_tp(1))
     check("ilql_tp2", lambda: ilql_tp(2))
 
-    def head_step(kind, parallel, mbs=BATCH // 2, dp_split=False):
+    def head_step(kind, parallel, mbs=BATCH // 2, dp_split=False, pack=False):
         """One step of a trainer whose head sits on the last pipeline stage, on a 4-layer model:
         ``actor`` (PPO clipped loss + value loss on a value head), ``critic`` (PPO's separate critic:
         the value loss), ``rm`` (reward model, Bradley-Terry on 4 pairs), ``ilql``. Returns the step's
@@ -732,12 +732,13 @@ def main(out_path):
                     "advantages": torch.randn(mask.shape, generator=g) * mask,
                     "values": 0.1 * torch.randn(mask.shape, generator=g) * mask,
                     "returns": torch.randn(mask.shape, generator=g) * mask}
-            fwd = partial(actor_forward, ppo=PPO, with_value=True) if kind == "actor" else partial(critic_forward, ppo=PPO)
+            fwd = partial(actor_forward, ppo=PPO, with_value=True, pack=pack) if kind == "actor" \
+                else partial(critic_forward, ppo=PPO, pack=pack)
         elif kind == "rm":
             ds = PreferenceDataset.build(randomwalk_pairs(RandomWalks(seed=1000), tok, 4, seed=0), MODEL4.seq_length,
                                          tok.pad_id, tok.eos_id)
             data, fwd, mbs = {"tokens": ds.tokens, "labels": ds.labels, "loss_mask": ds.loss_mask}, \
-                partial(rm_forward, margin=0.0), 2
+                partial(rm_forward, margin=0.0, pack=pack), 2
         else:
             walks = RandomWalks(seed=1000).walks[:BATCH]
             task = RandomWalks(seed=1000)
@@ -756,9 +757,9 @@ def main(out_path):
         grads = {n: t for part in parts for n, t in part.items()}
         return stats, grads
 
-    def head_check(kind, parallel, dp_split=False):
-        stats, grads = head_step(kind, parallel, dp_split=dp_split)
-        if parallel == ParallelConfig() and not dp_split:
+    def head_check(kind, parallel, dp_split=False, pack=False):
+        stats, grads = head_step(kind, parallel, dp_split=dp_split, pack=pack)
+        if parallel == ParallelConfig() and not dp_split and not pack:
             head_ref[kind].update(stats=stats, grads=grads)
             return {k: v for k, v in stats.items()}
         ref_stats, ref_grads = head_ref[kind]["stats"], head_ref[kind]["grads"]
@@ -776,6 +777,10 @@ def main(out_path):
         check(f"{kind}_pp2", lambda: head_check(kind, pp2))
         check(f"{kind}_pp2_vpp2", lambda: head_check(kind, pp2_vpp2))
         check(f"{kind}_dp2", lambda: head_check(kind, ParallelConfig(), dp_split=True))
+    # data.packing: the reward model's pairs and the separate critic's rollouts packed, at TP=2 + SP
+    tp2_sp = ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True)
+    check("rm_tp2_sp_packed", lambda: head_check("rm", tp2_sp, pack=True))
+    check("critic_tp2_sp_packed", lambda: head_check("critic", tp2_sp, pack=True))
     def fwd_only(parallel, micro_batch_size):
         """Per-token NLL and value-head outputs of 8 left-padded rows (pads of 0-3) through
         lm_across_stages: megatron's forward-only schedule in micro-batches of ``micro_batch_size``

@@ -223,6 +223,17 @@ def test_head_trainers_at_pp2_vpp2_and_dp2_equal_the_single_process_step(results
     assert r["head_grad_norm"] > 1e-4                        # the loss reached the head on the last stage
 
 
+@pytest.mark.parametrize("kind", ["rm", "critic"])
+def test_reward_model_and_critic_packed_at_tp2_sp_equal_the_unpacked_single_process_step(results, kind):
+    """data.packing: the reward model's chosen / rejected sequences and the critic's rollouts packed
+    into fewer rows, the value head read through the packing, at TP=2 with sequence parallel."""
+    r = _ok(results, f"{kind}_tp2_sp_packed")
+    assert r["missing_grads"] == [] and r["n_grads"] > 10
+    assert r["max_stat_abs_diff"] < 1e-5, r
+    assert r["grad_max_abs_diff"] < 1e-6, r
+    assert r["head_grad_norm"] > 1e-4
+
+
 @pytest.mark.parametrize("name", ["dpo_tp2", "dpo_pp2", "dpo_dp2", "dpo_tp2_packed", "dpo_tp2_sp_packed"])
 def test_dpo_step_tp2_pp2_and_dp2_equal_tp1(results, name):
     base = _ok(results, "dpo_tp1")

@@ -102,6 +102,8 @@ def test_cli_reports_bad_layout_and_unknown_key(tmp_path):
     ("sft_tiny", ["optim.scheduler=cosine", "optim.lr=1e-6", "optim.min_lr=1e-5"], "optim.min_lr=1e-05 is above optim.lr=1e-06"),
     ("dpo_tiny", ["parallel=pp2", "data.packing=true"], "algorithm.name=dpo: data.packing packs each micro-batch into a varying number of rows"),
     ("kto_tiny", ["parallel=pp2", "data.packing=true"], "algorithm.name=kto: data.packing packs each micro-batch"),
+    ("ppo_tiny", ["parallel=pp2", "data.packing=true"], "algorithm.name=ppo: data.packing packs each micro-batch"),
+    ("rm_tiny", ["parallel=pp2", "data.packing=true"], "algorithm.name=rm: data.packing packs each micro-batch"),
 ])
 def test_recipe_rows_and_blocks_check_their_own_keys(name, overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
