@@ -266,7 +266,8 @@ def _packed_forward(model, tokens, labels, completion_mask, pad):
     from nemo_rlhf.modules.packing import pack_rows, spans
 
     gpt = unwrap(model)
-    multiple = (8 if tokens.is_cuda else 1) * (gpt.config.tensor_model_parallel_size if gpt.config.sequence_parallel else 1)
+    tp = gpt.config.tensor_model_parallel_size if gpt.config.sequence_parallel else 1
+    multiple = (8 if tokens.is_cuda else 1) * tp      # GPU-friendly widths; SP splits the sequence over TP
     rows = pack_rows(tokens, labels, *spans(completion_mask, pad), multiple=multiple)
     attention_mask, position_ids = packed_attention(rows.segments)
     nll, hidden = gpt_forward(gpt, rows.tokens, position_ids, attention_mask, labels=rows.labels)

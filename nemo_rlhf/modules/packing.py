@@ -1,14 +1,15 @@
-"""Sequence packing at forward time: the rows of a micro-batch (DPO's chosen and rejected
-sequences, KTO's completions) re-laid as fewer, fuller rows for the model call, and the results put
-back where each row had them.
+"""Sequence packing at forward time (data.packing): the rows of a micro-batch -- DPO's and the
+reward model's chosen and rejected sequences, KTO's completions, PPO's rollouts -- re-laid as
+fewer, fuller rows for the model call, and the results put back where each row had them.
 
-Each row contributes one span of positions -- from its first real token (after any left padding)
-to the last position its loss reads -- and spans are placed first-fit in order of decreasing length
-into rows of a width chosen to compute the fewest positions (:func:`choose_width`). Inside a packed row a position attends causally within its own span
-only, and positions restart at 0 with each span (:func:`nemo_rlhf.modules.forward_only.packed_attention`),
-so every position computes what it computes unpacked: learned positions are the same ids, rotary
-embeddings depend only on the distance between two positions of one span. The loss functions then
-read the unpacked layout and do not know packing happened.
+Each row contributes one span of positions, from its first real token (after any left padding) to
+the last position its loss reads, and spans are placed first-fit in order of decreasing length
+into rows of a width chosen to compute the fewest positions (:func:`choose_width`). Inside a
+packed row a position attends causally within its own span only, and positions restart at 0 with
+each span (:func:`nemo_rlhf.modules.forward_only.packed_attention`), so every position computes
+what it computes unpacked: learned positions are the same ids, rotary embeddings depend only on
+the distance between two positions of one span. The NLL and the heads' outputs come back in the
+unpacked layout (:meth:`PackedRows.unpack`), so the loss functions do not know packing happened.
 
 Megatron's local attention takes the block-diagonal mask; Transformer Engine's would take
 ``PackedSeqParams`` (cu_seqlens) instead, which is not wired (data.packing refuses TE). The number

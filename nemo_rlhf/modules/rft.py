@@ -85,7 +85,10 @@ class RFTModule(TrainingSystem):
         if not kept:
             return {"updates": 0.0}
         t, tok = self.cfg.trainer, self.tokenizer
-        data = SFTDataset.from_pairs(kept, self.cfg.model.seq_length, tok.pad_id, tok.eos_id, add_eos=False)
+        # data.packing: the kept samples packed into rows as SFT packs (global batches then count rows)
+        build = SFTDataset.packed if self.cfg.data.packing else SFTDataset.from_pairs
+        data = build(kept, self.cfg.model.seq_length, tok.pad_id, tok.eos_id, add_eos=False)
+        keys = ("tokens", "labels", "loss_mask") + (("segment_ids",) if data.segment_ids is not None else ())
         n, gbs = len(data), t.global_batch_size
         per_rank = gbs // self.dp_size
         sums: Dict[str, float] = {}
@@ -94,7 +97,7 @@ class RFTModule(TrainingSystem):
             order = torch.randperm(n, generator=torch.Generator().manual_seed(t.seed + 7919 * self.step + epoch))
             for i in range(math.ceil(n / gbs)):
                 idx = order[torch.arange(i * gbs, (i + 1) * gbs) % n][self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
-                batch = {k: getattr(data, k)[idx].to(device) for k in ("tokens", "labels", "loss_mask")}
+                batch = {k: getattr(data, k)[idx].to(device) for k in keys}
                 step_stats = self.engine.train_step(batch, t.micro_batch_size, partial(lm_forward_step, loss_fn=sft_loss_func))
                 for k, v in step_stats.items():
                     sums[k] = sums.get(k, 0.0) + v

@@ -90,3 +90,11 @@ def build(ctx: RunContext, rcfg: RunConfig, block: ILQLConfig, dataset, rd, conf
     # the heads start fresh from an SFT / LM checkpoint
     return Job(module, load_initial=partial(load_initial_weights, module.engine, skip_prefixes=("ilql_heads.",)),
                summary={"num_samples": len(dataset)})
+
+
+def layout_problem(rcfg: RunConfig) -> Optional[str]:
+    """ILQL's batches are not packed: its V(s') reads the position after each action (one past the
+    last a loss reads), which a packed span would hand to the next sequence."""
+    if rcfg.data.packing:
+        return "data.packing is not supported (its V(s') reads the position after each action): set data.packing=false"
+    return None

@@ -49,6 +49,7 @@ RECIPES: Dict[str, Recipe] = {r.name: r for r in (
     Recipe("sft", sft, inputs=("samples",)),
     Recipe("ppo", ppo, "ppo", inputs=("reward_fn", "prompts", "eval_prompts"), layout_problem=packing_layout_problem),
     Recipe("ilql", ilql, "ilql", inputs=("samples", "rewards"), sequence_parallel=False,
+           layout_problem=ilql.layout_problem,
            why_not="its Q heads read the full hidden states, not sequence-parallel shards"),
     Recipe("rft", rft, "rft", inputs=("reward_fn", "prompts"), layout_problem=rft.layout_problem, t5=False,
            why_not="its SFT updates use the decoder-only batch layout"),

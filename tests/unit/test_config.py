@@ -104,6 +104,7 @@ def test_cli_reports_bad_layout_and_unknown_key(tmp_path):
     ("kto_tiny", ["parallel=pp2", "data.packing=true"], "algorithm.name=kto: data.packing packs each micro-batch"),
     ("ppo_tiny", ["parallel=pp2", "data.packing=true"], "algorithm.name=ppo: data.packing packs each micro-batch"),
     ("rm_tiny", ["parallel=pp2", "data.packing=true"], "algorithm.name=rm: data.packing packs each micro-batch"),
+    ("ilql_tiny", ["data.packing=true"], "algorithm.name=ilql: data.packing is not supported"),
 ])
 def test_recipe_rows_and_blocks_check_their_own_keys(name, overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
