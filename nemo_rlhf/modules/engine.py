@@ -15,6 +15,7 @@ from nemo_rlhf.config.schema import ModelConfig, OptimConfig, ParallelConfig
 from nemo_rlhf.errors import ConfigError
 from nemo_rlhf.models.gpt import build_gpt_chunks, gpt_forward, unwrap, wrap_ddp
 from nemo_rlhf.models.heads import DecoderStates
+from nemo_rlhf.modules.packing import counting_positions
 from nemo_rlhf.modules.forward_only import gpt_layout
 from nemo_rlhf.models.t5 import CausalLayout, build_t5_chunks, is_t5, t5_causal_forward
 
@@ -125,7 +126,7 @@ class MegatronEngine:
             return forward_step(next(data_iterator), model)
 
         iters = [iter(micro) for _ in self.chunks]
-        with torch.no_grad() if forward_only else torch.enable_grad():
+        with torch.no_grad() if forward_only else torch.enable_grad(), counting_positions() as packed:
             outputs = get_forward_backward_func()(
                 forward_step_func=step_fn,
                 data_iterator=iters if len(self.chunks) > 1 else iters[0],
@@ -133,7 +134,8 @@ class MegatronEngine:
                 num_microbatches=num_micro, seq_length=seq_length, micro_batch_size=schedule_mbs,
                 forward_only=forward_only,
             )
-        return self._reduce_stats(outputs, positions=first.numel() * num_micro)
+        # positions computed: the micro-batches' (trimmed) rows, or the packed rows where the forward packed
+        return self._reduce_stats(outputs, positions=packed[0] or first.numel() * num_micro)
 
     def optimizer_step(self) -> Dict[str, float]:
         ok, grad_norm, _ = self.optimizer.step()

@@ -17,11 +17,33 @@ of packed rows varies per micro-batch, so pipeline stages (fixed activation shap
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
+
+_POSITIONS: contextvars.ContextVar[Optional[List[int]]] = contextvars.ContextVar("packed_positions", default=None)
+
+
+@contextlib.contextmanager
+def counting_positions() -> Iterator[List[int]]:
+    """A box [n]: the positions the packed forwards with gradients (the trained model's, not a
+    frozen reference's) computed inside the block -- what a step's throughput counts."""
+    box = [0]
+    token = _POSITIONS.set(box)
+    try:
+        yield box
+    finally:
+        _POSITIONS.reset(token)
+
+
+def record_positions(n: int) -> None:
+    box = _POSITIONS.get()
+    if box is not None and torch.is_grad_enabled():
+        box[0] += n
 
 
 @dataclass
@@ -125,6 +147,7 @@ def pack_rows(tokens: torch.Tensor, labels: Optional[torch.Tensor], starts: torc
         packed_labels = labels.new_zeros(n_rows * width)
         packed_labels[index] = labels.reshape(-1)[source]
         packed_labels = packed_labels.view(n_rows, width)
+    record_positions(n_rows * width)
     segments = torch.zeros(n_rows * width, dtype=torch.long, device=device)
     segments[index] = (seq + 1).to(device)
     return PackedRows(packed.view(n_rows, width), packed_labels, segments.view(n_rows, width), index, source, (b, s))

@@ -126,5 +126,6 @@ def test_a_packed_dpo_or_kto_step_equals_the_unpacked_step(mp, kind):
         if k != "model_tokens":
             assert abs(s1[k] - s2[k]) < 1e-5, (k, s1[k], s2[k])
     assert float((g1 - g2).abs().max()) < 1e-6 and float(g1.norm()) > 1e-3
+    assert s2["model_tokens"] < s1["model_tokens"]       # the throughput logs count the packed positions
     if not kto:
         assert abs(s1["loss"] - math.log(2)) > 1e-3        # the reference model's log-probs are not the policy's
