@@ -15,8 +15,8 @@ from nemo_rlhf.config.schema import ModelConfig, OptimConfig, ParallelConfig
 from nemo_rlhf.errors import ConfigError
 from nemo_rlhf.models.gpt import build_gpt_chunks, gpt_forward, unwrap, wrap_ddp
 from nemo_rlhf.models.heads import DecoderStates
-from nemo_rlhf.modules.packing import counting_positions
-from nemo_rlhf.modules.forward_only import gpt_layout
+from nemo_rlhf.modules.forward_only import gpt_layout, packed_attention
+from nemo_rlhf.modules.packing import counting_positions, pack_rows, spans
 from nemo_rlhf.models.t5 import CausalLayout, build_t5_chunks, is_t5, t5_causal_forward
 
 # model.arch -> builder(model, parallel, vocab_size) -> chunks owned by this rank
@@ -264,9 +264,6 @@ def lm_forward(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tenso
 def _packed_forward(model, tokens, labels, completion_mask, pad):
     """:func:`lm_forward_with_states` with ``pack``: the GPT runs on the packed rows; the NLL comes
     back in the batch's layout and the states carry the packing as their layout (heads unpack)."""
-    from nemo_rlhf.modules.forward_only import packed_attention
-    from nemo_rlhf.modules.packing import pack_rows, spans
-
     gpt = unwrap(model)
     tp = gpt.config.tensor_model_parallel_size if gpt.config.sequence_parallel else 1
     multiple = (8 if tokens.is_cuda else 1) * tp      # GPU-friendly widths; SP splits the sequence over TP
