@@ -46,8 +46,9 @@ test: test-main test-newest
 test-main: $(VENV)/.installed
 	$(PY) -m pytest -q -rs --durations=15 $(PYTEST_ARGS)
 
+# the multi-rank launch first (as in test-main's order): it shares the 2 cores with the pytest process
 test-newest: $(VENV312)/.installed
-	$(PY312) -m pytest -q -rs --durations=5 tests/unit tests/distributed $(PYTEST_ARGS)
+	$(PY312) -m pytest -q -rs --durations=5 tests/distributed tests/unit $(PYTEST_ARGS)
 
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -rs -m "not slow and not distributed" $(PYTEST_ARGS)

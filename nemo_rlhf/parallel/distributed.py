@@ -139,13 +139,36 @@ def initialize_model_parallel(parallel: ParallelConfig, seed: int = 1234) -> int
     dp = validate_layout(parallel, world)
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
+    _destroy_groups(_MEGATRON_GROUPS)
+    before = set(_process_groups())
     ps.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
     )
+    _MEGATRON_GROUPS[:] = [g for g in _process_groups() if g not in before]
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return dp
+
+
+_MEGATRON_GROUPS: list = []
+"""The process groups the last :func:`initialize_model_parallel` made. megatron's
+``destroy_model_parallel`` only drops its references to them; torch keeps every group (and, with
+gloo, two threads per group) until it is destroyed, so a process that re-initialises (tests,
+benchmarks, sweeps) would pile up thousands of idle threads whose wake-ups take a core."""
+
+
+def _process_groups() -> list:
+    world = getattr(dist.distributed_c10d, "_world", None)
+    return [g for g in getattr(world, "pg_map", {}) if g is not dist.GroupMember.WORLD]
+
+
+def _destroy_groups(groups: list) -> None:
+    live = set(_process_groups())
+    for group in groups:
+        if group in live:
+            dist.destroy_process_group(group)
+    groups.clear()
 
 
 def destroy() -> None:
@@ -153,6 +176,7 @@ def destroy() -> None:
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
+    _MEGATRON_GROUPS.clear()    # the default group's destruction below takes every group with it
     if dist.is_initialized():
         dist.destroy_process_group()
 
