@@ -129,29 +129,3 @@ def encode_prompts(tokenizer, prompts, max_tokens: Optional[int] = None, name: s
 def replace_algorithm(rcfg: RunConfig, name: str) -> RunConfig:
     return dataclasses.replace(rcfg, algorithm=dataclasses.replace(rcfg.algorithm, name=name))
 
-
-def packing(rcfg: RunConfig) -> bool:
-    """data.packing, where the model can take packed rows (GPT on megatron's local layers: an
-    explicit block-diagonal causal mask; Transformer Engine's attention would need the packed-
-    sequence parameters, cu_seqlens, which are not wired yet)."""
-    from nemo_rlhf.models.gpt import resolved_transformer_impl
-
-    if not rcfg.data.packing:
-        return False
-    if rcfg.model.arch != "gpt":
-        raise ConfigError(f"data.packing is a GPT path (model.arch={rcfg.model.arch}): set data.packing=false")
-    if resolved_transformer_impl(rcfg.model) != "local":
-        raise ConfigError("data.packing needs model.transformer_impl=local (Transformer Engine's attention takes "
-                          "packed rows as cu_seqlens, not wired yet): set one of them")
-    return True
-
-
-def packing_layout_problem(rcfg: RunConfig) -> Optional[str]:
-    """Why data.packing cannot run at this layout for a trainer that packs each micro-batch at
-    forward time (DPO, KTO: modules/packing.py), or None: the number of packed rows varies with
-    the micro-batch, and pipeline stages exchange activations of a fixed shape."""
-    if rcfg.data.packing and rcfg.parallel.pipeline_model_parallel_size > 1:
-        return (f"data.packing packs each micro-batch into a varying number of rows, which pipeline stages "
-                f"cannot take (parallel.pipeline_model_parallel_size={rcfg.parallel.pipeline_model_parallel_size}): "
-                f"set data.packing=false or use PP=1")
-    return None

@@ -14,7 +14,7 @@ from nemo_rlhf.config.schema import RunConfig, SFTWarmupConfig
 from nemo_rlhf.data.preference import PreferenceDataset
 from nemo_rlhf.errors import CheckpointError, ConfigError
 from nemo_rlhf.modules.dpo import DPOModule, needs_reference
-from nemo_rlhf.recipes.common import Job, RunContext, file_examples, packing, walk_pairs
+from nemo_rlhf.recipes.common import Job, RunContext, file_examples, walk_pairs
 
 
 @dataclass
@@ -77,7 +77,6 @@ def preference_job(ctx: RunContext, rcfg: RunConfig, algorithm: str, block, data
                    summary) -> Job:
     """The DPOModule job shared by DPO and KTO: reference log-probs precomputed at the start (and
     saved as reference_logps.pt, restored on resume) or a frozen reference model in the checkpoint."""
-    packing(rcfg)   # refuses a model that cannot take packed rows, by name
     module = DPOModule(rcfg, dataset, ctx.tokenizer.vocab_size, rd, ctx.evaluate_fn, ctx.dp_rank, ctx.dp_size,
                        config_yaml=config_yaml, algo_cfg=block, algorithm=algorithm)
     precomputed = block.reference == "precomputed" and needs_reference(block)

@@ -16,7 +16,7 @@ from nemo_rlhf.config.checks import _positive, _require
 from nemo_rlhf.config.schema import RunConfig, SFTWarmupConfig
 from nemo_rlhf.generation.sampling import SamplingParams, generate, left_pad
 from nemo_rlhf.modules.ppo import CRITICS, PPOModule
-from nemo_rlhf.recipes.common import Job, RunContext, encode_prompts, file_examples, packing
+from nemo_rlhf.recipes.common import Job, RunContext, encode_prompts, file_examples
 from nemo_rlhf.rewards import RewardModelScorer, resolve_reward_fn, score, weighted_rewards
 
 
@@ -169,7 +169,6 @@ def prepare(ctx: RunContext, rcfg: RunConfig, block: PPOConfig, reward_fn=None, 
 
 
 def build(ctx: RunContext, rcfg: RunConfig, block: PPOConfig, data: PPOData, rd, config_yaml: str) -> Job:
-    packing(rcfg)   # data.packing also packs the updates' micro-batches: refuses a model that cannot, by name
     evaluate_fn = ctx.evaluate_fn
     if data.eval_prompt_ids is not None:
         evaluate_fn = partial(evaluate_with_prompts, ctx, data.eval_prompt_ids, data.reward_fn)

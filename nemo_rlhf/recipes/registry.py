@@ -18,7 +18,6 @@ from omegaconf import DictConfig, OmegaConf
 from nemo_rlhf.config.schema import RENAMED_KEYS, RunConfig
 from nemo_rlhf.errors import ConfigError
 from nemo_rlhf.recipes import dpo, ilql, kto, ppo, rft, rm, sft
-from nemo_rlhf.recipes.common import packing_layout_problem
 
 
 @dataclass(frozen=True)
@@ -40,6 +39,10 @@ class Recipe:
     """Why a layout / architecture above is refused (shown in the error)."""
     layout_problem: Optional[Callable[[Any], Optional[str]]] = None
     """(run config) -> why its layout is refused, or None: checks finer than the flags above."""
+    packs_at_forward: bool = False
+    """data.packing packs each micro-batch at forward time (modules/packing.py) into a number of rows
+    that varies, which pipeline stages cannot take; False: it packs its dataset's rows (SFT, RFT), or
+    refuses packing in ``layout_problem`` (ILQL)."""
 
     def config_block(self, rcfg) -> Any:
         return getattr(rcfg, self.block) if self.block else None
@@ -47,15 +50,15 @@ class Recipe:
 
 RECIPES: Dict[str, Recipe] = {r.name: r for r in (
     Recipe("sft", sft, inputs=("samples",)),
-    Recipe("ppo", ppo, "ppo", inputs=("reward_fn", "prompts", "eval_prompts"), layout_problem=packing_layout_problem),
+    Recipe("ppo", ppo, "ppo", inputs=("reward_fn", "prompts", "eval_prompts"), packs_at_forward=True),
     Recipe("ilql", ilql, "ilql", inputs=("samples", "rewards"), sequence_parallel=False,
            layout_problem=ilql.layout_problem,
            why_not="its Q heads read the full hidden states, not sequence-parallel shards"),
     Recipe("rft", rft, "rft", inputs=("reward_fn", "prompts"), layout_problem=rft.layout_problem, t5=False,
            why_not="its SFT updates use the decoder-only batch layout"),
-    Recipe("dpo", dpo, "dpo", layout_problem=packing_layout_problem),
-    Recipe("kto", kto, "kto", layout_problem=packing_layout_problem),
-    Recipe("rm", rm, "rm", t5=False, why_not="reward models are GPT", layout_problem=packing_layout_problem),
+    Recipe("dpo", dpo, "dpo", packs_at_forward=True),
+    Recipe("kto", kto, "kto", packs_at_forward=True),
+    Recipe("rm", rm, "rm", t5=False, why_not="reward models are GPT", packs_at_forward=True),
 )}
 
 
@@ -147,6 +150,8 @@ def validate(rcfg: RunConfig) -> Recipe:
     problem = recipe.layout_problem(rcfg) if recipe.layout_problem else None
     if problem:
         raise ConfigError(f"algorithm.name={name}: {problem}")
+    if rcfg.data.packing:
+        check_packing(recipe, rcfg)
     if not recipe.sequence_parallel and p.sequence_parallel:
         raise ConfigError(f"algorithm.name={name} needs parallel.sequence_parallel=false ({recipe.why_not})")
     if rcfg.model.arch == "t5":
@@ -156,6 +161,25 @@ def validate(rcfg: RunConfig) -> Recipe:
         if name == "ppo" and rcfg.ppo.reward_model is not None:
             raise ConfigError("model.arch=t5 with ppo.reward_model is not supported (reward models are GPT)")
     return recipe
+
+
+def check_packing(recipe: Recipe, rcfg: RunConfig) -> None:
+    """data.packing where the model can take packed rows (GPT on megatron's local layers: an explicit
+    block-diagonal causal mask; Transformer Engine's attention would need the packed-sequence
+    parameters, cu_seqlens, which are not wired yet) and, for a recipe that packs at forward time,
+    the layout can (no pipeline stages)."""
+    from nemo_rlhf.models.gpt import resolved_transformer_impl
+
+    if rcfg.model.arch != "gpt":
+        raise ConfigError(f"data.packing is a GPT path (model.arch={rcfg.model.arch}): set data.packing=false")
+    if resolved_transformer_impl(rcfg.model) != "local":
+        raise ConfigError("data.packing needs model.transformer_impl=local (Transformer Engine's attention takes "
+                          "packed rows as cu_seqlens, not wired yet): set one of them")
+    pp = rcfg.parallel.pipeline_model_parallel_size
+    if recipe.packs_at_forward and pp > 1:
+        raise ConfigError(f"algorithm.name={recipe.name}: data.packing packs each micro-batch into a varying number "
+                          f"of rows, which pipeline stages cannot take (parallel.pipeline_model_parallel_size={pp}): "
+                          f"set data.packing=false or use PP=1")
 
 
 def with_algorithm(rcfg: RunConfig, name: str) -> RunConfig:

@@ -12,7 +12,7 @@ from nemo_rlhf.config.checks import _positive, _require
 from nemo_rlhf.config.schema import RunConfig, SFTWarmupConfig
 from nemo_rlhf.modules.rft import RFTModule
 from nemo_rlhf.recipes import ppo
-from nemo_rlhf.recipes.common import Job, RunContext, load_initial_weights, packing
+from nemo_rlhf.recipes.common import Job, RunContext, load_initial_weights
 
 
 @dataclass
@@ -72,7 +72,6 @@ def prepare(ctx: RunContext, rcfg: RunConfig, block: RFTConfig, reward_fn=None, 
 
 
 def build(ctx: RunContext, rcfg: RunConfig, block: RFTConfig, data, rd, config_yaml: str) -> Job:
-    packing(rcfg)   # data.packing packs the kept samples: refuses a model that cannot, by name
     module = RFTModule(rcfg, data.prompt_ids, ctx.tokenizer, data.reward_fn, rd, ctx.evaluate_fn, ctx.dp_rank,
                        ctx.dp_size, config_yaml=config_yaml)
     return Job(module, load_initial=partial(load_initial_weights, module.engine), summary=data.summary)

@@ -13,7 +13,7 @@ import numpy as np
 from nemo_rlhf.data.preference import PreferenceDataset, invalid_edge_pairs, randomwalk_pairs, split_walks
 from nemo_rlhf.errors import ConfigError
 from nemo_rlhf.modules.reward_model import RewardModelModule
-from nemo_rlhf.recipes.common import Job, RunContext, file_examples, load_initial_weights, packing
+from nemo_rlhf.recipes.common import Job, RunContext, file_examples, load_initial_weights
 from nemo_rlhf.tasks import offline_data_task
 
 
@@ -76,7 +76,6 @@ def task_pairs(ctx: RunContext, block: RMConfig):
 def build(ctx: RunContext, rcfg: RunConfig, block: RMConfig, data, rd, config_yaml: str) -> Job:
     train_pairs, held_pairs, equal_pairs, extra = data
     tok = ctx.tokenizer
-    packing(rcfg)   # data.packing packs the training pairs: refuses a model that cannot, by name
 
     def dataset(pairs):
         return PreferenceDataset.build(pairs, rcfg.model.seq_length, tok.pad_id, tok.eos_id, add_eos=False)

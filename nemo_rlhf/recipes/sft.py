@@ -10,7 +10,7 @@ from nemo_rlhf.config.schema import RunConfig, SFTWarmupConfig
 from nemo_rlhf.data.sft import SFTDataset
 from nemo_rlhf.errors import ConfigError
 from nemo_rlhf.modules.sft import SFTModule
-from nemo_rlhf.recipes.common import Job, RunContext, file_examples, load_initial_weights, packing, replace_algorithm
+from nemo_rlhf.recipes.common import Job, RunContext, file_examples, load_initial_weights, replace_algorithm
 
 Config = None
 """SFT has no block of its own: trainer.* and optim.* are its settings."""
@@ -37,7 +37,7 @@ def prepare(ctx: RunContext, rcfg: RunConfig, block, samples=None):
 def build(ctx: RunContext, rcfg: RunConfig, block, data, rd, config_yaml: str) -> Job:
     pairs, extra = data
     tok = ctx.tokenizer
-    dataset = (SFTDataset.packed if packing(rcfg) else SFTDataset.from_pairs)(
+    dataset = (SFTDataset.packed if rcfg.data.packing else SFTDataset.from_pairs)(
         pairs, rcfg.model.seq_length, tok.pad_id, tok.eos_id, add_eos=False)
     module = SFTModule(rcfg, dataset, tok.vocab_size, rd, ctx.evaluate_fn, dp_rank=ctx.dp_rank,
                        dp_size=ctx.dp_size, config_yaml=config_yaml)
