@@ -60,17 +60,36 @@ def _onednn_linear_available(device, dtype) -> bool:
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
+_PACK_LIMIT_BYTES = 2 << 30
+"""Weights are prepacked only up to this size: packing copies them."""
+
+
+def _gelu_kind(activation_func) -> Optional[str]:
+    """"none" / "tanh" when ``activation_func`` is torch's exact / tanh-approximated GELU (which
+    oneDNN can apply inside the GEMM), else None."""
+    import functools
+
+    f = torch.nn.functional.gelu
+    if activation_func is f:
+        return "none"
+    if isinstance(activation_func, functools.partial) and activation_func.func is f and not activation_func.args:
+        return activation_func.keywords.get("approximate", "none")
+    return None
+
+
 class _Linears:
     """The decoder's GEMMs, ``y = x W^T + b`` as one ``F.linear`` each (the bias inside the GEMM, not in
     a second pass as megatron does). On a CPU with oneDNN the weights are first reordered into
     oneDNN's blocked layout for the decode batch size (a copy of the weights, made once per
-    ``generate`` call so that it always holds the current weights): at the small row counts of
-    decoding its GEMMs take about half of MKL's time here (4 layers x 256 hidden, batch 16). Both
-    round differently from megatron's matmul-then-bias in the last bits (fp32: ~1e-6 relative)."""
+    ``generate`` call so that it always holds the current weights), and a following GELU or
+    residual add runs inside the GEMM: at the small row counts of decoding this takes about half of
+    MKL's time here (4 layers x 256 hidden, batch 16). Both round differently from megatron's
+    matmul-then-bias in the last bits (fp32: ~1e-6 relative)."""
 
     def __init__(self, weights, batch: int, device, dtype):
         self.packed = {}
-        if not _onednn_linear_available(device, dtype):
+        if not _onednn_linear_available(device, dtype) or \
+                sum(w.numel() * w.element_size() for w in weights) > _PACK_LIMIT_BYTES:
             return
         try:
             for w in weights:
@@ -78,11 +97,20 @@ class _Linears:
         except RuntimeError:   # an op this build's oneDNN does not provide: MKL's GEMMs as before
             self.packed = {}
 
-    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                 residual: Optional[torch.Tensor] = None, gelu: Optional[str] = None) -> torch.Tensor:
+        """``residual + act(x W^T + b)``, act = GELU (``gelu``: its approximation) or the identity."""
         packed = self.packed.get(id(weight))
         if packed is None:
-            return torch.nn.functional.linear(x, weight, bias)
-        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+            y = torch.nn.functional.linear(x, weight, bias)
+            if gelu is not None:
+                y = torch.nn.functional.gelu(y, approximate=gelu)
+            return y if residual is None else residual + y
+        if gelu is None and residual is not None:
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, packed, bias, "add")
+        y = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none" if gelu is None else "gelu", [],
+                                               "" if gelu is None else gelu)
+        return y if residual is None else residual + y
 
 
 class FastDecoder:
@@ -96,9 +124,8 @@ class FastDecoder:
         self.head_dim = cfg.kv_channels
         self.scale = 1.0 / (self.head_dim ** 0.5)
         n = len(gpt.decoder.layers)
-        # keys stored transposed ([.., head_dim, position]) so that scores are a plain GEMM
-        self.keys = torch.empty((n, batch, self.groups, self.head_dim, max_len), device=device, dtype=dtype)
-        self.values = torch.empty((n, batch, self.groups, max_len, self.head_dim), device=device, dtype=dtype)
+        self.keys = torch.empty((n, batch, self.groups, max_len, self.head_dim), device=device, dtype=dtype)
+        self.values = torch.empty_like(self.keys)
         self.length = 0
         self.rope = None
         if gpt.position_embedding_type == "rope":
@@ -106,6 +133,7 @@ class FastDecoder:
         self.parallel_residual = type(gpt.decoder.layers[0]).__name__ == "ParallelResidualLayer"
         weights = [m.weight for layer in gpt.decoder.layers for m in (
             layer.self_attention.linear_qkv, layer.self_attention.linear_proj, layer.mlp.linear_fc1, layer.mlp.linear_fc2)]
+        self.gelu = _gelu_kind(cfg.activation_func)
         self.linear = _Linears(weights + [self._output_weight()], batch, device, dtype)
 
     def _output_weight(self) -> torch.Tensor:
@@ -150,10 +178,10 @@ class FastDecoder:
         if freqs is not None:
             q = apply_rotary_pos_emb(q, freqs, config=self.cfg)
             k = apply_rotary_pos_emb(k, freqs, config=self.cfg)
-        self.keys[i, :, :, :, start:end] = k.permute(1, 2, 3, 0)
+        self.keys[i, :, :, start:end] = k.permute(1, 2, 0, 3)
         self.values[i, :, :, start:end] = v.permute(1, 2, 0, 3)
         g, d = self.groups, self.head_dim
-        keys = self.keys[i, :, :, :, :end].reshape(b * g, d, end)            # [B g, d, T]
+        keys = self.keys[i, :, :, :end].reshape(b * g, end, d).transpose(1, 2)  # [B g, d, T]
         values = self.values[i, :, :, :end].reshape(b * g, end, d)          # [B g, T, d]
         # the heads of a query group share its keys and values: one GEMM per group, no copies of them
         q = (q * self.scale).view(s, b, g, per_group, d).permute(1, 2, 3, 0, 4).reshape(b * g, per_group * s, d)
@@ -165,18 +193,20 @@ class FastDecoder:
         probs = torch.softmax(scores, dim=-1).to(q.dtype)
         context = torch.bmm(probs.view(b * g, per_group * s, end), values)
         context = context.view(b, self.heads, s, d).permute(2, 0, 1, 3).reshape(s, b, -1)
-        return x + self._linear(context, att.linear_proj)
+        return self._linear(context, att.linear_proj, residual=x)
 
-    def _linear(self, x, module):
+    def _linear(self, x, module, **kwargs):
         """megatron's Column/RowParallelLinear at one rank"""
-        return self.linear(x, module.weight, module.bias)
+        return self.linear(x, module.weight, module.bias, **kwargs)
 
     def _mlp(self, layer, x):
         mlp, cfg = layer.mlp, self.cfg
-        h = self._linear(layer.pre_mlp_layernorm(x), mlp.linear_fc1)
+        h = layer.pre_mlp_layernorm(x)
         if cfg.gated_linear_unit:
-            a, g = torch.chunk(h, 2, dim=-1)
+            a, g = torch.chunk(self._linear(h, mlp.linear_fc1), 2, dim=-1)
             h = cfg.activation_func(a) * g
+        elif self.gelu is not None:
+            h = self._linear(h, mlp.linear_fc1, gelu=self.gelu)
         else:
-            h = cfg.activation_func(h)
-        return x + self._linear(h, mlp.linear_fc2)
+            h = cfg.activation_func(self._linear(h, mlp.linear_fc1))
+        return self._linear(h, mlp.linear_fc2, residual=x)
