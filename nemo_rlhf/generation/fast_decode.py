@@ -141,6 +141,10 @@ class FastDecoder:
         return gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights \
             else gpt.output_layer.weight
 
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """From now on compute only ``rows`` (indices into the current rows) of the batch."""
+        self.keys, self.values = self.keys.index_select(1, rows), self.values.index_select(1, rows)
+
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, attention_mask: Optional[torch.Tensor]
                 ) -> Tuple[torch.Tensor, torch.Tensor]:

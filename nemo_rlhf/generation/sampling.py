@@ -101,7 +101,7 @@ def generate(model: Chunks, prompts: torch.Tensor, params: SamplingParams,
     if params.stop_strings and decode is None:
         raise ValueError("stop_strings need a decode function")
 
-    ctx = fast = None
+    ctx = fast = active = None   # active: the rows the lean decoder still computes (None: all)
     if use_cache and params.fast_decode and not pipelined and fast_decode.supported(model):
         fast = fast_decode.FastDecoder(model, b, p + n, device, model.embedding.word_embeddings.weight.dtype)
     elif use_cache:
@@ -122,14 +122,19 @@ def generate(model: Chunks, prompts: torch.Tensor, params: SamplingParams,
             else:
                 if ctx is not None:
                     ctx.enable_decode_mode()
-                ids = tokens[:, cur - 1:cur]
-                pos = torch.full((b, 1), cur - 1, device=device, dtype=torch.long)
+                rows = slice(None) if active is None else active
+                ids = tokens[rows, cur - 1:cur]
+                pos = torch.full((ids.shape[0], 1), cur - 1, device=device, dtype=torch.long)
                 mask = None
                 if pad is not None:
-                    pos = pos - pad[:, None]
-                    mask = (torch.arange(cur, device=device)[None, :] < pad[:, None])[:, None, None, :]
+                    pos = pos - pad[rows, None]
+                    mask = (torch.arange(cur, device=device)[None, :] < pad[rows, None])[:, None, None, :]
             if fast is not None:
                 out, hidden = fast.forward(ids, pos, mask)
+                if active is not None:   # finished rows were dropped: theirs are never read
+                    out = out.new_zeros((b,) + out.shape[1:]).index_copy_(0, active, out)
+                    if logits_processor is not None:
+                        hidden = hidden.new_zeros((hidden.shape[0], b, hidden.shape[2])).index_copy_(1, active, hidden)
             else:
                 out, hidden = stage_forward(chunks, ids, pos, mask, inference_context=ctx)
                 ctx.sequence_len_offset += ids.shape[1]
@@ -157,7 +162,21 @@ def generate(model: Chunks, prompts: torch.Tensor, params: SamplingParams,
                     done = share_step(step, p, tokens, logprobs, mask, done)
                 if bool(done.all()):
                     break
+                if fast is not None:
+                    active = _drop_finished(fast, active, done)
     finally:
         for chunk in chunks:
             chunk.train(was_training)
     return GenerationOutput(tokens=tokens, logprobs=logprobs, mask=mask, prompt_length=p)
+
+
+def _drop_finished(fast, active: Optional[torch.Tensor], done: torch.Tensor) -> Optional[torch.Tensor]:
+    """Rows that finished stop costing compute: once a quarter of the rows the lean decoder computes
+    have finished, its cache keeps only the others (a copy of the cache, so not at every step).
+    Returns the rows it computes from now on (indices into the batch)."""
+    left = (~done).nonzero().squeeze(1)
+    computed = done.shape[0] if active is None else active.shape[0]
+    if left.shape[0] > computed * 3 // 4:
+        return active
+    fast.keep_rows(left if active is None else torch.searchsorted(active, left))
+    return left

@@ -66,3 +66,38 @@ def test_layouts_the_fast_path_does_not_cover_fall_back(mp):
         assert not fast_decode.supported(model)
     finally:
         model.config.sequence_parallel = False
+
+
+@pytest.mark.parametrize("shape", ["gpt2", "llama"])
+@pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "sampled"])
+def test_finished_rows_stop_costing_compute_and_change_nothing(mp, shape, greedy, monkeypatch):
+    """Rows that reached EOS leave the lean decoder's batch (its cache keeps the others) once a
+    quarter of them finished; the outputs are megatron's path's, where every row runs to the end."""
+    model = _model(**SHAPES[shape])
+    prompts = [[3, 4, 5], [6], [7, 8, 9, 10, 11], [12, 13], [14, 15, 16], [17], [18, 19], [20, 21, 22, 23]]
+    ids, lengths = left_pad(prompts, 0)
+    kw = dict(vocab_size=50, prompt_lengths=lengths)
+    free = generate(model, ids, SamplingParams(24, greedy=greedy, fast_decode=False),
+                    generator=torch.Generator().manual_seed(1), **kw).completions
+    # EOS: the token that most rows produce within their first 16 steps, so rows finish at different steps
+    eos = max(range(50), key=lambda t: sum(bool((row[:16] == t).any()) for row in free))
+    calls = []
+    keep_rows = fast_decode.FastDecoder.keep_rows
+    monkeypatch.setattr(fast_decode.FastDecoder, "keep_rows", lambda self, rows: (calls.append(len(rows)),
+                                                                                   keep_rows(self, rows))[1])
+    seen = {True: [], False: []}
+    outs = {}
+    for fast in (True, False):
+        def processor(logits, hidden, fast=fast):   # ILQL-style processors get every row's hidden state
+            seen[fast].append(hidden[-1].clone())
+            return logits
+        outs[fast] = generate(model, ids, SamplingParams(24, greedy=greedy, fast_decode=fast, eos_id=eos),
+                              generator=torch.Generator().manual_seed(1), logits_processor=processor, **kw)
+    finished = (outs[False].mask.sum(1) < 24).sum()
+    assert finished >= 4 and calls and calls == sorted(calls, reverse=True) and calls[-1] < len(prompts)
+    assert torch.equal(outs[True].tokens, outs[False].tokens) and torch.equal(outs[True].mask, outs[False].mask)
+    assert float((outs[True].logprobs - outs[False].logprobs).abs().max()) < 2e-6
+    # rows still running get their own hidden states (finished rows' are never read)
+    for a, b, step_mask in zip(seen[True], seen[False], outs[False].mask.t()):
+        running = step_mask.bool()
+        assert float((a[running] - b[running]).abs().max()) < 1e-5
