@@ -3,10 +3,12 @@
 megatron's own inference path runs every decoding step through its full module stack (about 80
 module calls, autograd functions and parallel-state lookups per step for a 4-layer model); on a CPU
 or at small batch that Python work costs more than the arithmetic. This forward reads the same
-weights and runs the same operations in the same order (``baddbmm`` scores with megatron's scale,
-the -10000 mask fill, softmax, residual adds as megatron's bias-dropout-add), except that each
-linear layer adds its bias inside the GEMM (``F.linear``), with a preallocated key/value cache
-[layers, B, groups, max_len, head_dim] holding post-rotary keys.
+weights and runs the same operations in megatron's order (scores with megatron's scale, the -10000
+mask fill, softmax, residual adds as megatron's bias-dropout-add), with a preallocated key/value cache
+[layers, B, groups, max_len, head_dim] holding post-rotary keys. It differs in the last bits only:
+each linear layer adds its bias inside the GEMM (on a CPU, oneDNN's prepacked GEMM, with a following
+GELU or residual add fused: :class:`_Linears`), queries are scaled before the score GEMM, and the
+heads of a query group share one GEMM against its keys.
 The prompt is run once (prefill); each step then runs one position.
 
 Used by generation.sampling.generate when :func:`supported` holds (local spec, one tensor- and
@@ -131,8 +133,8 @@ class FastDecoder:
         if gpt.position_embedding_type == "rope":
             self.rope = gpt.rotary_pos_emb(max_len)   # [max_len, 1, 1, dim]
         self.parallel_residual = type(gpt.decoder.layers[0]).__name__ == "ParallelResidualLayer"
-        weights = [m.weight for layer in gpt.decoder.layers for m in (
-            layer.self_attention.linear_qkv, layer.self_attention.linear_proj, layer.mlp.linear_fc1, layer.mlp.linear_fc2)]
+        weights = [m.weight for layer in gpt.decoder.layers for m in (layer.self_attention.linear_qkv,
+                   layer.self_attention.linear_proj, layer.mlp.linear_fc1, layer.mlp.linear_fc2)]
         self.gelu = _gelu_kind(cfg.activation_func)
         self.linear = _Linears(weights + [self._output_weight()], batch, device, dtype)
 
