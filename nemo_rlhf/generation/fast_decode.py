@@ -96,8 +96,28 @@ class _Linears:
         try:
             for w in weights:
                 self.packed[id(w)] = torch.ops.mkldnn._reorder_linear_weight(w.detach(), batch)
-        except RuntimeError:   # an op this build's oneDNN does not provide: MKL's GEMMs as before
+            ok = self._agrees(weights[0])
+        except Exception:   # noqa: BLE001  (private ops: any failure means MKL's GEMMs, as before)
+            ok = False
+        if not ok:
             self.packed = {}
+
+    def _agrees(self, weight: torch.Tensor) -> bool:
+        """The private oneDNN ops still compute what this class expects of them (torch may change
+        them between releases): each form once, on a small input, against ``F.linear``."""
+        F = torch.nn.functional
+        n, k = weight.shape
+        x = torch.linspace(-1.0, 1.0, 2 * k, dtype=weight.dtype, device=weight.device).view(2, k)
+        bias = torch.linspace(-0.5, 0.5, n, dtype=weight.dtype, device=weight.device)
+        residual = torch.linspace(1.0, -1.0, 2 * n, dtype=weight.dtype, device=weight.device).view(2, n)
+        with torch.no_grad():
+            plain = F.linear(x, weight, bias)
+            tol = 1e-4 * (1.0 + float(plain.abs().max()))
+            return all(float((got - want).abs().max()) <= tol for got, want in (
+                (self(x, weight, bias), plain),
+                (self(x, weight, bias, gelu="none"), F.gelu(plain)),
+                (self(x, weight, bias, gelu="tanh"), F.gelu(plain, approximate="tanh")),
+                (self(x, weight, bias, residual=residual), residual + plain)))
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                  residual: Optional[torch.Tensor] = None, gelu: Optional[str] = None) -> torch.Tensor:

@@ -101,3 +101,20 @@ def test_finished_rows_stop_costing_compute_and_change_nothing(mp, shape, greedy
     for a, b, step_mask in zip(seen[True], seen[False], outs[False].mask.t()):
         running = step_mask.bool()
         assert float((a[running] - b[running]).abs().max()) < 1e-5
+
+
+def test_cpu_decoding_uses_onednn_prepacked_gemms_that_agree_with_f_linear(mp):
+    """On a CPU torch wheel (all ship oneDNN) the decoder's GEMMs are prepacked, after a self-check
+    of the private ops against F.linear; a weight the check disagrees with turns packing off."""
+    model = _model()
+    decoder = fast_decode.FastDecoder(model, 4, 16, torch.device("cpu"), torch.float32)
+    layers = len(model.decoder.layers)
+    assert len(decoder.linear.packed) == 4 * layers + 1          # qkv, proj, fc1, fc2 per layer; output
+    weight = model.decoder.layers[0].mlp.linear_fc1.weight
+    assert decoder.linear._agrees(weight)
+    x, bias = torch.randn(3, weight.shape[1]), torch.randn(weight.shape[0])
+    with torch.no_grad():
+        assert float((decoder.linear(x, weight, bias, gelu="none")
+                      - torch.nn.functional.gelu(torch.nn.functional.linear(x, weight, bias))).abs().max()) < 1e-5
+        decoder.linear.packed[id(weight)] = decoder.linear.packed[id(model.decoder.layers[1].mlp.linear_fc1.weight)]
+    assert not decoder.linear._agrees(weight)                    # a wrong packed weight is caught
