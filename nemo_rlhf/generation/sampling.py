@@ -150,9 +150,11 @@ def generate(model: Chunks, prompts: torch.Tensor, params: SamplingParams,
         return (None if out is None else out[:, cur - 1].float()), hidden
 
     try:
-        # inference mode (no autograd bookkeeping per op: ~10% of a small model's decoding time on a
-        # CPU); the outputs were made before it, so they stay ordinary tensors that training can use
-        with torch.inference_mode():
+        # the lean decoder runs in inference mode (no autograd bookkeeping per op: ~10% of a small
+        # model's decoding time on a CPU); the outputs were made before it, so they stay ordinary
+        # tensors that training can use. Not megatron's path: its modules keep buffers across calls
+        # (the sequence-parallel all-gather buffer, ...) that training would then fail to write.
+        with torch.inference_mode() if fast is not None else torch.no_grad():
             for step in range(n):
                 logits, hidden = next_logits(step)
                 if last_stage:   # (with PP > 1, the last stage chooses and the others get its choice)
