@@ -60,6 +60,12 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 64
     """Vocabulary is padded to a multiple of this (independent of TP, so checkpoints reshard);
     must be divisible by parallel.tensor_model_parallel_size."""
+    logits_chunk_tokens: Optional[int] = None
+    """Compute the output layer and the per-token log-likelihood this many tokens at a time (GPT):
+    the full [tokens, vocabulary / TP] fp32 logits are never held, the backward recomputes each
+    chunk's logits (one more output-layer GEMM). For long sequences and large vocabularies, where
+    those logits dominate memory (a 16k-token row of a 128k vocabulary: 8 GiB). null = megatron's
+    output layer and cross-entropy on all tokens at once. Results equal either way, to rounding."""
     precision: str = "fp32"
     """fp32 | bf16 | fp16. bf16: parameters and activations in bf16, fp32 main weights and grads in
     megatron's mixed-precision optimizer (CPU too); fp16 is a GPU path."""
@@ -97,6 +103,10 @@ class ModelConfig:
                  f"model.position_embedding_type must be learned_absolute|rope|none (or relative with "
                  f"model.arch=t5), got {self.position_embedding_type!r}")
         _require(self.arch in ("gpt", "t5"), f"model.arch must be gpt|t5, got {self.arch!r}")
+        _require(self.logits_chunk_tokens is None or self.logits_chunk_tokens >= 1,
+                 f"model.logits_chunk_tokens must be null or a positive number of tokens, got {self.logits_chunk_tokens}")
+        _require(self.logits_chunk_tokens is None or self.arch == "gpt",
+                 "model.logits_chunk_tokens is a GPT option (arch=gpt); T5 computes its logits at once")
         if self.arch == "t5":
             _require(self.position_embedding_type in ("learned_absolute", "rope", "relative"),
                      f"model.arch=t5 needs model.position_embedding_type learned_absolute|rope|relative, "

@@ -7,6 +7,7 @@ from typing import List, Optional
 
 import torch
 
+from nemo_rlhf.algorithms.chunked_nll import chunked_nll
 from nemo_rlhf.config.schema import ConfigError, ModelConfig, ParallelConfig
 from nemo_rlhf.logging import get_logger
 
@@ -193,6 +194,7 @@ def build_gpt_chunks(model: ModelConfig, parallel: ParallelConfig, vocab_size: i
             seq_len_interpolation_factor=model.rope_scaling_factor if model.rope_scaling == "linear" else None,
             vp_stage=vp,
         )
+        chunk.logits_chunk_tokens = model.logits_chunk_tokens      # read by gpt_forward
         if config.params_dtype != torch.float32:
             # what megatron's Float16Module does to the module it wraps: layers not built with
             # params_dtype (learned position embeddings: a torch.nn.Embedding) follow the others
@@ -245,6 +247,9 @@ def gpt_forward(gpt: torch.nn.Module, input_ids: torch.Tensor, position_ids: tor
         rotary_pos_emb=rotary_pos_emb, rotary_pos_cos=rotary_pos_cos, rotary_pos_sin=rotary_pos_sin,
         rotary_pos_cos_sin=pre[6] if len(pre) == 7 else None, sequence_len_offset=sequence_len_offset,
         padding_mask=padding_mask)
+    chunk = getattr(gpt, "logits_chunk_tokens", None)
+    if chunk and labels is not None and gpt.post_process and inference_context is None and not gpt.mtp_process:
+        return _chunked_language_model_loss(gpt, hidden, labels, chunk), hidden
     output = gpt._postprocess(
         hidden_states=hidden, input_ids=input_ids, position_ids=position_ids, labels=labels,
         rotary_pos_emb=rotary_pos_emb, rotary_pos_cos=rotary_pos_cos, rotary_pos_sin=rotary_pos_sin,
@@ -252,6 +257,26 @@ def gpt_forward(gpt: torch.nn.Module, input_ids: torch.Tensor, position_ids: tor
         sequence_len_offset=sequence_len_offset, runtime_gather_output=runtime_gather_output,
         inference_context=inference_context)
     return output, hidden
+
+
+def _chunked_language_model_loss(gpt, hidden: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
+    """What ``_postprocess`` returns with labels (per-token NLL [B, S]), from the output layer and
+    megatron's vocab-parallel cross-entropy computed ``chunk`` tokens at a time
+    (:mod:`nemo_rlhf.algorithms.chunked_nll`): the [S, B, V/TP] fp32 logits are never held."""
+    from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
+                                                        gather_from_sequence_parallel_region)
+
+    layer = gpt.output_layer
+    group = layer.tp_group
+    if layer.sequence_parallel:      # the output layer's own input handling, its backward included
+        hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True, group=group)
+    else:
+        hidden = copy_to_tensor_model_parallel_region(hidden, group=group)
+    weight = gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else layer.weight
+    s, b, h = hidden.shape
+    nll = chunked_nll(hidden.reshape(s * b, h), weight, labels.t().reshape(-1), chunk,
+                      group if group.size() > 1 else None)
+    return nll.view(s, b).t().contiguous()
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:

@@ -6,6 +6,9 @@ computed on each rank from the same weights and the same batch of randomwalks da
   tp2        TP=2: logits, loss, gradients, parameters after one optimizer step
   tp2_sp     TP=2 with sequence parallel: loss, gradients, parameters after one step
   pp2        PP=2 (1F1B, 2 micro-batches): loss, gradients, parameters after one step
+  chunked_logits_{tp1,tp2,tp2_sp,pp2}  model.logits_chunk_tokens (output layer and vocab-parallel
+             cross-entropy a chunk of tokens at a time): loss, gradients, parameters after one step
+             equal the single process computing all logits at once
   pp2_vpp2   PP=2 with 2 virtual chunks per stage (interleaved 1F1B, 4 layers, 4 micro-batches):
              the same, against a 4-layer single process; dpo_pp2_vpp2: a DPO step there (2
              sequences per pair in each micro-batch)
@@ -292,6 +295,28 @@ def main(out_path):
         _, out = run_layout(ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True), vocab, batch, ref)
         return out
 
+    def chunked_logits(parallel, mbs=None):
+        """model.logits_chunk_tokens=5 (the output layer and cross-entropy 5 of the 8 x 16 tokens at
+        a time, the last chunk short) in ``parallel`` against the single process without chunks."""
+        global MODEL
+        import nemo_rlhf.models.gpt as gpt_module
+
+        whole, real, calls = MODEL, gpt_module.chunked_nll, []
+
+        def counted(*args, **kwargs):     # the real function, counted: the path was taken
+            calls.append(args[0].shape[0])
+            return real(*args, **kwargs)
+
+        MODEL, gpt_module.chunked_nll = dataclasses.replace(whole, logits_chunk_tokens=5), counted
+        try:
+            _, out = run_layout(parallel, vocab, batch, ref, mbs=mbs)
+            counts = [None] * dist.get_world_size()
+            dist.all_gather_object(counts, sum(calls))
+            out["chunked_tokens_by_rank"] = counts
+            return out
+        finally:
+            MODEL, gpt_module.chunked_nll = whole, real
+
     def pp2():
         _, out = run_layout(ParallelConfig(pipeline_model_parallel_size=2), vocab, batch, ref, mbs=BATCH // 2)
         return out
@@ -509,6 +534,11 @@ def main(out_path):
     check("tp2_logits", tp2_logits)
     check("tp2_sp", tp2_sp)
     check("pp2", pp2)
+    check("chunked_logits_tp1", lambda: chunked_logits(ParallelConfig()))
+    check("chunked_logits_tp2", lambda: chunked_logits(ParallelConfig(tensor_model_parallel_size=2)))
+    check("chunked_logits_tp2_sp", lambda: chunked_logits(ParallelConfig(tensor_model_parallel_size=2,
+                                                                         sequence_parallel=True)))
+    check("chunked_logits_pp2", lambda: chunked_logits(ParallelConfig(pipeline_model_parallel_size=2), BATCH // 2))
     check("pp2_vpp2", pp2_vpp2)
     check("dpo_pp2_vpp2", dpo_pp2_vpp2)
     check("dp2", dp2)

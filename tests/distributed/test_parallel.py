@@ -55,6 +55,19 @@ def test_tp2_sequence_parallel(results):
     assert r["param_after_step_max_abs_diff"] < STEP
 
 
+@pytest.mark.parametrize("layout", ["tp1", "tp2", "tp2_sp", "pp2"])
+def test_logits_computed_in_chunks_equal_the_single_process_step(results, layout):
+    r = _ok(results, f"chunked_logits_{layout}")
+    # the chunked path ran on each rank with the output layer (at PP=2 the last stage, rank 1), over
+    # at least the 8 rows x 11 positions of the batch (right padding trimmed; wider with SP's multiple)
+    counts = r["chunked_tokens_by_rank"]
+    assert counts[0] == 0 if layout == "pp2" else counts[0] >= 8 * 11
+    assert counts[1] >= 8 * 11
+    assert r["loss_diff"] < EXACT
+    assert r["grad_max_abs_diff"] < EXACT
+    assert r["param_after_step_max_abs_diff"] < STEP
+
+
 def test_pp2_loss_and_grads(results):
     r = _ok(results, "pp2")
     assert r["loss_diff"] < EXACT
