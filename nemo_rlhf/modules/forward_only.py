@@ -35,14 +35,16 @@ def gpt_layout(tokens: torch.Tensor, pad: Optional[torch.Tensor], segments: Opti
 
 
 def packed_attention(segments: torch.Tensor):
-    """(mask [B, 1, S, S], True = blocked: the future and other examples; position ids [B, S])."""
+    """(mask [B, 1, S, S], True = blocked: the future and other examples; position ids [B, S]).
+    Padding (segment 0) gets position 0: a packed row can be wider than the model's position table
+    (up to twice the longest span), and nothing reads the padding's outputs."""
     s = segments.shape[1]
     idx = torch.arange(s, device=segments.device)
     mask = (segments[:, :, None] != segments[:, None, :]) | (idx[None, :] > idx[:, None])[None]
     starts = torch.ones_like(segments, dtype=torch.bool)
     starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
     first = torch.where(starts, idx[None, :], torch.zeros_like(segments)).cummax(dim=1).values
-    return mask[:, None], idx[None, :] - first
+    return mask[:, None], torch.where(segments > 0, idx[None, :] - first, torch.zeros_like(first))
 
 
 def lm_across_stages(model, tokens: torch.Tensor, labels: Optional[torch.Tensor], pad: Optional[torch.Tensor] = None,

@@ -87,6 +87,28 @@ def test_pack_rows_puts_every_span_in_once_and_unpack_puts_it_back():
     assert torch.equal(rows.unpack(rows.labels)[inside], (tokens + 100)[inside])
 
 
+def test_rows_wider_than_the_position_table_give_padding_position_zero(mp):
+    """A packed row may be up to twice the longest span wide, wider than a learned position table of
+    model.seq_length rows; its padding tail takes position 0 (the reward model's packed run once
+    stopped on 'index out of range' here), and each span's own positions and NLL are unchanged."""
+    from nemo_rlhf.models.gpt import build_gpt_chunks, gpt_forward
+    from nemo_rlhf.modules.packing import pack_rows
+
+    _, positions = packed_attention(torch.tensor([[1, 1, 1, 2, 2, 0, 0, 0, 0, 0]]))
+    assert positions.tolist() == [[0, 1, 2, 0, 1, 0, 0, 0, 0, 0]]
+    cfg = ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=4, seq_length=8, transformer_impl="local")
+    torch.manual_seed(0)
+    model = build_gpt_chunks(cfg, ParallelConfig(), 20)[0].eval()
+    tokens = torch.randint(1, 20, (2, 8), generator=torch.Generator().manual_seed(0))
+    rows = pack_rows(tokens, tokens, torch.tensor([0, 0]), torch.tensor([8, 3]), width=16)   # 11 of 16 used
+    mask, pos = packed_attention(rows.segments)
+    with torch.no_grad():
+        packed = rows.unpack(gpt_forward(model, rows.tokens, pos, mask, labels=rows.labels)[0])
+        whole = gpt_forward(model, tokens, torch.arange(8).expand(2, 8), None, labels=tokens)[0]
+    assert rows.tokens.shape == (1, 16) and int(pos.max()) == 7
+    assert float((packed[0] - whole[0]).abs().max()) < 1e-5 and float((packed[1, :3] - whole[1, :3]).abs().max()) < 1e-5
+
+
 def _dpo_step(model_cfg, pack, kto=False, reference="model"):
     from nemo_rlhf.data.preference import KTODataset, PreferenceDataset, randomwalk_pairs, unpair
     from nemo_rlhf.modules.dpo import FORWARD_BACKWARD
