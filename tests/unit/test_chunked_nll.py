@@ -37,6 +37,22 @@ def test_values_and_gradients_equal_the_whole_vocabulary_cross_entropy(chunk):
         assert float((got - want).abs().max()) < 1e-6
 
 
+def test_bf16_follows_megatrons_bf16_logits():
+    """bf16 weights (model.precision=bf16): logits from the bf16 GEMM, cast to fp32 for the softmax
+    as megatron's cross-entropy does; gradients come back in bf16."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(12, 16, generator=g).bfloat16().requires_grad_()
+    weight = (0.3 * torch.randn(40, 16, generator=g)).bfloat16().requires_grad_()
+    labels = torch.randint(0, 40, (12,), generator=g)
+    ref = F.cross_entropy((hidden @ weight.t()).float(), labels, reduction="none")
+    ref_grads = torch.autograd.grad(ref.sum(), (hidden, weight))
+    nll = chunked_nll(hidden, weight, labels, 5)
+    grads = torch.autograd.grad(nll.sum(), (hidden, weight))
+    assert nll.dtype == torch.float32 and float((nll - ref).abs().max()) < 1e-5
+    for got, want in zip(grads, ref_grads):
+        assert got.dtype == torch.bfloat16 and float((got.float() - want.float()).abs().max()) < 2e-2
+
+
 def _largest_saved(fn) -> int:
     """numel of the largest tensor autograd keeps for the backward while ``fn`` runs"""
     sizes = [0]
