@@ -19,7 +19,9 @@ from nemo_rlhf.algorithms.dpo import (PREFERENCE_LOSSES, KTOLogps, PreferenceLog
 from nemo_rlhf.config.schema import RunConfig
 from nemo_rlhf.data.preference import PreferenceDataset
 from nemo_rlhf.logging import get_logger
+from nemo_rlhf.generation.pipeline import pipeline_size
 from nemo_rlhf.modules.engine import MegatronEngine, build_chunks, lm_forward
+from nemo_rlhf.modules.forward_only import lm_across_stages
 from nemo_rlhf.modules.loop import dp_loader, end_of_step, record_eval, save_engine, TrainingSystem
 from nemo_rlhf.modules.run_dir import RunDirectory
 
@@ -45,11 +47,17 @@ def sequence_logps(model, tokens, labels, loss_mask, length_normalize: bool = Fa
                    ) -> torch.Tensor:
     """[b, k, S] sequences -> summed (or mean) completion log-probs [b, k] (vocab-parallel safe:
     the model's own cross-entropy gives -log p of each label). ``pack``: the b * k sequences are
-    packed into fewer rows for the forward (data.packing; modules/packing.py)."""
+    packed into fewer rows for the forward (data.packing; modules/packing.py). ``model``: a model,
+    or this rank's pipeline chunks (``MegatronEngine.stages``; at PP > 1 the rows go through
+    megatron's forward-only schedule and every rank gets the log-probs)."""
     b, k, s = tokens.shape
     flat = tokens.reshape(b * k, s)
     mask = loss_mask.reshape(b * k, s)
-    nll = lm_forward(model, flat, labels.reshape(b * k, s), mask, pack=pack)
+    if isinstance(model, (list, tuple)) and pipeline_size() > 1:
+        nll = lm_across_stages(model, flat, labels.reshape(b * k, s))[0]
+    else:
+        model = model[0] if isinstance(model, (list, tuple)) else model
+        nll = lm_forward(model, flat, labels.reshape(b * k, s), mask, pack=pack)
     logps = -(nll.float() * mask).sum(-1)
     if length_normalize:
         logps = logps / mask.sum(-1).clamp(min=1)
@@ -222,14 +230,16 @@ class DPOModule(TrainingSystem):
     @torch.no_grad()
     def precompute_reference(self, batch_size: int = 256) -> None:
         """One pass of the initial policy over the pairs (run before training)."""
-        model = self.engine.module
-        model.eval()
+        stages = self.engine.stages
+        for chunk in stages:
+            chunk.eval()
         ds = self.dataset
         for i in range(0, len(ds), batch_size):
             sl = slice(i, i + batch_size)
-            ds.ref_logps[sl] = sequence_logps(model, ds.tokens[sl], ds.labels[sl], ds.loss_mask[sl],
+            ds.ref_logps[sl] = sequence_logps(stages, ds.tokens[sl], ds.labels[sl], ds.loss_mask[sl],
                                               length_normalized(self.algo_cfg), pack=self.pack)
-        model.train()
+        for chunk in stages:
+            chunk.train()
         path = self.run_dir.path / "reference_logps.pt"
         if self.dp_rank == 0:
             torch.save(ds.ref_logps.clone(), path)

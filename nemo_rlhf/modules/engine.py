@@ -270,6 +270,8 @@ def _packed_forward(model, tokens, labels, completion_mask, pad):
     rows = pack_rows(tokens, labels, *spans(completion_mask, pad), multiple=multiple)
     attention_mask, position_ids = packed_attention(rows.segments)
     nll, hidden = gpt_forward(gpt, rows.tokens, position_ids, attention_mask, labels=rows.labels)
+    if not gpt.post_process:   # a pipeline stage before the last: its output is the packed hidden states
+        return nll, DecoderStates(hidden, rows)
     return (rows.unpack(nll) if labels is not None else None), DecoderStates(hidden, rows)
 
 

@@ -41,13 +41,15 @@ def pair_rewards(model, tokens, loss_mask) -> torch.Tensor:
 
 def rm_forward(batch, model, margin: float, pack: bool = False):
     """Megatron forward step: rewards [b, 2] and the loss on the last pipeline stage (a stage before
-    it returns its hidden states for the schedule to send on). ``pack`` (data.packing, PP=1): the
-    chosen and rejected sequences packed into fewer rows for the forward."""
+    it returns its hidden states for the schedule to send on). ``pack`` (data.packing): the chosen
+    and rejected sequences packed into fewer rows for the forward."""
     b, two, s = batch["tokens"].shape
     flat = batch["tokens"].reshape(b * two, s)
     gpt = unwrap(model)
     if pack:
         _, states = lm_forward_with_states(model, flat, None, batch["loss_mask"].reshape(b * two, s), pack=True)
+        if not has_head(gpt):            # a stage before the last: its (packed) hidden states go on
+            return states.hidden, None
     else:
         out, hidden = gpt_forward(gpt, flat, torch.arange(s, device=flat.device).expand_as(flat), None)
         if not has_head(gpt):

@@ -40,9 +40,9 @@ class Recipe:
     layout_problem: Optional[Callable[[Any], Optional[str]]] = None
     """(run config) -> why its layout is refused, or None: checks finer than the flags above."""
     packs_at_forward: bool = False
-    """data.packing packs each micro-batch at forward time (modules/packing.py) into a number of rows
-    that varies, which pipeline stages cannot take; False: it packs its dataset's rows (SFT, RFT), or
-    refuses packing in ``layout_problem`` (ILQL)."""
+    """data.packing packs each micro-batch at forward time (modules/packing.py) into a shape that
+    varies, which virtual pipeline stages cannot take; False: it packs its dataset's rows (SFT, RFT),
+    or refuses packing in ``layout_problem`` (ILQL)."""
 
     def config_block(self, rcfg) -> Any:
         return getattr(rcfg, self.block) if self.block else None
@@ -167,7 +167,9 @@ def check_packing(recipe: Recipe, rcfg: RunConfig) -> None:
     """data.packing where the model can take packed rows (GPT on megatron's local layers: an explicit
     block-diagonal causal mask; Transformer Engine's attention would need the packed-sequence
     parameters, cu_seqlens, which are not wired yet) and, for a recipe that packs at forward time,
-    the layout can (no pipeline stages)."""
+    the layout can: each micro-batch packs into its own shape, which pipeline stages exchange with
+    the activations (megatron's variable_seq_lengths), but not with virtual stages, whose schedule
+    takes one activation shape per call (models/gpt.transformer_config)."""
     from nemo_rlhf.models.gpt import resolved_transformer_impl
 
     if rcfg.model.arch != "gpt":
@@ -175,11 +177,11 @@ def check_packing(recipe: Recipe, rcfg: RunConfig) -> None:
     if resolved_transformer_impl(rcfg.model) != "local":
         raise ConfigError("data.packing needs model.transformer_impl=local (Transformer Engine's attention takes "
                           "packed rows as cu_seqlens, not wired yet): set one of them")
-    pp = rcfg.parallel.pipeline_model_parallel_size
-    if recipe.packs_at_forward and pp > 1:
-        raise ConfigError(f"algorithm.name={recipe.name}: data.packing packs each micro-batch into a varying number "
-                          f"of rows, which pipeline stages cannot take (parallel.pipeline_model_parallel_size={pp}): "
-                          f"set data.packing=false or use PP=1")
+    vpp = rcfg.parallel.virtual_pipeline_model_parallel_size
+    if recipe.packs_at_forward and rcfg.parallel.pipeline_model_parallel_size > 1 and vpp:
+        raise ConfigError(f"algorithm.name={recipe.name}: data.packing packs each micro-batch into its own shape, "
+                          f"which the interleaved pipeline schedule cannot take (parallel."
+                          f"virtual_pipeline_model_parallel_size={vpp}): set data.packing=false or drop the virtual stages")
 
 
 def with_algorithm(rcfg: RunConfig, name: str) -> RunConfig:

@@ -270,6 +270,8 @@ def main(out_path):
             results[name] = fn()
         except Exception as e:  # report, keep going with the other checks
             results[name] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
+            # now, not only in OUT.json: the other rank may be left waiting in a collective
+            print(f"[rank {rank}] {name} failed:\n{results[name]['trace']}", file=sys.stderr, flush=True)
         finally:
             faulthandler.cancel_dump_traceback_later()
         print(f"[rank {rank}] {name}: {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
@@ -719,12 +721,16 @@ def main(out_path):
     check("dpo_tp2_packed", lambda: dpo_check(ParallelConfig(tensor_model_parallel_size=2), 4, pack=True))
     check("dpo_tp2_sp_packed", lambda: dpo_check(
         ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True), 4, pack=True))
+    # across 2 pipeline stages: each micro-batch's packed rows have their own shape (the stages
+    # exchange it: megatron's variable_seq_lengths)
+    check("dpo_pp2_packed", lambda: dpo_check(ParallelConfig(pipeline_model_parallel_size=2), 2, pack=True))
     kto_ref = {}   # z0 from the whole global batch: the same whatever the micro-batch, TP, PP or DP split
     check("kto_tp1", lambda: dpo_check(ParallelConfig(), 4, kto=True))
     check("kto_tp2", lambda: dpo_check(ParallelConfig(tensor_model_parallel_size=2), 4, kto=True))
     check("kto_pp2", lambda: dpo_check(ParallelConfig(pipeline_model_parallel_size=2), 2, kto=True))
     check("kto_dp2", lambda: dpo_check(ParallelConfig(), 1, kto=True, dp_split=True))
     check("kto_tp2_packed", lambda: dpo_check(ParallelConfig(tensor_model_parallel_size=2), 4, kto=True, pack=True))
+    check("kto_pp2_packed", lambda: dpo_check(ParallelConfig(pipeline_model_parallel_size=2), 2, kto=True, pack=True))
     ilql_ref = {}
     check("ilql_tp1", lambda: ilql_tp(1))
     check("ilql_tp2", lambda: ilql_tp(2))
@@ -811,6 +817,9 @@ def main(out_path):
     tp2_sp = ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True)
     check("rm_tp2_sp_packed", lambda: head_check("rm", tp2_sp, pack=True))
     check("critic_tp2_sp_packed", lambda: head_check("critic", tp2_sp, pack=True))
+    # ... and across 2 pipeline stages (packed shapes vary per micro-batch: the stages exchange them)
+    for kind in ("actor", "critic", "rm"):
+        check(f"{kind}_pp2_packed", lambda: head_check(kind, pp2, pack=True))
     def fwd_only(parallel, micro_batch_size):
         """Per-token NLL and value-head outputs of 8 left-padded rows (pads of 0-3) through
         lm_across_stages: megatron's forward-only schedule in micro-batches of ``micro_batch_size``

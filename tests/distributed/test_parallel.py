@@ -236,6 +236,18 @@ def test_head_trainers_at_pp2_vpp2_and_dp2_equal_the_single_process_step(results
     assert r["head_grad_norm"] > 1e-4                        # the loss reached the head on the last stage
 
 
+@pytest.mark.parametrize("kind", ["actor", "critic", "rm"])
+def test_packed_head_trainers_across_two_pipeline_stages_equal_the_unpacked_single_process_step(results, kind):
+    """data.packing at PP=2: each micro-batch packs into its own number of rows and width, and the
+    stages exchange the shape with the activations (megatron's variable_seq_lengths); PPO's actor
+    and critic and the reward model then equal the unpacked single-process step."""
+    r = _ok(results, f"{kind}_pp2_packed")
+    assert r["missing_grads"] == [] and r["n_grads"] > 10
+    assert r["max_stat_abs_diff"] < 1e-5, r
+    assert r["grad_max_abs_diff"] < 2e-6, r     # fp32: packed rows sum in another order (measured <= 1e-6)
+    assert r["head_grad_norm"] > 1e-4
+
+
 @pytest.mark.parametrize("kind", ["rm", "critic"])
 def test_reward_model_and_critic_packed_at_tp2_sp_equal_the_unpacked_single_process_step(results, kind):
     """data.packing: the reward model's chosen / rejected sequences and the critic's rollouts packed
@@ -247,7 +259,8 @@ def test_reward_model_and_critic_packed_at_tp2_sp_equal_the_unpacked_single_proc
     assert r["head_grad_norm"] > 1e-4
 
 
-@pytest.mark.parametrize("name", ["dpo_tp2", "dpo_pp2", "dpo_dp2", "dpo_tp2_packed", "dpo_tp2_sp_packed"])
+@pytest.mark.parametrize("name", ["dpo_tp2", "dpo_pp2", "dpo_dp2", "dpo_tp2_packed", "dpo_tp2_sp_packed",
+                                  "dpo_pp2_packed"])
 def test_dpo_step_tp2_pp2_and_dp2_equal_tp1(results, name):
     base = _ok(results, "dpo_tp1")
     assert base["loss"] > 0 and 0 < base["rewards/accuracy"] <= 1
@@ -256,7 +269,7 @@ def test_dpo_step_tp2_pp2_and_dp2_equal_tp1(results, name):
     assert r["grad_max_abs_diff"] < 1e-6
 
 
-@pytest.mark.parametrize("name", ["kto_tp2", "kto_pp2", "kto_dp2", "kto_tp2_packed"])
+@pytest.mark.parametrize("name", ["kto_tp2", "kto_pp2", "kto_dp2", "kto_tp2_packed", "kto_pp2_packed"])
 def test_kto_step_tp2_pp2_and_dp2_equal_tp1(results, name):
     """KTO's reference point z0 is the global batch's: the same at TP=2, PP=2 (4 micro-batches) and
     DP=2 with micro-batches of 1 as at TP=1 with micro-batches of 4."""

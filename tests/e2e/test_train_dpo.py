@@ -4,7 +4,9 @@ import math
 
 import pytest
 
-from tests.conftest import train
+import torch
+
+from tests.conftest import torchrun, train
 
 pytestmark = pytest.mark.slow
 
@@ -50,6 +52,29 @@ def test_dpo_in_memory_reference_and_ipo_packed_and_not(tmp_path):
     for a, b in zip(rows, packed):
         for key in ("loss", "rewards/margin", "grad_norm"):
             assert abs(a[key] - b[key]) < 1e-4 * max(1.0, abs(a[key])), (key, a[key], b[key])
+
+
+def test_dpo_across_two_pipeline_stages_packed_equals_one_process(tmp_path):
+    """dpo_tiny at PP=2 with data.packing=true (the default precomputed reference: its pass goes
+    through megatron's forward-only schedule; each micro-batch packs into its own shape, which the
+    stages exchange) from the same SFT checkpoint as a one-process unpacked run: the same reference
+    log-probs and the same losses."""
+    common = ["trainer.progress_bar=false", "trainer.max_steps=3", "trainer.eval_every_n_steps=0",
+              "trainer.log_every_n_steps=1", "task.eval_samples_per_start=1", "dpo.num_pairs=256"]
+    single, pp2 = tmp_path / "single", tmp_path / "pp2"
+    _ok(train([f"hydra.run.dir={single}", *common, "dpo.sft_warmup.steps=20"], config="dpo_tiny"))
+    sft = single / "sft" / "checkpoints" / "step_0000020"
+    _ok(torchrun(["-m", "nemo_rlhf.train", "--config-name", "dpo_tiny", f"hydra.run.dir={pp2}", *common,
+                  f"model.path={sft}", "parallel=pp2", "data.packing=true"]))
+    ref_a, ref_b = (torch.load(run / "reference_logps.pt") for run in (single, pp2))
+    assert ref_a.shape == ref_b.shape and float((ref_a - ref_b).abs().max()) < 1e-4
+    rows_a, rows_b = ([json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in l]
+                      for run in (single, pp2))
+    assert [r["step"] for r in rows_b] == [1, 2, 3]
+    for a, b in zip(rows_a, rows_b):
+        for key in ("loss", "rewards/margin", "grad_norm"):
+            assert abs(a[key] - b[key]) < 1e-4 * max(1.0, abs(a[key])), (key, a[key], b[key])
+    assert json.loads((pp2 / "summary.json").read_text())["layout"]["pp"] == 2
 
 
 @pytest.mark.parametrize("loss_type", ["simpo", "orpo", "cpo"])

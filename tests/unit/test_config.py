@@ -100,10 +100,10 @@ def test_cli_reports_bad_layout_and_unknown_key(tmp_path):
     ("dpo_tiny", ["dpo.loss_type=cpo2"], "dpo.loss_type must be sigmoid|ipo|hinge|robust|simpo|orpo"),
     ("ppo_tiny", ["ppo.sft_warmup.steps=-1"], "sft_warmup.steps must be >= 0"),
     ("sft_tiny", ["optim.scheduler=cosine", "optim.lr=1e-6", "optim.min_lr=1e-5"], "optim.min_lr=1e-05 is above optim.lr=1e-06"),
-    ("dpo_tiny", ["parallel=pp2", "data.packing=true"], "algorithm.name=dpo: data.packing packs each micro-batch into a varying number of rows"),
-    ("kto_tiny", ["parallel=pp2", "data.packing=true"], "algorithm.name=kto: data.packing packs each micro-batch"),
-    ("ppo_tiny", ["parallel=pp2", "data.packing=true"], "algorithm.name=ppo: data.packing packs each micro-batch"),
-    ("rm_tiny", ["parallel=pp2", "data.packing=true"], "algorithm.name=rm: data.packing packs each micro-batch"),
+    ("dpo_tiny", ["parallel=pp2_vpp2", "model.num_layers=4", "data.packing=true"], "algorithm.name=dpo: data.packing packs each micro-batch into its own shape, which the interleaved pipeline schedule cannot take"),
+    ("kto_tiny", ["parallel=pp2_vpp2", "model.num_layers=4", "data.packing=true"], "algorithm.name=kto: data.packing packs each micro-batch"),
+    ("ppo_tiny", ["parallel=pp2_vpp2", "model.num_layers=4", "data.packing=true"], "algorithm.name=ppo: data.packing packs each micro-batch"),
+    ("rm_tiny", ["parallel=pp2_vpp2", "model.num_layers=4", "data.packing=true"], "algorithm.name=rm: data.packing packs each micro-batch"),
     ("ilql_tiny", ["data.packing=true"], "algorithm.name=ilql: data.packing is not supported"),
 ])
 def test_recipe_rows_and_blocks_check_their_own_keys(name, overrides, message):
