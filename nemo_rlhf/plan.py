@@ -147,6 +147,8 @@ def candidate_knobs(cfg: RunConfig, opts: PlanOptions) -> List[Tuple[str, RunCon
         out.append(("model.recompute_granularity=selective", {"model": {"recompute_granularity": "selective"}}))
     if m.recompute_granularity != "full":
         out.append(("model.recompute_granularity=full", {"model": {"recompute_granularity": "full"}}))
+    if m.arch == "gpt" and not m.logits_chunk_tokens:
+        out.append(("model.logits_chunk_tokens=4096", {"model": {"logits_chunk_tokens": 4096}}))
     if t.micro_batch_size > 1:
         out.append((f"trainer.micro_batch_size={t.micro_batch_size // 2}",
                     {"trainer": {"micro_batch_size": t.micro_batch_size // 2}}))

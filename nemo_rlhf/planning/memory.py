@@ -25,11 +25,12 @@ Terms (bytes per GPU, on the pipeline stage that needs the most):
                 what NGC containers run; "local" = megatron's local spec, what runs on CPU here.
                 full recompute keeps only each layer's input (s*b*h, /t with SP) plus one layer's
                 activations while it is recomputed. The last stage adds the final norm (2 s*b*h) and
-                the logits kept by the vocab-parallel cross entropy (s*b*V/t in fp32). 1F1B keeps
+                the logits kept by the vocab-parallel cross entropy (s*b*V/t in fp32; chunked,
+                model.logits_chunk_tokens=c: c*V/t + the fp32 output-weight grad V/t*h). 1F1B keeps
                 min(p, M) micro-batches in flight on the first stage (interleaving: times
                 1 + (p-1)/(p*v)), so the first stage holds L/p layers * p micro-batches.
   rollouts      PPO generation: KV cache 2 * L/p * B * S * (g*h/a)/t * w for the B = num_rollouts/d
-                prompts generated at once; the experience pass's logits B * S * V/t * 4 * 2.
+                prompts generated at once; the experience pass's logits B * S (or c) * V/t * 4 * 2.
   extra models  PPO: frozen reference policy (weights), separate critic (full training state),
                 reward model (weights); DPO/KTO with reference=model: a frozen copy; ILQL: Q heads
                 (trained) and target Q heads (frozen), each V*h.
@@ -201,8 +202,13 @@ def activation_bytes_one_microbatch(m: ModelConfig, layers: int, vocab_padded: i
         # (plus the logits themselves in 16-bit before the fp32 cast)
         norm = 3 if (m.normalization == "RMSNorm" and not fused_kernels) else 2
         logits = norm * seq * rows * m.hidden_size / (tp if sp else 1) * w
-        logits += seq * rows * vocab_padded / tp * (4 + (w if w < 4 else 0))
+        logits += logit_tokens(m, seq * rows) * vocab_padded / tp * (4 + (w if w < 4 else 0))
+        logits += vocab_padded / tp * m.hidden_size * 4 if m.logits_chunk_tokens else 0   # chunked: fp32 weight grad
     return {"layers": kept, "recompute": recompute, "logits": logits}
+
+
+def logit_tokens(m: ModelConfig, tokens: int) -> int:   # all at once, or a chunk (logits_chunk_tokens)
+    return min(tokens, m.logits_chunk_tokens or tokens)
 
 
 def in_flight_microbatches(pp: int, vpp: int, num_micro: int) -> float:
@@ -376,8 +382,9 @@ def estimate_memory(cfg: RunConfig, world_size: int, vocab_size: int, gpu_memory
         gen_logits = b_roll * v / lay.tp * 4 * 2
         est.terms.append(Term("rollout KV cache", kv + gen_logits, phase="rollout",
                               note=f"{b_roll} prompts per DP rank x up to {seq} tokens"))
-        est.terms.append(Term("experience-pass logits", b_roll * seq * v / lay.tp * 4 * 2, phase="experience",
-                              note=f"{b_roll} rollouts x {seq} x V/TP, fp32 (policy/reference log-probs)"))
+        est.terms.append(Term("experience-pass logits", logit_tokens(m, b_roll * seq) * v / lay.tp * 4 * 2,
+                              phase="experience", note=f"{b_roll} rollouts x {seq} x V/TP, fp32 (policy/reference "
+                              f"log-probs{'; in chunks of %d tokens' % m.logits_chunk_tokens if m.logits_chunk_tokens else ''})"))
     elif algo in ("dpo", "kto"):
         block = cfg.dpo if algo == "dpo" else cfg.kto
         reference_free = algo == "dpo" and not DPO_LOSSES[cfg.dpo.loss_type].needs_reference   # SimPO, ORPO

@@ -78,6 +78,21 @@ def test_activation_elements_by_hand():
     assert activation_elements_per_layer(sel, 4, 2, 1, False, fused_kernels=False) == 1088 - 64
 
 
+def test_logits_term_by_hand_and_in_chunks():
+    # last stage, fp32 (w = 4), s=1024, b=2, h=8, V=1000, TP=2, LayerNorm: final norm 2*s*b*h*4 +
+    # fp32 logits s*b*V/t*4 = 131072 + 4096000; in chunks of 256 tokens: 256*V/t*4 + V/t*h*4 (the
+    # output weight's fp32 gradient accumulator) = 512000 + 16000
+    from nemo_rlhf.planning.memory import activation_bytes_one_microbatch
+
+    m = ModelConfig(num_layers=1, hidden_size=8, num_attention_heads=2, ffn_hidden_size=32, seq_length=1024)
+    whole = activation_bytes_one_microbatch(m, 1, 1000, 1024, 2, tp=2, sp=False, fused_kernels=False, last_stage=True)
+    assert whole["logits"] == 131072 + 4096000
+    chunked = dataclasses.replace(m, logits_chunk_tokens=256)
+    part = activation_bytes_one_microbatch(chunked, 1, 1000, 1024, 2, tp=2, sp=False, fused_kernels=False,
+                                           last_stage=True)
+    assert part["logits"] == 131072 + 512000 + 16000 and part["layers"] == whole["layers"]
+
+
 def test_in_flight_microbatches_1f1b_and_interleaved():
     assert in_flight_microbatches(1, 1, 8) == 1
     assert in_flight_microbatches(4, 1, 8) == 4
