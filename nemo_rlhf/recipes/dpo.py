@@ -5,6 +5,7 @@ ORPO are reference-free. KTO (recipes/kto.py) builds its job with :func:`prefere
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -56,6 +57,18 @@ class DPOConfig:
 
 
 Config = DPOConfig
+
+
+def layout_problem(rcfg: RunConfig) -> Optional[str]:
+    """DPO / KTO (``rcfg.algorithm.name``): a frozen reference model runs inside each micro-batch's
+    forward, which across pipeline stages would need its own schedule; the precomputed reference
+    (the default) runs across them."""
+    name = rcfg.algorithm.name
+    block = getattr(rcfg, name)
+    if rcfg.parallel.pipeline_model_parallel_size > 1 and block.reference == "model" and needs_reference(block):
+        return (f"{name}.reference=model needs parallel.pipeline_model_parallel_size=1 (the frozen reference runs "
+                f"inside each micro-batch's forward): use {name}.reference=precomputed")
+    return None
 
 
 def prepare(ctx: RunContext, rcfg: RunConfig, block: DPOConfig):

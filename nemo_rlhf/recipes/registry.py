@@ -56,8 +56,8 @@ RECIPES: Dict[str, Recipe] = {r.name: r for r in (
            why_not="its Q heads read the full hidden states, not sequence-parallel shards"),
     Recipe("rft", rft, "rft", inputs=("reward_fn", "prompts"), layout_problem=rft.layout_problem, t5=False,
            why_not="its SFT updates use the decoder-only batch layout"),
-    Recipe("dpo", dpo, "dpo", packs_at_forward=True),
-    Recipe("kto", kto, "kto", packs_at_forward=True),
+    Recipe("dpo", dpo, "dpo", packs_at_forward=True, layout_problem=dpo.layout_problem),
+    Recipe("kto", kto, "kto", packs_at_forward=True, layout_problem=dpo.layout_problem),
     Recipe("rm", rm, "rm", t5=False, why_not="reward models are GPT", packs_at_forward=True),
 )}
 

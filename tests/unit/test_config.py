@@ -105,6 +105,8 @@ def test_cli_reports_bad_layout_and_unknown_key(tmp_path):
     ("ppo_tiny", ["parallel=pp2_vpp2", "model.num_layers=4", "data.packing=true"], "algorithm.name=ppo: data.packing packs each micro-batch"),
     ("rm_tiny", ["parallel=pp2_vpp2", "model.num_layers=4", "data.packing=true"], "algorithm.name=rm: data.packing packs each micro-batch"),
     ("ilql_tiny", ["data.packing=true"], "algorithm.name=ilql: data.packing is not supported"),
+    ("dpo_tiny", ["parallel=pp2", "dpo.reference=model"], "algorithm.name=dpo: dpo.reference=model needs parallel.pipeline_model_parallel_size=1"),
+    ("kto_tiny", ["parallel=pp2", "kto.reference=model"], "algorithm.name=kto: kto.reference=model needs parallel.pipeline_model_parallel_size=1"),
 ])
 def test_recipe_rows_and_blocks_check_their_own_keys(name, overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
