@@ -22,6 +22,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from nemo_rlhf.models.gpt import output_weight
+
 
 def supported(gpt) -> bool:
     """Whether :class:`FastDecoder` reproduces ``gpt``'s forward."""
@@ -156,12 +158,7 @@ class FastDecoder:
         weights = [m.weight for layer in gpt.decoder.layers for m in (layer.self_attention.linear_qkv,
                    layer.self_attention.linear_proj, layer.mlp.linear_fc1, layer.mlp.linear_fc2)]
         self.gelu = _gelu_kind(cfg.activation_func)
-        self.linear = _Linears(weights + [self._output_weight()], batch, device, dtype)
-
-    def _output_weight(self) -> torch.Tensor:
-        gpt = self.gpt
-        return gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights \
-            else gpt.output_layer.weight
+        self.linear = _Linears(weights + [output_weight(self.gpt)], batch, device, dtype)
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """From now on compute only ``rows`` (indices into the current rows) of the batch."""
@@ -188,7 +185,7 @@ class FastDecoder:
                 x = self._mlp(layer, x)
         self.length = end
         hidden = gpt.decoder.final_layernorm(x) if gpt.decoder.final_layernorm is not None else x
-        logits = self.linear(hidden, self._output_weight())
+        logits = self.linear(hidden, output_weight(self.gpt))
         return logits.transpose(0, 1).contiguous(), hidden
 
     def _attention(self, i, layer, x, freqs, mask, start, end):

@@ -272,11 +272,17 @@ def _chunked_language_model_loss(gpt, hidden: torch.Tensor, labels: torch.Tensor
         hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True, group=group)
     else:
         hidden = copy_to_tensor_model_parallel_region(hidden, group=group)
-    weight = gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else layer.weight
     s, b, h = hidden.shape
-    nll = chunked_nll(hidden.reshape(s * b, h), weight, labels.t().reshape(-1), chunk,
-                      group if group.size() > 1 else None)
+    nll = chunked_nll(hidden.reshape(s * b, h), output_weight(gpt), labels.t().reshape(-1), chunk, group)
     return nll.view(s, b).t().contiguous()
+
+
+def output_weight(gpt) -> torch.Tensor:
+    """The weight of the GPT's output layer: the word embeddings when tied (on the last stage,
+    megatron's copy of them), else the output layer's own."""
+    if gpt.share_embeddings_and_output_weights:
+        return gpt.shared_embedding_or_output_weight()
+    return gpt.output_layer.weight
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
